@@ -1,0 +1,558 @@
+"""The Ano and Anolog optimizers for PyTorch: class, functional API and execution paths.
+
+Layout follows ``torch/optim/adam.py``: the :class:`Ano` class gathers per-group tensors,
+:func:`ano` is the functional API, and :func:`_single_tensor_ano` (the readable reference) and
+:func:`_multi_tensor_ano` (``torch._foreach_*``) are the execution paths. Both paths run the very
+same sequence of elementwise operations, so they agree bit for bit on every input they share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import (
+    Optimizer,
+    ParamsT,
+    _default_to_fused_or_foreach,
+    _get_scalar_dtype,
+    _get_value,
+    _view_as_real,
+)
+
+from . import hyperparameters as hp
+
+__all__ = ["Ano", "Anolog", "ano"]
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "logarithmic_schedule")
+
+# The single-tensor path streams each contiguous tensor through small scratch buffers in
+# chunks of this many elements: the ~10 elementwise passes of one update then hit L2 cache
+# instead of main memory, and the step allocates nothing proportional to the model.
+_CHUNK_NUMEL = 1 << 17
+# The foreach path allocates its temporaries per bucket of tensors of at most this many
+# elements (a larger tensor forms a bucket of its own), which bounds its peak extra memory.
+_FOREACH_BUCKET_NUMEL = 1 << 22
+
+
+def _validate_group(group: dict, owner: str) -> None:
+    hp.check_lr(group["lr"], owner)
+    group["betas"] = hp.check_betas(group["betas"], owner)
+    hp.check_eps(group["eps"], owner)
+    hp.check_weight_decay(group["weight_decay"], owner)
+    for flag in ("logarithmic_schedule", "maximize"):
+        hp.check_flag(flag, group[flag], owner)
+    if group["foreach"] not in (None, True, False):
+        raise ValueError(f"{owner}: foreach must be None, True or False, got {group['foreach']!r}")
+
+
+class Ano(Optimizer):
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = hp.DEFAULT_LR,
+        betas: tuple[float, float] = hp.DEFAULT_BETAS,
+        weight_decay: float = hp.DEFAULT_WEIGHT_DECAY,
+        eps: float = hp.DEFAULT_EPS,
+        logarithmic_schedule: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "logarithmic_schedule": logarithmic_schedule,
+            "maximize": maximize,
+            "foreach": foreach,
+        }
+        # Validate the defaults before the base class touches any parameter group.
+        _validate_group(dict(defaults), type(self).__name__)
+        defaults["betas"] = tuple(float(b) for b in betas)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _validate_group(merged, type(self).__name__)
+        if "betas" in param_group:
+            param_group = {**param_group, "betas": merged["betas"]}
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by :class:`Ano` or :class:`Anolog`.
+
+        Unlike the base class, this checks the whole state dict before changing anything: a
+        state dict from another optimizer, or whose moments do not match the parameters' shapes,
+        raises ``ValueError`` and leaves this optimizer untouched.
+        """
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{owner}: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{owner}: the state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            missing = [key for key in _GROUP_KEYS if key not in saved]
+            if missing:
+                raise ValueError(
+                    f"{owner}: parameter group {index} has no {missing}: this state dict was not "
+                    f"saved by Ano/Anolog (its group keys are {sorted(k for k in saved if k != 'params')})"
+                )
+            _validate_group({**self.defaults, **saved}, owner)
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{owner}: parameter group {index} holds {len(saved['params'])} parameters "
+                    f"in the state dict and {len(group['params'])} in this optimizer"
+                )
+            for saved_id, param in zip(saved["params"], group["params"], strict=True):
+                entry = state_dict["state"].get(saved_id)
+                if entry is None:
+                    continue
+                if set(entry) != set(_STATE_KEYS):
+                    raise ValueError(
+                        f"{owner}: state of parameter {saved_id} has keys {sorted(entry)}, "
+                        f"expected {list(_STATE_KEYS)}: not an Ano/Anolog state dict"
+                    )
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if tuple(entry[key].shape) != tuple(param.shape):
+                        raise ValueError(
+                            f"{owner}: state '{key}' of parameter {saved_id} has shape "
+                            f"{tuple(entry[key].shape)}, but the parameter has shape {tuple(param.shape)}"
+                        )
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps) -> bool:
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= torch.is_complex(p)
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                # Lazy creation, keyed by the parameter: an engine may swap or reshard parameters
+                # before the first step, and a zero-gradient lr=0 step stays a no-op.
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    def _check_grads(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; "
+                        "use a dense embedding or torch.optim.SparseAdam for that parameter"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss; it is
+                called with gradients enabled.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            ano(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                foreach=group["foreach"],
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                logarithmic_schedule=group["logarithmic_schedule"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+
+Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog.
+
+    From "Ano: Faster is Better in Noisy Landscapes" (Kegreisz, 2025). The direction of the
+    update is the sign of the momentum, its size the magnitude of the current gradient,
+    normalised by a Yogi-like additive second moment:
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \eta \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
+                \epsilon \text{ (eps)}, \lambda \text{ (weight decay)}, \theta_0 \text{ (params)} \\
+            &\textbf{initialize}: m_0 \leftarrow 0, \; v_0 \leftarrow 0, \; k \leftarrow 0 \\
+            &\textbf{on each step where } \theta \textbf{ has a gradient } g
+                \; (g \leftarrow -g \text{ if maximize}): \\
+            &\quad k \leftarrow k + 1 \\
+            &\quad \beta_{1,k} \leftarrow 1 - 1/\ln(k + 2) \text{ if logarithmic\_schedule
+                else } \beta_1 \\
+            &\quad m_k \leftarrow \beta_{1,k} m_{k-1} + (1 - \beta_{1,k}) g \\
+            &\quad v_k \leftarrow \beta_2 v_{k-1} + (1 - \beta_2)\,
+                \mathrm{sign}(g^2 - v_{k-1})\, g^2 \\
+            &\quad \hat v_k \leftarrow v_k / (1 - \beta_2^k) \\
+            &\quad \theta_k \leftarrow \theta_{k-1}(1 - \eta\lambda)
+                - \eta\, |g|\, \mathrm{sign}(m_k) / (\sqrt{\hat v_k} + \epsilon) \\
+       \end{aligned}
+
+    with :math:`\mathrm{sign}(0) = 0`. The step count :math:`k` is kept per parameter tensor
+    (``state["step"]``), so a tensor without a gradient on a step keeps its state unchanged.
+    The momentum carries no bias correction; the second moment does.
+
+    Args:
+        params (iterable): parameters or named parameters to optimize, or dicts defining
+            parameter groups. Every argument below is also a per-group option.
+        lr (float or Tensor, optional): learning rate :math:`\eta`, finite and ``>= 0``; a
+            1-element tensor lets schedulers and ``torch.compile`` change it without
+            recompiling (default: ``1e-4``).
+        betas (tuple[float, float], optional): :math:`\beta_1 \in [0, 1)` for the momentum
+            (unused when ``logarithmic_schedule=True``) and :math:`\beta_2 \in [0.5, 1)` for the
+            second moment (default: ``(0.92, 0.99)``).
+        weight_decay (float, optional): decoupled weight decay :math:`\lambda \ge 0`, applied
+            as :math:`\theta \leftarrow \theta (1 - \eta\lambda)` (default: ``0.0``).
+        eps (float, optional): :math:`\epsilon > 0`, added outside the square root
+            (default: ``1e-8``).
+        logarithmic_schedule (bool, optional): use Anolog's momentum schedule
+            :math:`\beta_{1,k} = 1 - 1/\ln(k + 2)` (default: ``False``).
+        maximize (bool, optional, keyword-only): maximize the objective instead of minimizing
+            it (default: ``False``).
+        foreach (bool or None, optional, keyword-only): ``True`` uses the multi-tensor
+            ``torch._foreach_*`` path, ``False`` the single-tensor path; ``None`` picks per
+            device: foreach on CUDA and other accelerators, the cache-blocked single-tensor
+            path on CPU, where it measured faster (default: ``None``).
+
+    Complex parameters are optimized as pairs of real numbers, as :class:`torch.optim.Adam`
+    does. Sparse gradients are rejected.
+
+    Example:
+        >>> import torch
+        >>> from ano_optimizer import Ano
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = Ano(model.parameters(), lr=1e-3, weight_decay=0.01)
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> optimizer.step()
+        >>> optimizer.zero_grad()
+        >>> int(optimizer.state[model.weight]["step"])
+        1
+    """
+
+
+class Anolog(Ano):
+    r"""Anolog: :class:`Ano` with the logarithmic momentum schedule
+    :math:`\beta_{1,k} = 1 - 1/\ln(k + 2)` (0.09, 0.28, 0.38, ... at steps 1, 2, 3).
+
+    Same arguments as :class:`Ano` without ``logarithmic_schedule``; ``betas[0]`` is accepted
+    for compatibility and unused.
+
+    Example:
+        >>> import torch
+        >>> from ano_optimizer import Anolog
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = Anolog(model.parameters(), lr=1e-3)
+        >>> optimizer.param_groups[0]["logarithmic_schedule"]
+        True
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = hp.DEFAULT_LR,
+        betas: tuple[float, float] = hp.DEFAULT_BETAS,
+        weight_decay: float = hp.DEFAULT_WEIGHT_DECAY,
+        eps: float = hp.DEFAULT_EPS,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, weight_decay, eps, True, maximize=maximize, foreach=foreach
+        )
+
+
+def ano(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    has_complex: bool = False,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    logarithmic_schedule: bool,
+    maximize: bool,
+) -> None:
+    r"""Functional API that performs the Ano/Anolog update in place; see :class:`Ano`."""
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    if foreach and torch.compiler.is_compiling():
+        # Under torch.compile the single-tensor expressions fuse into one kernel anyway.
+        foreach = False
+    func = _multi_tensor_ano if foreach else _single_tensor_ano
+    func(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        has_complex=has_complex,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        logarithmic_schedule=logarithmic_schedule,
+        maximize=maximize,
+    )
+
+
+def _momentum_weight(step, beta1: float, logarithmic_schedule: bool):
+    """``1 - beta1_k``: the weight of the new gradient in the momentum at step ``step``."""
+    if not logarithmic_schedule:
+        return 1.0 - beta1
+    log = torch.log if isinstance(step, Tensor) else math.log
+    return 1.0 / log(step + 2)
+
+
+def _ano_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    momentum_weight,
+    beta2: float,
+    lr,
+    weight_decay: float,
+    eps: float,
+    bias_correction2_sqrt,
+) -> None:
+    """The elementwise update on one block of equal-shaped tensors; ``a``, ``b`` are scratch.
+
+    ``sqrt(v̂) + ε`` is computed as ``(sqrt(v) + ε·c) / c`` with ``c = sqrt(1 - β2^k)``, and
+    ``β2·v + (1-β2)·x`` as ``lerp(v, x, 1-β2)``: equal to the spec's expressions up to rounding,
+    with fewer passes over memory and no scalar-tensor temporaries.
+    """
+    torch.mul(grad, grad, out=a)
+    torch.sub(a, exp_avg_sq, out=b).sign_()  # sign(g² - v) from the previous v
+    exp_avg_sq.lerp_(b.mul_(a), 1.0 - beta2)
+    exp_avg.lerp_(grad, momentum_weight)
+    torch.sqrt(exp_avg_sq, out=a).add_(eps * bias_correction2_sqrt)
+    torch.div(grad, a, out=a).abs_()  # c·|g| / (sqrt(v̂) + ε): the denominator is positive
+    torch.sign(exp_avg, out=b)
+    if weight_decay != 0:
+        param.mul_(1.0 - lr * weight_decay)
+    step_size = lr * bias_correction2_sqrt
+    if isinstance(step_size, Tensor):
+        param.addcmul_(a, b.mul_(step_size), value=-1.0)
+    else:
+        param.addcmul_(a, b, value=-step_size)
+
+
+def _single_tensor_ano(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    logarithmic_schedule: bool,
+    maximize: bool,
+) -> None:
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        lr = _get_value(lr)
+    scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
+    ):
+        if torch.is_complex(param):
+            param, grad, exp_avg, exp_avg_sq = (
+                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
+            )
+        step_t += 1
+        step = step_t if compiling else step_t.item()
+        scalars = {
+            "momentum_weight": _momentum_weight(step, beta1, logarithmic_schedule),
+            "beta2": beta2,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "eps": eps,
+            "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
+        }
+        blocked = not compiling and all(
+            t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)
+        )
+        if not blocked:
+            if maximize:
+                grad = -grad
+            a, b = torch.empty_like(param), torch.empty_like(param)
+            _ano_update_(param, grad, exp_avg, exp_avg_sq, a, b, **scalars)
+            continue
+
+        key = (param.device, param.dtype)
+        if key not in scratch:
+            buffer = torch.empty(3 * _CHUNK_NUMEL, device=param.device, dtype=param.dtype)
+            scratch[key] = buffer.split(_CHUNK_NUMEL)
+        chunks = zip(
+            *(t.view(-1).split(_CHUNK_NUMEL) for t in (param, grad, exp_avg, exp_avg_sq)),
+            strict=True,
+        )
+        for p, g, m, v in chunks:
+            a, b, c = scratch[key]
+            if p.numel() != _CHUNK_NUMEL:
+                a, b, c = a[: p.numel()], b[: p.numel()], c[: p.numel()]
+            if maximize:
+                g = torch.neg(g, out=c)
+            _ano_update_(p, g, m, v, a, b, **scalars)
+
+
+def _buckets(indices: list[int], numels: list[int]) -> Iterable[list[int]]:
+    bucket: list[int] = []
+    total = 0
+    for i in indices:
+        if bucket and total + numels[i] > _FOREACH_BUCKET_NUMEL:
+            yield bucket
+            bucket, total = [], 0
+        bucket.append(i)
+        total += numels[i]
+    if bucket:
+        yield bucket
+
+
+def _multi_tensor_ano(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    logarithmic_schedule: bool,
+    maximize: bool,
+) -> None:
+    lr = _get_value(lr)
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
+    )
+    for (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps), _ in grouped.values():
+        dev_params, dev_grads = list(dev_params), list(dev_grads)
+        dev_exp_avgs, dev_exp_avg_sqs = list(dev_exp_avgs), list(dev_exp_avg_sqs)
+        if has_complex:
+            _view_as_real(dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs)
+        torch._foreach_add_(dev_steps, 1.0)
+        steps = [s.item() for s in dev_steps]
+        numels = [p.numel() for p in dev_params]
+        for idx in _buckets(list(range(len(dev_params))), numels):
+            _foreach_ano_update_(
+                [dev_params[i] for i in idx],
+                [dev_grads[i] for i in idx],
+                [dev_exp_avgs[i] for i in idx],
+                [dev_exp_avg_sqs[i] for i in idx],
+                [steps[i] for i in idx],
+                beta1=beta1,
+                beta2=beta2,
+                lr=lr,
+                weight_decay=weight_decay,
+                eps=eps,
+                logarithmic_schedule=logarithmic_schedule,
+                maximize=maximize,
+            )
+
+
+def _foreach_ano_update_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    *,
+    beta1,
+    beta2,
+    lr,
+    weight_decay,
+    eps,
+    logarithmic_schedule,
+    maximize,
+) -> None:
+    """:func:`_ano_update_` over lists, operation for operation."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    a = torch._foreach_mul(grads, grads)
+    b = torch._foreach_sub(a, exp_avg_sqs)
+    torch._foreach_sign_(b)
+    torch._foreach_mul_(b, a)
+    torch._foreach_lerp_(exp_avg_sqs, b, 1.0 - beta2)
+    del a, b
+    if logarithmic_schedule:
+        torch._foreach_lerp_(exp_avgs, grads, [_momentum_weight(s, beta1, True) for s in steps])
+    else:
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    bias_corrections = [(1.0 - beta2**s) ** 0.5 for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, [eps * c for c in bias_corrections])
+    ratio = torch._foreach_div(grads, denom)
+    del denom
+    torch._foreach_abs_(ratio)
+    direction = torch._foreach_sign(exp_avgs)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_addcmul_(params, ratio, direction, [-lr * c for c in bias_corrections])

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with every extra and run the whole test suite.
+# This is the README's test command and what CI runs (.ci/run) on a clean clone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# tensorflow-cpu stands in for the [tensorflow] extra's full tensorflow build on this CPU-only machine.
+.venv/bin/python -m pip install --quiet tensorflow-cpu -e ".[keras,transformers,timm,demo,test,docs]"
+
+.venv/bin/python -m ruff check .
+# PyTorch-side tests (torch, transformers, timm, distributed) and the TensorFlow/Keras tests run
+# in separate processes: importing triton after tensorflow in one process crashes.
+.venv/bin/python -m pytest tests -q
+.venv/bin/python -m pytest tests_keras -q
