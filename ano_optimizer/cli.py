@@ -1,0 +1,61 @@
+"""The ``ano-optimizer`` command line.
+
+Each subcommand lives in its own module, imported only when that subcommand runs, so
+``ano-optimizer --help`` stays fast and ``import ano_optimizer`` stays light. A subcommand module
+defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "list": (
+        "ano_optimizer.cli_list",
+        "list every registered optimizer, its frameworks and origin",
+    ),
+    "demo": ("ano_optimizer.demo", "run the gradient-noise study (Ano, Anolog, Adam, AdamW, ...)"),
+    "run": (
+        "ano_optimizer.launcher",
+        "run a training script (python SCRIPT ARGS...) after registering every integration",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ano-optimizer",
+        description="Ano and Anolog optimizers: registry listing, the noise-study demo, and a "
+        "launcher that makes registry names usable in unchanged training scripts.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub_parser = sub.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
