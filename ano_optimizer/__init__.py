@@ -5,7 +5,28 @@ imported by the modules that need them, when those are imported.
 """
 
 from .optimizer import Ano, Anolog, ano
+from .param_groups import param_groups_weight_decay
+from .registry import (
+    OptimizerSpec,
+    create_optimizer,
+    get_optimizer_class,
+    get_optimizer_spec,
+    list_optimizers,
+    register_optimizer,
+)
 
 __version__ = "1.1.0"
 
-__all__ = ["Ano", "Anolog", "__version__", "ano"]
+__all__ = [
+    "Ano",
+    "Anolog",
+    "OptimizerSpec",
+    "__version__",
+    "ano",
+    "create_optimizer",
+    "get_optimizer_class",
+    "get_optimizer_spec",
+    "list_optimizers",
+    "param_groups_weight_decay",
+    "register_optimizer",
+]

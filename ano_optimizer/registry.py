@@ -1,0 +1,333 @@
+"""The optimizer registry: look optimizers up by name and hand them to a training framework.
+
+Each optimizer is described by a frozen :class:`OptimizerSpec` whose classes are lazy
+``"module:Class"`` references, so listing names never imports torch optimizers' modules, Keras
+or a plugin's framework. The built-ins and third-party plugins arrive through the
+``ano_optimizer.optimizers`` entry-point group (see :mod:`ano_optimizer.plugins`), read once, on
+the first lookup. Modelled on timm's ``OptimInfo``/``OptimizerRegistry`` and
+``torch._dynamo.backends.registry``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+import inspect
+import re
+import threading
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "FRAMEWORKS",
+    "OptimizerSpec",
+    "create_optimizer",
+    "get_optimizer_class",
+    "get_optimizer_spec",
+    "list_optimizers",
+    "register_optimizer",
+]
+
+FRAMEWORKS = ("torch", "keras")
+
+# timm splits optimizer names on "_" (e.g. "lookahead_adamw"), so names keep to [a-z0-9].
+_NAME_RE = re.compile(r"[a-z0-9]+")
+_REFERENCE_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What the registry knows about one optimizer, without importing it.
+
+    Args:
+        name: lower-case letters and digits only; lookups are case-insensitive.
+        description: one line, shown by ``ano-optimizer list``.
+        torch_class: ``"module:Class"`` of the PyTorch optimizer, or None.
+        keras_class: ``"module:Class"`` of the Keras optimizer, or None.
+        defaults: keyword arguments added when the optimizer is created (the caller's win).
+        has_betas: accepts ``betas=(beta1, beta2)``.
+        has_eps: accepts ``eps``.
+        has_momentum: accepts ``momentum``.
+        source: ``"built-in"``, or the distribution of the plugin that registered it.
+    """
+
+    name: str
+    description: str
+    torch_class: str | None
+    keras_class: str | None
+    defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    has_betas: bool = True
+    has_eps: bool = True
+    has_momentum: bool = False
+    source: str = "built-in"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+            raise ValueError(
+                f"OptimizerSpec: invalid name {self.name!r}; a name is lower-case letters and "
+                "digits only (no '_', '-' or spaces: timm splits optimizer names on '_')"
+            )
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise ValueError(f"OptimizerSpec {self.name!r}: description must be a non-empty string")
+        if "\n" in self.description:
+            raise ValueError(f"OptimizerSpec {self.name!r}: description must be one line")
+        for attribute in ("torch_class", "keras_class"):
+            reference = getattr(self, attribute)
+            if reference is not None and (
+                not isinstance(reference, str) or not _REFERENCE_RE.fullmatch(reference)
+            ):
+                raise ValueError(
+                    f"OptimizerSpec {self.name!r}: invalid {attribute}={reference!r}; expected a "
+                    "lazy reference 'package.module:ClassName' or None"
+                )
+        if self.torch_class is None and self.keras_class is None:
+            raise ValueError(f"OptimizerSpec {self.name!r}: give torch_class, keras_class or both")
+        if not isinstance(self.defaults, Mapping):
+            raise ValueError(
+                f"OptimizerSpec {self.name!r}: defaults must be a mapping, got {self.defaults!r}"
+            )
+        for key in self.defaults:
+            if not isinstance(key, str) or not key.isidentifier() or key == "params":
+                raise ValueError(
+                    f"OptimizerSpec {self.name!r}: invalid defaults key {key!r}; keys are "
+                    "keyword-argument names of the optimizer (not 'params')"
+                )
+        for flag in ("has_betas", "has_eps", "has_momentum"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(
+                    f"OptimizerSpec {self.name!r}: {flag} must be True or False, "
+                    f"got {getattr(self, flag)!r}"
+                )
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"OptimizerSpec {self.name!r}: source must be a non-empty string")
+        # A read-only copy: a spec is shared by every caller and must not change under them.
+        object.__setattr__(self, "defaults", types.MappingProxyType(dict(self.defaults)))
+
+    def class_reference(self, framework: str) -> str | None:
+        """The ``"module:Class"`` reference for ``framework`` ("torch" or "keras"), or None."""
+        _check_framework(framework)
+        return self.torch_class if framework == "torch" else self.keras_class
+
+    @property
+    def frameworks(self) -> tuple[str, ...]:
+        """The frameworks this spec has a class for (whether or not they are installed here)."""
+        return tuple(f for f in FRAMEWORKS if self.class_reference(f) is not None)
+
+
+def _check_framework(framework) -> None:
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {framework!r}; expected one of {list(FRAMEWORKS)}")
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self._specs: dict[str, OptimizerSpec] = {}
+        self._loaded = False
+        # Re-entrant: a plugin module may itself call register_optimizer while being loaded.
+        self._lock = threading.RLock()
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            from . import plugins
+
+            plugins.load_into(self._specs)
+
+    def register(self, spec: OptimizerSpec) -> None:
+        if not isinstance(spec, OptimizerSpec):
+            raise TypeError(f"register_optimizer expects an OptimizerSpec, got {spec!r}")
+        self._ensure_loaded()
+        with self._lock:
+            existing = self._specs.get(spec.name)
+            if existing is not None and existing != spec:
+                raise ValueError(
+                    f"optimizer name {spec.name!r} is already registered (source: "
+                    f"{existing.source}, torch_class={existing.torch_class!r}); choose another name"
+                )
+            self._specs[spec.name] = spec
+
+    def get(self, name) -> OptimizerSpec:
+        if not isinstance(name, str):
+            raise TypeError(f"optimizer name must be a string, got {name!r}")
+        self._ensure_loaded()
+        spec = self._specs.get(name.lower())
+        if spec is None:
+            known = sorted(self._specs)
+            close = difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else "no close match"
+            raise ValueError(
+                f"unknown optimizer {name!r} ({hint}); known optimizers: {', '.join(known)}"
+            )
+        return spec
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._specs)
+
+
+_REGISTRY = _Registry()
+
+
+def register_optimizer(spec: OptimizerSpec) -> None:
+    """Make ``spec`` available by name. Registering the very same spec twice is a no-op.
+
+    Raises:
+        ValueError: another spec already holds that name (built-in, plugin or earlier call).
+    """
+    _REGISTRY.register(spec)
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    """The spec registered as ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: unknown name; the message lists the known names and the closest matches.
+    """
+    return _REGISTRY.get(name)
+
+
+def _resolve(reference: str, what: str) -> type:
+    module_name, _, attribute_path = reference.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"{what}: cannot import module {module_name!r}: {exc}") from exc
+    for attribute in attribute_path.split("."):
+        try:
+            obj = getattr(obj, attribute)
+        except AttributeError:
+            raise ImportError(
+                f"{what}: module {module_name!r} has no attribute {attribute_path!r}"
+            ) from None
+    if not isinstance(obj, type):
+        raise TypeError(f"{what}: {reference!r} is {obj!r}, not a class")
+    return obj
+
+
+def get_optimizer_class(name: str, framework: str = "torch") -> type:
+    """Import and return the optimizer class of ``name`` for ``framework`` ("torch" or "keras").
+
+    Raises:
+        ValueError: unknown name or framework, or the optimizer has no class for that framework.
+        ImportError: the class's module cannot be imported (e.g. the framework is not installed).
+    """
+    _check_framework(framework)
+    spec = get_optimizer_spec(name)
+    reference = spec.class_reference(framework)
+    if reference is None:
+        raise ValueError(
+            f"optimizer {spec.name!r} has no {framework} implementation "
+            f"(available for: {', '.join(spec.frameworks)})"
+        )
+    return _resolve(reference, f"optimizer {spec.name!r} ({framework})")
+
+
+def list_optimizers(pattern: str | None = None, framework: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered.
+
+    Args:
+        pattern: shell-style wildcard matched case-insensitively (``"ano*"``); None for all.
+        framework: "torch" or "keras" keeps the names whose spec has a class for that framework
+            (whether the framework is installed is not checked); None for all.
+    """
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string or None, got {pattern!r}")
+    if framework is not None:
+        _check_framework(framework)
+    names = _REGISTRY.names()
+    if pattern is not None:
+        names = [n for n in names if fnmatch.fnmatchcase(n, pattern.lower())]
+    if framework is not None:
+        names = [n for n in names if get_optimizer_spec(n).class_reference(framework)]
+    return names
+
+
+def _accepted_keywords(cls: type) -> set[str] | None:
+    """Keyword arguments ``cls(params, ...)`` accepts; None when it takes ``**kwargs``."""
+    parameters = list(inspect.signature(cls).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    # The first parameter receives the parameters / parameter groups.
+    return {p.name for p in parameters[1:] if p.kind in keyword_kinds}
+
+
+def create_optimizer(
+    model_or_params,
+    name: str,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    *,
+    no_weight_decay: Iterable[str] = (),
+    **kwargs,
+):
+    """Create the PyTorch optimizer registered as ``name``.
+
+    Given an ``nn.Module``, its trainable parameters are split by
+    :func:`~ano_optimizer.param_groups.param_groups_weight_decay` into a decayed group and a
+    no-decay group (≤ 1-D parameters, ``.bias``, ``model.no_weight_decay()`` and the
+    ``no_weight_decay`` name patterns). Given parameters or parameter groups, they are used as
+    they are and ``weight_decay`` is the default of every group.
+
+    Args:
+        model_or_params: an ``nn.Module``, or an iterable of tensors or parameter-group dicts.
+        name: registry name, case-insensitive (``"ano"``, ``"anolog"``, a plugin's name).
+        lr: learning rate; None keeps the spec's or the class's default.
+        weight_decay: decoupled weight decay of the decayed group.
+        no_weight_decay: extra parameter-name patterns (wildcards allowed) kept out of decay;
+            only used with a module.
+        **kwargs: further keyword arguments of the optimizer class (``betas``, ``eps``, ...);
+            they override the spec's ``defaults``.
+
+    Raises:
+        ValueError: unknown name, bad hyper-parameter, or no trainable parameter.
+        TypeError: a keyword argument the optimizer does not accept.
+    """
+    import torch
+
+    spec = get_optimizer_spec(name)
+    cls = get_optimizer_class(spec.name, "torch")
+    options = dict(spec.defaults)
+    options.update(kwargs)
+    if lr is not None:
+        options["lr"] = lr
+    options["weight_decay"] = weight_decay
+    accepted = _accepted_keywords(cls)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise TypeError(
+                f"optimizer {spec.name!r} ({cls.__qualname__}) got unexpected keyword "
+                f"argument(s) {', '.join(map(repr, unknown))}; it accepts: "
+                f"{', '.join(sorted(accepted))}"
+            )
+
+    if isinstance(model_or_params, torch.nn.Module):
+        from .param_groups import param_groups_weight_decay
+
+        params = param_groups_weight_decay(model_or_params, weight_decay, no_weight_decay)
+        if not params:
+            raise ValueError(
+                f"create_optimizer: {type(model_or_params).__name__} has no trainable parameter "
+                "(every parameter has requires_grad=False)"
+            )
+    else:
+        if tuple(no_weight_decay):
+            raise ValueError(
+                "create_optimizer: no_weight_decay patterns need a model (nn.Module) to match "
+                "parameter names; with parameter groups, set weight_decay per group"
+            )
+        params = model_or_params
+    return cls(params, **options)
+
+
+def _spec_with_source(spec: OptimizerSpec, source: str) -> OptimizerSpec:
+    return spec if spec.source == source else dataclasses.replace(spec, source=source)
