@@ -115,8 +115,8 @@ def load_into(specs: dict[str, OptimizerSpec]) -> None:
             _warn(
                 entry,
                 distribution,
-                f"the name {spec.name!r} is already registered by {existing.source}; "
-                f"keeping the {existing.source} optimizer",
+                f"the name {spec.name!r} is already taken (source: {existing.source}); "
+                "keeping the optimizer registered first",
             )
             continue
         specs[spec.name] = _spec_with_source(spec, distribution)
