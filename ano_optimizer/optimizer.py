@@ -9,6 +9,7 @@ same sequence of elementwise operations, so they agree bit for bit on every inpu
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -395,6 +396,26 @@ def _ano_update_(
         param.addcmul_(a, b, value=-step_size)
 
 
+def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The local shards of DTensors that share one mesh and placement, else ``tensors`` as given.
+
+    The update is elementwise, so the shard of the update is the update of the shard: on the
+    local tensors the cache-blocked path runs unchanged. (A DTensor cannot even be flattened
+    when a dimension does not divide evenly over the ranks, as with FSDP2's uneven shards.)
+    Partial placements hold unreduced values, so those stay DTensors and DTensor reduces them.
+    """
+    dtensor_module = sys.modules.get("torch.distributed.tensor")  # no DTensor without it
+    if dtensor_module is None or not isinstance(tensors[0], dtensor_module.DTensor):
+        return tensors
+    layout = (tensors[0].device_mesh, tensors[0].placements)
+    if any(p.is_partial() for p in layout[1]) or not all(
+        isinstance(t, dtensor_module.DTensor) and (t.device_mesh, t.placements) == layout
+        for t in tensors
+    ):
+        return tensors
+    return tuple(t.to_local() for t in tensors)
+
+
 def _single_tensor_ano(
     params: list[Tensor],
     grads: list[Tensor],
@@ -419,6 +440,8 @@ def _single_tensor_ano(
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
     ):
+        if not compiling:
+            param, grad, exp_avg, exp_avg_sq = _local_shards(param, grad, exp_avg, exp_avg_sq)
         if torch.is_complex(param):
             param, grad, exp_avg, exp_avg_sq = (
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
