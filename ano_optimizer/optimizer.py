@@ -39,6 +39,11 @@ _CHUNK_NUMEL = 1 << 17
 _FOREACH_BUCKET_NUMEL = 1 << 22
 
 
+def _is_release_1_0_0_group(saved_group: dict) -> bool:
+    """The 1.0.0 release saved exactly these group keys (its schedule was an attribute)."""
+    return set(saved_group) == {"lr", "betas", "weight_decay", "eps", "params"}
+
+
 def _validate_group(group: dict, owner: str) -> None:
     hp.check_lr(group["lr"], owner)
     group["betas"] = hp.check_betas(group["betas"], owner)
@@ -89,15 +94,34 @@ class Ano(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    # The 1.0.0 release kept the step as a Python int.
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]), dtype=_get_scalar_dtype()
+                    )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict saved by :class:`Ano` or :class:`Anolog`.
+        """Load a state dict saved by :class:`Ano`, :class:`Anolog` or the 1.0.0 release.
 
         Unlike the base class, this checks the whole state dict before changing anything: a
         state dict from another optimizer, or whose moments do not match the parameters' shapes,
-        raises ``ValueError`` and leaves this optimizer untouched.
+        raises ``ValueError`` and leaves this optimizer untouched. A 1.0.0 state dict (groups of
+        exactly ``lr``, ``betas``, ``weight_decay``, ``eps``; integer steps) has no
+        ``logarithmic_schedule``: each group keeps this optimizer's setting.
         """
         self._check_loadable(state_dict)
+        if any(_is_release_1_0_0_group(g) for g in state_dict["param_groups"]):
+            state_dict = {
+                **state_dict,
+                "param_groups": [
+                    {"logarithmic_schedule": group["logarithmic_schedule"], **saved}
+                    for saved, group in zip(
+                        state_dict["param_groups"], self.param_groups, strict=True
+                    )
+                ],
+            }
         super().load_state_dict(state_dict)
 
     def _check_loadable(self, state_dict: dict) -> None:
@@ -111,13 +135,14 @@ class Ano(Optimizer):
                 f"this optimizer has {len(self.param_groups)}"
             )
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            missing = [key for key in _GROUP_KEYS if key not in saved]
+            required = _GROUP_KEYS[:-1] if _is_release_1_0_0_group(saved) else _GROUP_KEYS
+            missing = [key for key in required if key not in saved]
             if missing:
                 raise ValueError(
                     f"{owner}: parameter group {index} has no {missing}: this state dict was not "
                     f"saved by Ano/Anolog (its group keys are {sorted(k for k in saved if k != 'params')})"
                 )
-            _validate_group({**self.defaults, **saved}, owner)
+            _validate_group({**self.defaults, **group, **saved}, owner)
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"{owner}: parameter group {index} holds {len(saved['params'])} parameters "
