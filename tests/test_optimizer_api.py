@@ -200,8 +200,8 @@ def test_compiled_step_with_tensor_lr_does_not_recompile():
     compiled = Anolog(compiled_model.parameters(), lr=torch.tensor(0.01), weight_decay=0.01)
     eager_sched = torch.optim.lr_scheduler.ExponentialLR(eager, gamma=0.7)
     compiled_sched = torch.optim.lr_scheduler.ExponentialLR(compiled, gamma=0.7)
-    # As in torch's compiled-optimizer tutorial: compile a function that calls step(), since an
-    # attached lr scheduler wraps optimizer.step in a function dynamo does not trace.
+    # As in torch's compiled-optimizer tutorial: compile a function that calls step(). An attached
+    # lr scheduler wraps optimizer.step in a function dynamo skips, so Ano.step is its own frame.
     compiled_step = torch.compile(lambda: compiled.step(), backend=counter)
     for x, y in batches:
         for model, opt in ((eager_model, eager), (compiled_model, compiled)):
@@ -213,7 +213,6 @@ def test_compiled_step_with_tensor_lr_does_not_recompile():
         compiled_sched.step()
     # The step count, the lr and the bias correction are tensors: one compilation for all steps.
     assert counter.frame_count == 1 and counter.op_count > 0
-    assert not torch._dynamo.utils.counters["graph_break"]
     for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
