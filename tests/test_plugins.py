@@ -1,0 +1,194 @@
+"""Entry-point plugins, with real installed distributions written by ``plugin_fixture``.
+
+The registry reads entry points once per process, so each scenario runs in a fresh subprocess
+that reports what it saw as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from plugin_fixture import (
+    PLUGIN_DISTRIBUTION,
+    PLUGIN_NAME,
+    env_with_path,
+    signsgd_reference,
+    site_packages_without_project,
+    write_distribution,
+    write_plugin,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs in the subprocess: use the registry, record every warning, print a JSON report.
+PROBE = """
+import json, sys, warnings
+from importlib.metadata import entry_points
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import torch
+    import ano_optimizer
+    from ano_optimizer import create_optimizer, get_optimizer_spec, list_optimizers
+    names = list_optimizers()
+    report = {
+        "names": names,
+        "torch_names": list_optimizers(framework="torch"),
+        "sources": {n: get_optimizer_spec(n).source for n in names},
+        "ano_class": get_optimizer_spec("ano").torch_class,
+        "module": ano_optimizer.__file__,
+        "own_entry_points": sorted(
+            e.name
+            for e in entry_points(group="ano_optimizer.optimizers")
+            if e.dist is not None and e.dist.name == "ano-optimizer"
+        ),
+    }
+    if "signsgd" in names:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2).double()
+        param0 = model.weight.detach().clone()
+        optimizer = create_optimizer(model, "SignSGD", lr=0.1, weight_decay=0.2, momentum=0.5)
+        grads = []
+        for step in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 3, dtype=torch.float64)).pow(2).sum().backward()
+            grads.append(model.weight.grad.tolist())
+            optimizer.step()
+        report["signsgd"] = {
+            "class": type(optimizer).__module__ + ":" + type(optimizer).__name__,
+            "param0": param0.tolist(),
+            "grads": grads,
+            "final": model.weight.detach().tolist(),
+        }
+    list_optimizers()  # a second lookup must not warn again
+report["warnings"] = [
+    (w.category.__name__, str(w.message)) for w in caught if "ano_optimizer" in str(w.message)
+]
+print(json.dumps(report))
+"""
+
+
+def probe(*paths, python_flags=(), cwd=None, **env) -> dict:
+    result = subprocess.run(
+        [sys.executable, *python_flags, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env_with_path(*paths, **env),
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_plugin_optimizer_is_available_by_name(tmp_path):
+    report = probe(write_plugin(tmp_path))
+    assert report["warnings"] == []
+    # The built-ins come through the project's own entry points, as a plugin's do.
+    assert report["own_entry_points"] == ["ano", "anolog"]
+    assert {"ano", "anolog", PLUGIN_NAME} <= set(report["names"])
+    assert PLUGIN_NAME in report["torch_names"]
+    assert report["sources"][PLUGIN_NAME] == PLUGIN_DISTRIBUTION
+    assert report["sources"]["ano"] == report["sources"]["anolog"] == "built-in"
+    run = report["signsgd"]
+    assert run["class"] == "ano_fixture_plugin.torch_impl:SignSGD"
+    expected = signsgd_reference(
+        run["param0"], run["grads"], lr=0.1, momentum=0.5, weight_decay=0.2
+    )
+    np.testing.assert_allclose(run["final"], expected[-1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.fixture(scope="module")
+def bad_plugins(tmp_path_factory) -> str:
+    """One good plugin next to every kind of bad one."""
+    directory = tmp_path_factory.mktemp("plugins")
+    write_plugin(directory)
+    write_plugin(directory, distribution="broken-plugin", name="brokenopt", broken=True)
+    write_plugin(directory, distribution="greedy-plugin", name="ano")
+    write_distribution(
+        directory,
+        "malformed-plugin",
+        {
+            "notaspec": "malformed_plugin:VALUE",
+            "missingattr": "malformed_plugin:NOPE",
+            "badvalue": "this is not an entry point",
+            "othername": "malformed_plugin:SPEC",
+        },
+        {
+            "malformed_plugin/__init__.py": """
+                from ano_optimizer import OptimizerSpec
+                VALUE = 42
+                SPEC = OptimizerSpec("misnamed", "x", "torch.optim:SGD", None)
+            """
+        },
+    )
+    return str(directory)
+
+
+def test_bad_plugins_warn_once_each_and_the_rest_keeps_working(bad_plugins):
+    report = probe(bad_plugins)
+    messages = [message for category, message in report["warnings"]]
+    assert {category for category, _ in report["warnings"]} == {"OptimizerPluginWarning"}
+    expected = {
+        "'brokenopt = broken_plugin:SPEC' of distribution 'broken-plugin': "
+        "ModuleNotFoundError: No module named 'broken_plugin_missing_dependency'",
+        "'ano = greedy_plugin:SPEC' of distribution 'greedy-plugin': the name 'ano' is "
+        "already taken (source: built-in)",
+        "'notaspec = malformed_plugin:VALUE' of distribution 'malformed-plugin': it is 42, "
+        "not an ano_optimizer.OptimizerSpec",
+        "'missingattr = malformed_plugin:NOPE' of distribution 'malformed-plugin': AttributeError:",
+        "'badvalue = this is not an entry point' of distribution 'malformed-plugin':",
+        "'othername = malformed_plugin:SPEC' of distribution 'malformed-plugin': the entry "
+        "point is named 'othername' but its spec is named 'misnamed'",
+    }
+    assert len(messages) == len(expected), messages
+    for fragment in expected:
+        assert sum(fragment in message for message in messages) == 1, (fragment, messages)
+
+    # The built-in kept its name; the good plugin still works next to the broken ones.
+    assert report["sources"]["ano"] == "built-in"
+    assert report["ano_class"] == "ano_optimizer.optimizer:Ano"
+    assert report["sources"][PLUGIN_NAME] == PLUGIN_DISTRIBUTION
+    assert not {"brokenopt", "notaspec", "missingattr", "badvalue", "misnamed"} & set(
+        report["names"]
+    )
+    assert report["signsgd"]["class"] == "ano_fixture_plugin.torch_impl:SignSGD"
+
+
+def test_clashing_plugins_resolve_by_distribution_name(tmp_path):
+    write_plugin(tmp_path, distribution="zeta-plugin", name="clash")
+    write_plugin(tmp_path, distribution="alpha-plugin", name="clash")
+    report = probe(str(tmp_path))
+    assert report["sources"]["clash"] == "alpha-plugin"
+    [(category, message)] = report["warnings"]
+    assert category == "OptimizerPluginWarning"
+    assert "of distribution 'zeta-plugin': the name 'clash' is already taken" in message
+    assert "(source: alpha-plugin)" in message
+
+
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_env_var_disables_plugins(bad_plugins, value):
+    report = probe(bad_plugins, ANO_OPTIMIZER_DISABLE_PLUGINS=value)
+    assert report["warnings"] == []
+    assert report["names"] == ["ano", "anolog"]
+    assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
+
+
+def test_builtins_without_project_metadata(tmp_path):
+    """A source checkout that was never installed: no entry points, still ano and anolog."""
+    source = tmp_path / "checkout"
+    shutil.copytree(REPO / "ano_optimizer", source / "ano_optimizer")
+    site_dir = site_packages_without_project(tmp_path / "site")
+    # -S: no site-packages, so neither the editable finder nor its .dist-info is seen.
+    # cwd elsewhere: "python -c" puts the working directory (the real checkout) on sys.path.
+    report = probe(str(source), site_dir, python_flags=("-S",), cwd=tmp_path)
+    assert report["module"] == str(source / "ano_optimizer" / "__init__.py")
+    assert report["own_entry_points"] == []
+    assert report["warnings"] == []
+    assert report["names"] == ["ano", "anolog"]
+    assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
