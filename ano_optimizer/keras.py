@@ -143,11 +143,14 @@ class Ano(keras.optimizers.Optimizer):
         lr = ops.cast(learning_rate, dtype)
         grad = ops.cast(gradient, dtype)
         step = ops.cast(self.iterations + 1, dtype)
+        # convert_to_tensor, not cast: TensorFlow's cast of a Python float goes through float32,
+        # which would round 0.92 in a float64 variable's update.
         if self.logarithmic_schedule:
             beta_1 = 1.0 - 1.0 / ops.log(step + 2.0)
         else:
-            beta_1 = ops.cast(self.beta_1, dtype)
-        beta_2 = ops.cast(self.beta_2, dtype)
+            beta_1 = ops.convert_to_tensor(self.beta_1, dtype)
+        beta_2 = ops.convert_to_tensor(self.beta_2, dtype)
+        epsilon = ops.convert_to_tensor(self.epsilon, dtype)
 
         grad_sq = ops.square(grad)
         new_exp_avg = beta_1 * exp_avg + (1.0 - beta_1) * grad
@@ -158,7 +161,7 @@ class Ano(keras.optimizers.Optimizer):
         self.assign(exp_avg_sq, new_exp_avg_sq)
 
         v_hat = new_exp_avg_sq / (1.0 - ops.power(beta_2, step))
-        denom = ops.sqrt(v_hat) + ops.cast(self.epsilon, dtype)
+        denom = ops.sqrt(v_hat) + epsilon
         self.assign_sub(variable, lr * ops.abs(grad) * ops.sign(new_exp_avg) / denom)
 
     def get_config(self):
