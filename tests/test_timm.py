@@ -393,7 +393,9 @@ def test_resume_lookahead_ano_from_a_timm_checkpoint_is_exact(tmp_path):
     _resume_is_exact("lookahead_ano", tmp_path, steps=7)
 
 
-# --- in fresh processes: train.py's --device-modules, and plugins ------------------------------
+# --- in a fresh process: train.py's --device-modules, then plugins ----------------------------
+# One interpreter for both (starting one costs seconds): the train.py part must run first, while
+# nothing has imported the integration yet.
 
 TRAIN_PY = textwrap.dedent(
     """
@@ -427,6 +429,7 @@ TRAIN_PY = textwrap.dedent(
     args = parser.parse_args(sys.argv[1:])
 
     known_before = "ano" in timm.optim.list_optimizers()
+    # What train.py's main() does first with --device-modules.
     if args.device_modules:
         for module in args.device_modules:
             importlib.import_module(module)
@@ -455,7 +458,7 @@ TRAIN_PY = textwrap.dedent(
         lr_scheduler.step(epoch + 1)
         lrs.append(optimizer.param_groups[0]["lr"])
     group = optimizer.param_groups[0]
-    print(json.dumps({
+    RESULT = {"train": {
         "known_before": known_before,
         "class": type(optimizer).__module__ + "." + type(optimizer).__qualname__,
         "betas": list(group["betas"]),
@@ -464,63 +467,18 @@ TRAIN_PY = textwrap.dedent(
         "weight_decays": sorted({g["weight_decay"] for g in optimizer.param_groups}),
         "losses": losses,
         "lrs": lrs,
-    }))
+    }}
     """
 )
 
-
-def run_python(code, *argv):
-    result = subprocess.run(
-        [sys.executable, "-c", code, *argv],
-        cwd=REPO_ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
-
-
-def test_train_py_command_line_with_device_modules():
-    out, _ = run_python(
-        TRAIN_PY,
-        "DATA",
-        "--model", "test_resnet",
-        "--opt", "ano",
-        "--opt-betas", "0.9", "0.99",
-        "--opt-eps", "1e-8",
-        "--weight-decay", "0.05",
-        "--opt-kwargs", "logarithmic_schedule=True",
-        "--lr", "3e-3",
-        "--warmup-lr", "3e-4",
-        "--epochs", "3",
-        "--warmup-epochs", "1",
-        "-b", "8",
-        "--device-modules", "ano_optimizer.integrations.timm",
-    )  # fmt: skip
-    assert out["known_before"] is False  # importing the --device-modules module registered it
-    assert out["class"] == "ano_optimizer.optimizer.Ano"
-    assert out["betas"] == [0.9, 0.99]
-    assert out["eps"] == 1e-8
-    assert out["logarithmic_schedule"] is True
-    assert out["weight_decays"] == [0.0, 0.05]
-    # Per epoch: warmup over, then cosine over 3 epochs.
-    assert out["lrs"][:2] == pytest.approx(
-        [0.5 * 3e-3 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2)]
-    )
-    assert out["losses"][-1] < out["losses"][0], out["losses"]
-
-
 PLUGINS = textwrap.dedent(
     """
-    import json, warnings
-    import torch, timm, timm.optim
-    from timm.optim import create_optimizer_v2
+    import warnings
     from ano_optimizer import OptimizerSpec, register_optimizer
+    from ano_optimizer.integrations import timm as ano_timm
 
     # Plugins as a third-party distribution would declare them: a new name, a name timm owns,
-    # and a momentum optimizer without betas/eps.
+    # and (registered later) a momentum optimizer without betas/eps.
     register_optimizer(OptimizerSpec(
         name="anowarm", description="Ano with the paper's vision betas",
         torch_class="ano_optimizer.optimizer:Ano", keras_class=None,
@@ -530,7 +488,6 @@ PLUGINS = textwrap.dedent(
         torch_class="ano_optimizer.optimizer:Ano", keras_class=None, source="clash-plugin"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from ano_optimizer.integrations import timm as ano_timm  # registers on import
         first = ano_timm.register()
     register_optimizer(OptimizerSpec(
         name="sgdplain", description="torch SGD, momentum only",
@@ -546,7 +503,7 @@ PLUGINS = textwrap.dedent(
     lion = create_optimizer_v2(model, opt="lion", lr=1e-3)
     # train.py passes momentum, betas and eps whatever the optimizer: timm keeps what the spec accepts.
     sgd = create_optimizer_v2(model, opt="sgdplain", lr=0.1, momentum=0.8, betas=[0.9, 0.99], eps=1e-6)
-    print(json.dumps({
+    RESULT["plugins"] = {
         "first": first, "second": second,
         "warnings": [(w.category.__name__, str(w.message)) for w in caught],
         "warnings_again": [str(w.message) for w in caught_again],
@@ -555,13 +512,59 @@ PLUGINS = textwrap.dedent(
         "warm_override": list(warm_override.param_groups[0]["betas"]),
         "lion": type(lion).__module__ + "." + type(lion).__qualname__,
         "sgd": [type(sgd).__name__, sgd.param_groups[0]["momentum"], sgd.param_groups[0]["lr"]],
-    }))
+    }
+    print(json.dumps(RESULT))
     """
 )
 
+TRAIN_PY_ARGV = [
+    "DATA",
+    "--model", "test_resnet",
+    "--opt", "ano",
+    "--opt-betas", "0.9", "0.99",
+    "--opt-eps", "1e-8",
+    "--weight-decay", "0.05",
+    "--opt-kwargs", "logarithmic_schedule=True",
+    "--lr", "3e-3",
+    "--warmup-lr", "3e-4",
+    "--epochs", "3",
+    "--warmup-epochs", "1",
+    "-b", "8",
+    "--device-modules", "ano_optimizer.integrations.timm",
+]  # fmt: skip
 
-def test_plugin_names_reach_timm_and_timm_names_are_never_replaced():
-    out, _ = run_python(PLUGINS)
+
+@pytest.fixture(scope="module")
+def fresh_process():
+    result = subprocess.run(
+        [sys.executable, "-c", TRAIN_PY + PLUGINS, *TRAIN_PY_ARGV],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_train_py_command_line_with_device_modules(fresh_process):
+    out = fresh_process["train"]
+    assert out["known_before"] is False  # importing the --device-modules module registered it
+    assert out["class"] == "ano_optimizer.optimizer.Ano"
+    assert out["betas"] == [0.9, 0.99]
+    assert out["eps"] == 1e-8
+    assert out["logarithmic_schedule"] is True
+    assert out["weight_decays"] == [0.0, 0.05]
+    # Per epoch: warmup over, then cosine over 3 epochs.
+    assert out["lrs"][:2] == pytest.approx(
+        [0.5 * 3e-3 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2)]
+    )
+    assert out["losses"][-1] < out["losses"][0], out["losses"]
+
+
+def test_plugin_names_reach_timm_and_timm_names_are_never_replaced(fresh_process):
+    out = fresh_process["plugins"]
     assert "anowarm" in out["first"] and "lion" not in out["first"]
     assert out["second"] == sorted([*out["first"], "sgdplain"])
     assert out["in_timm"] == ["anowarm", "lion", "sgdplain"]
