@@ -1,4 +1,5 @@
-"""Ano and Anolog for Keras 3, on any Keras backend (TensorFlow, JAX, PyTorch).
+"""Ano and Anolog for Keras 3, on any Keras backend (TensorFlow, JAX, PyTorch), and ``AnoTF``
+(the seed's TensorFlow class, exported as ``ano_optimizer.tensorflow.AnoTF``).
 
 Importing this module registers every Keras-capable optimizer of the registry with Keras by
 name (``model.compile(optimizer="ano")``, ``keras.optimizers.get("anolog")``) and registers
@@ -12,6 +13,7 @@ tensor; the two differ only for a variable that misses gradients on some steps).
 
 from __future__ import annotations
 
+import inspect
 import numbers
 
 import keras
@@ -19,7 +21,7 @@ from keras import ops
 
 from . import hyperparameters as hp
 
-__all__ = ["Ano", "Anolog"]
+__all__ = ["Ano", "AnoTF", "Anolog"]
 
 _PACKAGE = "ano_optimizer"
 
@@ -212,6 +214,54 @@ class Anolog(Ano):
         config = super().get_config()
         del config["logarithmic_schedule"]
         return config
+
+
+def _base_optimizer_arguments() -> frozenset[str]:
+    # The keyword-only arguments of Ano are exactly Keras's base optimizer arguments plus
+    # this project's weight-decay filter; "name" is spelled out in AnoTF's signature.
+    parameters = inspect.signature(Ano.__init__).parameters.values()
+    return frozenset(
+        p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "name"
+    )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AnoTF(Ano):
+    """Ano for TensorFlow/Keras with the seed signature.
+
+    ``kwargs`` are the Keras base optimizer's arguments (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``) and
+    ``exclude_1d_from_weight_decay``; any other keyword is a ``TypeError``.
+    """
+
+    def __init__(
+        self,
+        learning_rate=hp.DEFAULT_LR,
+        beta_1=hp.DEFAULT_BETAS[0],
+        beta_2=hp.DEFAULT_BETAS[1],
+        weight_decay=hp.DEFAULT_WEIGHT_DECAY,
+        epsilon=hp.DEFAULT_EPS,
+        logarithmic_schedule=False,
+        name=None,
+        **kwargs,
+    ):
+        unknown = sorted(set(kwargs) - _base_optimizer_arguments())
+        if unknown:
+            raise TypeError(
+                f"AnoTF got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                f"besides its own it accepts: {', '.join(sorted(_base_optimizer_arguments()))}"
+            )
+        super().__init__(
+            learning_rate,
+            beta_1,
+            beta_2,
+            weight_decay,
+            epsilon,
+            logarithmic_schedule,
+            name=name,
+            **kwargs,
+        )
 
 
 def _register_by_name() -> None:
