@@ -24,6 +24,8 @@ from torch.optim.optimizer import (
 )
 
 from . import hyperparameters as hp
+from .fused import check_fused, fused_ano, unscale_or_skip
+from .low_memory import check_state_dtype, keep_state_dtype_on_load, mixed_precision_ano
 
 __all__ = ["Ano", "Anolog", "ano"]
 
@@ -53,6 +55,8 @@ def _validate_group(group: dict, owner: str) -> None:
         hp.check_flag(flag, group[flag], owner)
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"{owner}: foreach must be None, True or False, got {group['foreach']!r}")
+    check_fused(group.get("fused"), group["foreach"], owner)
+    check_state_dtype(group.get("state_dtype"), owner)
 
 
 class Ano(Optimizer):
@@ -67,6 +71,8 @@ class Ano(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -76,11 +82,17 @@ class Ano(Optimizer):
             "logarithmic_schedule": logarithmic_schedule,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
+            "state_dtype": state_dtype,
         }
         # Validate the defaults before the base class touches any parameter group.
         _validate_group(dict(defaults), type(self).__name__)
         defaults["betas"] = tuple(float(b) for b in betas)
         super().__init__(params, defaults)
+        if fused:
+            # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling.
+            self._step_supports_amp_scaling = True
+        keep_state_dtype_on_load(self)
 
     def add_param_group(self, param_group: dict) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -176,9 +188,16 @@ class Ano(Optimizer):
             if len(state) == 0:
                 # Lazy creation, keyed by the parameter: an engine may swap or reshard parameters
                 # before the first step, and a zero-gradient lr=0 step stays a no-op.
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # The fused kernel reads the step on the parameter's device (no host sync).
+                step_device = p.device if group["fused"] else None
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=step_device)
+                state_dtype = group["state_dtype"]
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=state_dtype, memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=state_dtype, memory_format=torch.preserve_format
+                )
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
@@ -216,6 +235,10 @@ class Ano(Optimizer):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
             if not params:
                 continue
+            grad_scale = getattr(self, "grad_scale", None)
+            found_inf = getattr(self, "found_inf", None)
+            if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
+                continue
             beta1, beta2 = group["betas"]
             ano(
                 params,
@@ -224,6 +247,9 @@ class Ano(Optimizer):
                 exp_avg_sqs,
                 state_steps,
                 foreach=group["foreach"],
+                fused=group["fused"],
+                grad_scale=grad_scale if group["fused"] else None,
+                found_inf=found_inf if group["fused"] else None,
                 has_complex=has_complex,
                 beta1=beta1,
                 beta2=beta2,
@@ -281,6 +307,15 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
             :math:`\beta_{1,k} = 1 - 1/\ln(k + 2)` (default: ``False``).
         maximize (bool, optional, keyword-only): maximize the objective instead of minimizing
             it (default: ``False``).
+        fused (bool or None, optional, keyword-only): ``True`` runs one ``torch.compile``-generated
+            kernel per tensor (Inductor: C++/OpenMP on CPU, Triton on GPU) that reads and writes
+            each value once, and takes ``torch.amp.GradScaler``'s scale and inf flag inside the
+            kernel; the first step compiles it (seconds, cached on disk). See
+            :mod:`ano_optimizer.fused` (default: ``None``, not fused).
+        state_dtype (torch.dtype or None, optional, keyword-only): dtype of ``exp_avg`` and
+            ``exp_avg_sq``; ``torch.bfloat16`` halves the optimizer's memory, with the math in
+            float32 and stochastic rounding on write-back. ``None`` keeps the parameter's dtype
+            (default: ``None``).
         foreach (bool or None, optional, keyword-only): ``True`` uses the multi-tensor
             ``torch._foreach_*`` path, ``False`` the single-tensor path; ``None`` picks per
             device: foreach on CUDA and other accelerators, the cache-blocked single-tensor
@@ -329,9 +364,20 @@ class Anolog(Ano):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            params, lr, betas, weight_decay, eps, True, maximize=maximize, foreach=foreach
+            params,
+            lr,
+            betas,
+            weight_decay,
+            eps,
+            True,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            state_dtype=state_dtype,
         )
 
 
@@ -343,6 +389,9 @@ def ano(
     state_steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     has_complex: bool = False,
     beta1: float,
     beta2: float,
@@ -353,6 +402,32 @@ def ano(
     maximize: bool,
 ) -> None:
     r"""Functional API that performs the Ano/Anolog update in place; see :class:`Ano`."""
+    scalars = {
+        "beta1": beta1,
+        "beta2": beta2,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "logarithmic_schedule": logarithmic_schedule,
+        "maximize": maximize,
+    }
+    if fused:
+        fused_ano(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            **scalars,
+        )
+        return
+    if grad_scale is not None or found_inf is not None:
+        raise ValueError("ano: grad_scale and found_inf are only supported with fused=True")
+    if any(m.dtype != p.dtype for p, m in zip(params, exp_avgs, strict=True)):
+        mixed_precision_ano(params, grads, exp_avgs, exp_avg_sqs, state_steps, **scalars)
+        return
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if foreach and torch.compiler.is_compiling():

@@ -1,0 +1,139 @@
+"""Low-memory optimizer state: ``exp_avg`` and ``exp_avg_sq`` kept in a narrower dtype.
+
+``Ano(..., state_dtype=torch.bfloat16)`` halves the optimizer's memory. The update itself runs
+in float32: each block of state is widened, updated exactly as in the float32 path, and written
+back with stochastic rounding (:func:`ano_optimizer.fused.stochastic_round_to_bfloat16`), so the
+rounding error averages out instead of accumulating. With round-to-nearest, ``exp_avg_sq`` at
+``β2 = 0.999`` loses 0.1 % per step when gradients shrink, less than half a bfloat16 ulp, so
+every decrease would be rounded away and ``v`` would stay stuck tens of percent too high.
+
+The ``fused=True`` kernel handles the narrow state itself; :func:`mixed_precision_ano` is the
+eager path for ``fused=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fused import stochastic_round_to_bfloat16
+
+__all__ = ["check_state_dtype", "keep_state_dtype_on_load", "mixed_precision_ano"]
+
+_STATE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Blocks small enough that the float32 scratch stays in cache and costs no memory to speak of.
+_BLOCK_NUMEL = 1 << 16
+
+
+def check_state_dtype(state_dtype, owner: str = "Ano") -> None:
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(
+            f"{owner}: invalid state_dtype={state_dtype!r}; it must be None (the parameter's "
+            "dtype), torch.float32, torch.float64, torch.bfloat16 or torch.float16"
+        )
+
+
+def _narrow_store(source: Tensor, target: Tensor) -> None:
+    if target.dtype == torch.bfloat16 and source.dtype == torch.float32:
+        target.copy_(stochastic_round_to_bfloat16(source))
+    else:
+        target.copy_(source)
+
+
+def mixed_precision_ano(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    logarithmic_schedule: bool,
+    maximize: bool,
+) -> None:
+    """The eager Ano update for state stored in another dtype than the parameter.
+
+    Per block of at most ``_BLOCK_NUMEL`` elements: widen the parameter, gradient and moments to
+    the wider of the two dtypes (at least float32), run the single-tensor path's update on them,
+    and write the results back (stochastic rounding into bfloat16).
+    """
+    from .optimizer import _ano_update_, _momentum_weight  # import cycle: optimizer uses us
+
+    lr = lr.item() if isinstance(lr, Tensor) else lr
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
+    ):
+        if torch.is_complex(param):
+            param, grad, exp_avg, exp_avg_sq = (
+                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
+            )
+        step_t += 1
+        step = step_t.item()
+        scalars = {
+            "momentum_weight": _momentum_weight(step, beta1, logarithmic_schedule),
+            "beta2": beta2,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "eps": eps,
+            "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
+        }
+        if not all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)):
+            raise ValueError(
+                "Ano: state_dtype with fused=False needs contiguous parameters, gradients and "
+                "state; use fused=True for other memory layouts"
+            )
+        compute = torch.promote_types(
+            torch.promote_types(param.dtype, exp_avg.dtype), torch.float32
+        )
+        blocks = zip(
+            *(t.view(-1).split(_BLOCK_NUMEL) for t in (param, grad, exp_avg, exp_avg_sq)),
+            strict=True,
+        )
+        for p, g, m, v in blocks:
+            p32, g32 = p.to(compute), g.to(compute)
+            m32, v32 = m.to(compute), v.to(compute)
+            if maximize:
+                g32 = g32.neg()
+            a, b = torch.empty_like(p32), torch.empty_like(p32)
+            _ano_update_(p32, g32, m32, v32, a, b, **scalars)
+            p.copy_(p32)
+            _narrow_store(m32, m)
+            _narrow_store(v32, v)
+
+
+def keep_state_dtype_on_load(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep ``exp_avg``/``exp_avg_sq`` in each group's
+    ``state_dtype``.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
+    parameter's dtype: bfloat16 state would come back as float32 (twice the memory), and float32
+    state of a bfloat16 parameter would lose its precision. A pre-hook keeps the saved tensors, a
+    post-hook puts them back from those originals in the group's ``state_dtype``.
+    """
+    optimizer.register_load_state_dict_pre_hook(_remember_saved_state)
+    optimizer.register_load_state_dict_post_hook(_restore_state_dtype)
+
+
+def _remember_saved_state(optimizer, state_dict):
+    optimizer._ano_saved_state = state_dict
+    return None
+
+
+def _restore_state_dtype(optimizer) -> None:
+    saved = optimizer.__dict__.pop("_ano_saved_state", None)
+    if saved is None:
+        return
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        for saved_id, param in zip(saved_group["params"], group["params"], strict=True):
+            entry = saved["state"].get(saved_id)
+            if entry is None or param not in optimizer.state:
+                continue
+            state = optimizer.state[param]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in entry and isinstance(entry[key], Tensor):
+                    dtype = group.get("state_dtype") or param.dtype
+                    state[key] = entry[key].to(device=param.device, dtype=dtype, copy=True)
