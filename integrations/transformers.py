@@ -218,6 +218,28 @@ def _unsupported(version: str, what: str) -> RuntimeError:
     )
 
 
+def _check_pieces(version: str, optimizer_names, training_args_cls, trainer_cls) -> None:
+    """Raise the version-naming error if a piece :func:`register` changes is missing or changed."""
+    if not (
+        isinstance(optimizer_names, type)
+        and issubclass(optimizer_names, enum.Enum)
+        and issubclass(optimizer_names, str)
+        and isinstance(getattr(optimizer_names, "_member_map_", None), dict)
+        and isinstance(getattr(optimizer_names, "_value2member_map_", None), dict)
+        and isinstance(getattr(optimizer_names, "_member_names_", None), list)
+    ):
+        raise _unsupported(version, "OptimizerNames is not the str Enum this relies on")
+    if "optim" not in getattr(training_args_cls, "__dataclass_fields__", {}):
+        raise _unsupported(version, "TrainingArguments has no 'optim' field")
+    method = inspect.getattr_static(trainer_cls, "get_optimizer_cls_and_kwargs", None)
+    if not isinstance(method, staticmethod):
+        raise _unsupported(version, "Trainer.get_optimizer_cls_and_kwargs is not a static method")
+    if list(inspect.signature(method.__func__).parameters)[:2] != ["args", "model"]:
+        raise _unsupported(
+            version, "Trainer.get_optimizer_cls_and_kwargs does not take (args, model)"
+        )
+
+
 def _checked_pieces():
     """Import and check the transformers pieces :func:`register` changes, before changing any."""
     import transformers
@@ -230,24 +252,7 @@ def _checked_pieces():
         raise _unsupported(
             version, "transformers.training_args.OptimizerNames is missing"
         ) from None
-    if not (
-        isinstance(OptimizerNames, type)
-        and issubclass(OptimizerNames, enum.Enum)
-        and issubclass(OptimizerNames, str)
-        and isinstance(getattr(OptimizerNames, "_member_map_", None), dict)
-        and isinstance(getattr(OptimizerNames, "_value2member_map_", None), dict)
-        and isinstance(getattr(OptimizerNames, "_member_names_", None), list)
-    ):
-        raise _unsupported(version, "OptimizerNames does not have the enum layout this relies on")
-    if "optim" not in getattr(TrainingArguments, "__dataclass_fields__", {}):
-        raise _unsupported(version, "TrainingArguments has no 'optim' field")
-    method = inspect.getattr_static(Trainer, "get_optimizer_cls_and_kwargs", None)
-    if not isinstance(method, staticmethod):
-        raise _unsupported(version, "Trainer.get_optimizer_cls_and_kwargs is not a static method")
-    if list(inspect.signature(method.__func__).parameters)[:2] != ["args", "model"]:
-        raise _unsupported(
-            version, "Trainer.get_optimizer_cls_and_kwargs does not take (args, model)"
-        )
+    _check_pieces(version, OptimizerNames, TrainingArguments, Trainer)
     return version, OptimizerNames, Trainer
 
 

@@ -72,6 +72,7 @@ def main() -> int:
         "loss_after": loss_after,
         "argv": sys.argv,
         "main_module": __name__,
+        "sys_path0": sys.path[0],
     }
     with open(os.path.join(training_args.output_dir, "optimizer_report.json"), "w") as f:
         json.dump(report, f, indent=2, default=repr)

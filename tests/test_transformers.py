@@ -5,6 +5,7 @@ Tiny BERT/GPT-2 models built from configs, synthetic data, a few steps each, CPU
 
 from __future__ import annotations
 
+import enum
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from ano_optimizer.integrations import transformers as hf
 from transformers import (
     BertConfig,
@@ -364,6 +366,32 @@ def test_register_twice_is_harmless():
     assert OptimizerNames("ano") is OptimizerNames.ANO
 
 
+class _OldStyleTrainer(Trainer):
+    # A regular method instead of transformers' static method: a shape register() cannot wrap.
+    def get_optimizer_cls_and_kwargs(self, args, model=None):
+        return torch.optim.SGD, {}
+
+
+@pytest.mark.parametrize(
+    ("pieces", "message"),
+    [
+        (
+            (enum.Enum("OptimizerNames", {"ADAMW": "adamw"}), TrainingArguments, Trainer),
+            "OptimizerNames is not the str Enum this relies on",
+        ),
+        ((OptimizerNames, object, Trainer), "TrainingArguments has no 'optim' field"),
+        (
+            (OptimizerNames, TrainingArguments, _OldStyleTrainer),
+            "Trainer.get_optimizer_cls_and_kwargs is not a static method",
+        ),
+    ],
+)
+def test_register_guard_names_the_transformers_version(pieces, message):
+    with pytest.raises(RuntimeError, match=r"does not support transformers 9\.99\.0: " + message):
+        hf._check_pieces("9.99.0", *pieces)
+    hf._check_pieces(transformers.__version__, OptimizerNames, TrainingArguments, Trainer)
+
+
 def test_every_torch_registry_name_is_selectable():
     from ano_optimizer import list_optimizers
 
@@ -486,6 +514,7 @@ def test_cli_run_unchanged_script_with_optim_ano(tmp_path):
     report = json.loads((tmp_path / "optimizer_report.json").read_text())
     assert report["optimizer_class"] == "ano_optimizer.optimizer.Ano"
     assert report["main_module"] == "__main__"
+    assert report["sys_path0"] == str(SCRIPT.parent)
     assert report["argv"][:3] == ["tests/hf_train_script.py", "--optim", "ano"]
     decay, no_decay = report["groups"]
     assert decay["param_names"] == report["decay_parameter_names"]
