@@ -24,6 +24,8 @@ from plugin_fixture import (
     write_plugin,
 )
 
+from ano_optimizer.plugins import DISABLE_PLUGINS_ENV, plugins_disabled
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs in the subprocess: use the registry, record every warning, print a JSON report.
@@ -171,9 +173,8 @@ def test_clashing_plugins_resolve_by_distribution_name(tmp_path):
     assert "(source: alpha-plugin)" in message
 
 
-@pytest.mark.parametrize("value", ["1", "true"])
-def test_env_var_disables_plugins(bad_plugins, value):
-    report = probe(bad_plugins, ANO_OPTIMIZER_DISABLE_PLUGINS=value)
+def test_env_var_disables_plugins(bad_plugins):
+    report = probe(bad_plugins, ANO_OPTIMIZER_DISABLE_PLUGINS="1")
     assert report["warnings"] == []
     assert report["names"] == ["ano", "anolog"]
     assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
@@ -192,3 +193,12 @@ def test_builtins_without_project_metadata(tmp_path):
     assert report["warnings"] == []
     assert report["names"] == ["ano", "anolog"]
     assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [("1", True), ("true", True), ("YES", True), ("0", False), ("false", False), ("", False)],
+)
+def test_disable_env_var_values(monkeypatch, value, disabled):
+    monkeypatch.setenv(DISABLE_PLUGINS_ENV, value)
+    assert plugins_disabled() is disabled

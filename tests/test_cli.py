@@ -1,0 +1,133 @@
+"""The real ``ano-optimizer`` console script: ``--help`` and ``list``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from plugin_fixture import PLUGIN_DISTRIBUTION, env_with_path, write_distribution, write_plugin
+
+from ano_optimizer.cli import SUBCOMMANDS, main
+
+SCRIPT = Path(sys.executable).with_name("ano-optimizer")
+
+
+def ano_optimizer(*args, env=None, cwd=None):
+    command = str(SCRIPT) if SCRIPT.exists() else shutil.which("ano-optimizer")
+    assert command, "the ano-optimizer console script is not installed (pip install -e .)"
+    return subprocess.run(
+        [command, *args], capture_output=True, text=True, timeout=180, env=env, cwd=cwd
+    )
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("plugins")
+    write_plugin(directory)
+    # A plugin whose Keras module is missing: listed, with keras marked not importable.
+    write_distribution(
+        directory,
+        "half-plugin",
+        {"halfopt": "half_plugin:SPEC"},
+        {
+            "half_plugin/__init__.py": """
+                from ano_optimizer import OptimizerSpec
+                SPEC = OptimizerSpec(
+                    "halfopt", "torch only in practice", "torch.optim:SGD",
+                    "half_plugin.not_written:SGD", has_betas=False, has_eps=False,
+                )
+            """
+        },
+    )
+    return str(directory)
+
+
+def test_help_explains_every_subcommand(capsys):
+    result = ano_optimizer("--help")
+    assert result.returncode == 0, result.stderr
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(name))
+        assert help_text.split()[0] in line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("pattern", "--framework", "--json", "examples:"):
+        assert option in out
+
+
+# Imported by Python at start-up when on sys.path: records the modules loaded when it exits.
+SITECUSTOMIZE = """
+import atexit, os, sys
+atexit.register(
+    lambda: open(os.environ["ANO_TEST_MODULES_FILE"], "w").write("\\n".join(sorted(sys.modules)))
+)
+"""
+
+
+def test_list_table_with_plugins_and_no_keras_import(plugins, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    modules_file = tmp_path / "modules.txt"
+    env = env_with_path(tmp_path, plugins, ANO_TEST_MODULES_FILE=modules_file)
+    result = ano_optimizer("list", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    imported = set(modules_file.read_text().split())
+    assert "ano_optimizer.cli_list" in imported
+    assert not {"keras", "tensorflow", "ano_optimizer.keras"} & imported
+
+    lines = result.stdout.splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == ["NAME", "FRAMEWORKS", "SOURCE", "DESCRIPTION"]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line) for line in lines[1:])}
+    keras_here = importlib.util.find_spec("keras") is not None
+    frameworks = "torch, keras" if keras_here else "torch, keras (not importable)"
+    assert rows["ano"][:2] == [frameworks, "built-in"]
+    assert rows["ano"][2].startswith("Ano: sign-of-momentum direction")
+    assert rows["anolog"][:2] == [frameworks, "built-in"]
+    assert rows["anolog"][2].startswith("Anolog: Ano with the logarithmic momentum schedule")
+    assert rows["signsgd"] == [
+        frameworks,
+        PLUGIN_DISTRIBUTION,
+        f"SignSGD with momentum (test plugin {PLUGIN_DISTRIBUTION})",
+    ]
+    assert rows["halfopt"] == [
+        "torch, keras (not importable)",
+        "half-plugin",
+        "torch only in practice",
+    ]
+
+
+def test_list_json_pattern_and_framework(plugins, tmp_path):
+    result = ano_optimizer(
+        "list", "SIGN*", "--framework", "torch", "--json", env=env_with_path(plugins), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    assert row["name"] == "signsgd"
+    assert row["source"] == PLUGIN_DISTRIBUTION
+    assert row["frameworks"]["torch"] == {
+        "class": "ano_fixture_plugin.torch_impl:SignSGD",
+        "available": True,
+    }
+    assert row["frameworks"]["keras"]["class"] == "ano_fixture_plugin.keras_impl:SignSGD"
+    assert (row["has_betas"], row["has_eps"], row["has_momentum"]) == (False, False, True)
+
+
+def test_list_reports_no_match_and_bad_framework(capsys):
+    assert main(["list", "zz*"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no optimizer matches pattern 'zz*'; known: " in captured.err
+    assert main(["list", "zz*", "--json", "--framework", "keras"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == []
+    assert "pattern 'zz*' and framework 'keras'" in captured.err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "--framework", "jax"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'jax'" in capsys.readouterr().err
