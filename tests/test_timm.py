@@ -457,13 +457,10 @@ TRAIN_PY = textwrap.dedent(
             losses.append(loss.item())
         lr_scheduler.step(epoch + 1)
         lrs.append(optimizer.param_groups[0]["lr"])
-    group = optimizer.param_groups[0]
     RESULT = {"train": {
         "known_before": known_before,
         "class": type(optimizer).__module__ + "." + type(optimizer).__qualname__,
-        "betas": list(group["betas"]),
-        "eps": group["eps"],
-        "logarithmic_schedule": group["logarithmic_schedule"],
+        "group": {k: v for k, v in optimizer.param_groups[0].items() if k != "params"},
         "weight_decays": sorted({g["weight_decay"] for g in optimizer.param_groups}),
         "losses": losses,
         "lrs": lrs,
@@ -552,9 +549,9 @@ def test_train_py_command_line_with_device_modules(fresh_process):
     out = fresh_process["train"]
     assert out["known_before"] is False  # importing the --device-modules module registered it
     assert out["class"] == "ano_optimizer.optimizer.Ano"
-    assert out["betas"] == [0.9, 0.99]
-    assert out["eps"] == 1e-8
-    assert out["logarithmic_schedule"] is True
+    assert out["group"]["betas"] == [0.9, 0.99]
+    assert out["group"]["eps"] == 1e-8
+    assert out["group"]["logarithmic_schedule"] is True
     assert out["weight_decays"] == [0.0, 0.05]
     # Per epoch: warmup over, then cosine over 3 epochs.
     assert out["lrs"][:2] == pytest.approx(
@@ -575,3 +572,40 @@ def test_plugin_names_reach_timm_and_timm_names_are_never_replaced(fresh_process
     taken = [m for c, m in out["warnings"] if c == "TimmNameTakenWarning"]
     assert len(taken) == 1 and "'lion'" in taken[0] and "clash-plugin" in taken[0]
     assert out["warnings_again"] == []  # warned once per name, registration idempotent
+
+
+def test_train_py_through_the_launcher_with_an_installed_plugin(tmp_path):
+    """``ano-optimizer run train.py --opt signsgd``: no --device-modules, a momentum-only plugin."""
+    from plugin_fixture import PLUGIN_NAME, env_with_path, module_name, write_plugin
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_PY + "print(json.dumps(RESULT))\n")
+    argv = [
+        "DATA",
+        "--model", "test_resnet",
+        "--opt", PLUGIN_NAME,
+        "--momentum", "0.8",
+        "--opt-betas", "0.9", "0.99",  # timm drops these: the spec has neither betas nor eps
+        "--opt-eps", "1e-6",
+        "--weight-decay", "0.01",
+        "--lr", "3e-3",
+        "--warmup-epochs", "0",
+        "--epochs", "3",
+        "-b", "8",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "ano_optimizer.cli", "run", str(script), *argv],
+        cwd=REPO_ROOT,
+        env=env_with_path(write_plugin(tmp_path / "plugin"), OMP_NUM_THREADS=1),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])["train"]
+    assert out["known_before"] is True  # the launcher registered every integration first
+    assert out["class"] == f"{module_name('ano-fixture-plugin')}.torch_impl.SignSGD"
+    assert out["group"]["momentum"] == 0.8  # train.py's --momentum, kept for has_momentum
+    assert out["weight_decays"] == [0.0, 0.01]
+    assert "betas" not in out["group"] and "eps" not in out["group"]
+    assert out["losses"][-1] < out["losses"][0], out["losses"]
