@@ -6,6 +6,7 @@ import copy
 import doctest
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -43,7 +44,10 @@ def test_positional_order_of_release_1_0_0():
     p = [torch.nn.Parameter(torch.zeros(2))]
     group = Ano(p, 1e-3, (0.9, 0.999), 0.01, 1e-7, True).param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (
-        1e-3, (0.9, 0.999), 0.01, 1e-7,
+        1e-3,
+        (0.9, 0.999),
+        0.01,
+        1e-7,
     )
     assert group["logarithmic_schedule"] is True
     assert Anolog(p).param_groups[0]["logarithmic_schedule"] is True
@@ -70,7 +74,7 @@ def test_positional_order_of_release_1_0_0():
     ],
 )
 def test_invalid_hyperparameters_name_the_value_and_range(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         Ano([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 
 
@@ -87,7 +91,7 @@ def test_unknown_keyword_arguments_are_errors():
 def test_invalid_group_is_rejected_before_it_is_added():
     p1, p2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     optimizer = Ano([p1])
-    with pytest.raises(ValueError, match="beta2=0.3"):
+    with pytest.raises(ValueError, match=r"beta2=0\.3"):
         optimizer.add_param_group({"params": [p2], "betas": (0.9, 0.3)})
     assert len(optimizer.param_groups) == 1
     with pytest.raises(ValueError, match="eps=0"):
@@ -162,7 +166,10 @@ def test_groups_use_their_own_values():
     w = [torch.randn(4, 3) for _ in range(2)]
     grads = [[torch.randn(4, 3) for _ in range(2)] for _ in range(6)]
     ps = [torch.nn.Parameter(t.clone()) for t in w]
-    grouped = Ano([{"params": [ps[0]]}, {"params": [ps[1]], "lr": 0.05, "logarithmic_schedule": True}], lr=0.01)
+    grouped = Ano(
+        [{"params": [ps[0]]}, {"params": [ps[1]], "lr": 0.05, "logarithmic_schedule": True}],
+        lr=0.01,
+    )
     qs = [torch.nn.Parameter(t.clone()) for t in w]
     separate = [Ano([qs[0]], lr=0.01), Anolog([qs[1]], lr=0.05)]
     for g in grads:

@@ -147,12 +147,18 @@ def test_tiny_gradients_and_exact_zeros(foreach):
     """ε outside the square root matters for tiny gradients; sign(0) = 0 for exact zeros."""
     shapes = [(40,)]
     param0s, grads, has = _random_problem(7, shapes, 15, grad_scale=1e-5, zero_frac=0.3)
-    params, _, trajectory = _run_torch(
+    _, _, trajectory = _run_torch(
         param0s, grads, has, lambda p: Ano(p, lr=1e-3, foreach=foreach), 15
     )
     expected, *_ = ano_reference(
-        param0s[0], grads[0], has[0], lr=1e-3, betas=(0.92, 0.99), eps=1e-8,
-        weight_decay=0.0, logarithmic_schedule=False,
+        param0s[0],
+        grads[0],
+        has[0],
+        lr=1e-3,
+        betas=(0.92, 0.99),
+        eps=1e-8,
+        weight_decay=0.0,
+        logarithmic_schedule=False,
     )
     np.testing.assert_allclose(trajectory[0], expected, rtol=0, atol=1e-12)
     always_zero = (grads[0] == 0).all(axis=0)
@@ -169,7 +175,13 @@ def test_tensor_larger_than_one_block_matches_reference():
         param0s, grads, has, lambda p: Ano(p, lr=1e-3, weight_decay=0.1, foreach=False), 4
     )
     expected, *_ = ano_reference(
-        param0s[0], grads[0], has[0], lr=1e-3, betas=(0.92, 0.99), eps=1e-8,
-        weight_decay=0.1, logarithmic_schedule=False,
+        param0s[0],
+        grads[0],
+        has[0],
+        lr=1e-3,
+        betas=(0.92, 0.99),
+        eps=1e-8,
+        weight_decay=0.1,
+        logarithmic_schedule=False,
     )
     np.testing.assert_allclose(trajectory[0], expected, rtol=0, atol=1e-10)
