@@ -114,25 +114,33 @@ def register() -> list[str]:
     ours = []
     for name in list_optimizers(framework="torch"):
         info = optim_info(name)
-        present = name in registry.list_optimizers()
-        if present and registry.get_optimizer_info(name) is not _REGISTERED.get(name):
-            if name not in _WARNED_TAKEN:
-                _WARNED_TAKEN.add(name)
-                current = registry.get_optimizer_info(name)
-                warnings.warn(
-                    f"ano_optimizer: timm {timm.__version__} already has an optimizer named "
-                    f"{name!r} ({current.opt_class!r}); the registry's {name!r} "
-                    f"(source: {get_optimizer_spec(name).source}) is not registered in timm. "
-                    f"Create it with ano_optimizer.create_optimizer(model, {name!r}).",
-                    TimmNameTakenWarning,
-                    stacklevel=2,
-                )
-            continue
-        if not present or _REGISTERED[name] != info:
+        current = registry.get_optimizer_info(name) if name in registry.list_optimizers() else None
+        if current is None or (current is _REGISTERED.get(name) and current != info):
+            # New, or ours and its spec changed since: (re-)register.
             registry.register(info)
             _REGISTERED[name] = info
+        elif current == info:
+            # Ours already (possibly put there by a reloaded copy of this module).
+            _REGISTERED[name] = current
+        else:
+            _warn_taken(name, current)
+            continue
         ours.append(name)
     return ours
+
+
+def _warn_taken(name: str, current: OptimInfo) -> None:
+    if name in _WARNED_TAKEN:
+        return
+    _WARNED_TAKEN.add(name)
+    warnings.warn(
+        f"ano_optimizer: timm {timm.__version__} already has an optimizer named {name!r} "
+        f"({current.opt_class!r}); the registry's {name!r} (source: "
+        f"{get_optimizer_spec(name).source}) is not registered in timm. Create it with "
+        f"ano_optimizer.create_optimizer(model, {name!r}).",
+        TimmNameTakenWarning,
+        stacklevel=3,
+    )
 
 
 # timm's train.py imports each --device-modules module and expects that to be enough.

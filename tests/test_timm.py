@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import timm
@@ -142,6 +144,13 @@ def test_registration_is_idempotent():
     timm_names = timm.optim.list_optimizers()
     assert ano_timm.register() == first
     assert timm.optim.list_optimizers() == timm_names
+    for name in first:
+        assert timm.optim.get_optimizer_info(name) is infos[name]
+    # A fresh copy of the module (its own bookkeeping empty) recognises its entries too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(ano_timm)
+    assert ano_timm.register() == first
     for name in first:
         assert timm.optim.get_optimizer_info(name) is infos[name]
 
