@@ -87,7 +87,17 @@ def load_into(specs: dict[str, OptimizerSpec]) -> None:
     own: list[EntryPoint] = []
     third_party: list[tuple[str, EntryPoint]] = []
     if not plugins_disabled():
-        for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entries = entry_points(group=ENTRY_POINT_GROUP)
+        except Exception as exc:  # unreadable metadata of some distribution: built-ins only
+            warnings.warn(
+                f"ano_optimizer: cannot read the {ENTRY_POINT_GROUP!r} entry points, so no "
+                f"optimizer plugin is loaded: {type(exc).__name__}: {exc}",
+                OptimizerPluginWarning,
+                stacklevel=4,
+            )
+            entries = ()
+        for entry in entries:
             distribution = _distribution(entry)
             if _normalize(distribution) == PROJECT_DISTRIBUTION:
                 own.append(entry)

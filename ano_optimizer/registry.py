@@ -127,19 +127,26 @@ class _Registry:
     def __init__(self) -> None:
         self._specs: dict[str, OptimizerSpec] = {}
         self._loaded = False
+        self._loading = False
         # Re-entrant: a plugin module may itself call register_optimizer while being loaded.
         self._lock = threading.RLock()
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
             return
+        # Other threads wait here until loading is complete; the loading thread itself (a
+        # plugin registering from its module) gets through on _loading.
         with self._lock:
-            if self._loaded:
+            if self._loaded or self._loading:
                 return
-            self._loaded = True
-            from . import plugins
+            self._loading = True
+            try:
+                from . import plugins
 
-            plugins.load_into(self._specs)
+                plugins.load_into(self._specs)
+            finally:
+                self._loaded = True
+                self._loading = False
 
     def register(self, spec: OptimizerSpec) -> None:
         if not isinstance(spec, OptimizerSpec):
@@ -264,7 +271,7 @@ def create_optimizer(
     model_or_params,
     name: str,
     lr: float | None = None,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     *,
     no_weight_decay: Iterable[str] = (),
     **kwargs,
@@ -281,7 +288,8 @@ def create_optimizer(
         model_or_params: an ``nn.Module``, or an iterable of tensors or parameter-group dicts.
         name: registry name, case-insensitive (``"ano"``, ``"anolog"``, a plugin's name).
         lr: learning rate; None keeps the spec's or the class's default.
-        weight_decay: decoupled weight decay of the decayed group.
+        weight_decay: decoupled weight decay of the decayed group; None takes the spec's
+            ``defaults`` value, else 0.
         no_weight_decay: extra parameter-name patterns (wildcards allowed) kept out of decay;
             only used with a module.
         **kwargs: further keyword arguments of the optimizer class (``betas``, ``eps``, ...);
@@ -299,8 +307,12 @@ def create_optimizer(
     options.update(kwargs)
     if lr is not None:
         options["lr"] = lr
-    options["weight_decay"] = weight_decay
+    if weight_decay is None:
+        weight_decay = options.get("weight_decay", 0.0)
     accepted = _accepted_keywords(cls)
+    # An optimizer without weight decay still works with the default weight_decay=0.
+    if accepted is None or "weight_decay" in accepted or weight_decay:
+        options["weight_decay"] = weight_decay
     if accepted is not None:
         unknown = sorted(set(options) - accepted)
         if unknown:

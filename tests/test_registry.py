@@ -326,6 +326,21 @@ def test_register_optimizer_end_to_end():
                register_optimizer, OptimizerSpec("sgdm", "other", "torch.optim:SGD", None))
         raises(TypeError, "expects an OptimizerSpec", register_optimizer, "sgdm")
 
+        # weight_decay: the spec's default unless given; optimizers without it still work.
+        register_optimizer(OptimizerSpec(
+            "adamwd", "AdamW, decay 0.05", "torch.optim:AdamW", None, {"weight_decay": 0.05}
+        ))
+        decays = lambda opt: sorted(g["weight_decay"] for g in opt.param_groups)
+        assert decays(create_optimizer(model, "adamwd")) == [0.0, 0.05]
+        assert decays(create_optimizer(model, "adamwd", weight_decay=0.1)) == [0.0, 0.1]
+        assert decays(create_optimizer(model, "adamwd", weight_decay=0.0)) == [0.0]
+        register_optimizer(OptimizerSpec(
+            "rprop", "Rprop", "torch.optim:Rprop", None, has_betas=False, has_eps=False
+        ))
+        assert type(create_optimizer(model, "rprop", lr=0.1)) is torch.optim.Rprop
+        raises(TypeError, "unexpected keyword argument(s) 'weight_decay'",
+               create_optimizer, model, "rprop", weight_decay=0.1)
+
         register_optimizer(OptimizerSpec("missing", "x", "no_such_module:Opt", None))
         raises(ImportError, "cannot import module 'no_such_module'", get_optimizer_class, "missing")
         register_optimizer(OptimizerSpec("notaclass", "x", "torch.optim:lr_scheduler", None))
