@@ -499,6 +499,12 @@ PLUGINS = textwrap.dedent(
         name="sgdplain", description="torch SGD, momentum only",
         torch_class="torch.optim:SGD", keras_class=None,
         has_betas=False, has_eps=False, has_momentum=True, source="sgd-plugin"))
+    class Holder:  # a class timm's "module.Class" strings cannot name: resolved at registration
+        class SGD(torch.optim.SGD):
+            pass
+    register_optimizer(OptimizerSpec(
+        name="nestedsgd", description="a nested class", torch_class="__main__:Holder.SGD",
+        keras_class=None, has_betas=False, has_eps=False, has_momentum=True))
     with warnings.catch_warnings(record=True) as caught_again:
         warnings.simplefilter("always")
         second = ano_timm.register()
@@ -509,6 +515,7 @@ PLUGINS = textwrap.dedent(
     lion = create_optimizer_v2(model, opt="lion", lr=1e-3)
     # train.py passes momentum, betas and eps whatever the optimizer: timm keeps what the spec accepts.
     sgd = create_optimizer_v2(model, opt="sgdplain", lr=0.1, momentum=0.8, betas=[0.9, 0.99], eps=1e-6)
+    nested = create_optimizer_v2(model, opt="nestedsgd", lr=0.1)
     RESULT["plugins"] = {
         "first": first, "second": second,
         "warnings": [(w.category.__name__, str(w.message)) for w in caught],
@@ -518,6 +525,7 @@ PLUGINS = textwrap.dedent(
         "warm_override": list(warm_override.param_groups[0]["betas"]),
         "lion": type(lion).__module__ + "." + type(lion).__qualname__,
         "sgd": [type(sgd).__name__, sgd.param_groups[0]["momentum"], sgd.param_groups[0]["lr"]],
+        "nested": [type(nested).__qualname__, nested.param_groups[0]["momentum"]],
     }
     print(json.dumps(RESULT))
     """
@@ -572,12 +580,13 @@ def test_train_py_command_line_with_device_modules(fresh_process):
 def test_plugin_names_reach_timm_and_timm_names_are_never_replaced(fresh_process):
     out = fresh_process["plugins"]
     assert "anowarm" in out["first"] and "lion" not in out["first"]
-    assert out["second"] == sorted([*out["first"], "sgdplain"])
+    assert out["second"] == sorted([*out["first"], "nestedsgd", "sgdplain"])
     assert out["in_timm"] == ["anowarm", "lion", "sgdplain"]
     assert out["warm"] == ["Ano", [0.95, 0.995]]  # the spec's defaults
     assert out["warm_override"] == [0.8, 0.9]  # the caller wins
     assert out["lion"] == "timm.optim.lion.Lion"
     assert out["sgd"] == ["SGD", 0.8, 0.1]
+    assert out["nested"] == ["Holder.SGD", 0.9]  # timm's default momentum for has_momentum
     taken = [m for c, m in out["warnings"] if c == "TimmNameTakenWarning"]
     assert len(taken) == 1 and "'lion'" in taken[0] and "clash-plugin" in taken[0]
     assert out["warnings_again"] == []  # warned once per name, registration idempotent
