@@ -411,6 +411,11 @@ def ano(
         "logarithmic_schedule": logarithmic_schedule,
         "maximize": maximize,
     }
+    if not torch.compiler.is_compiling():
+        # FSDP2 and tensor parallel hand in DTensors: every path runs on their local shards.
+        params, grads, exp_avgs, exp_avg_sqs = _local_shard_lists(
+            params, grads, exp_avgs, exp_avg_sqs
+        )
     if fused:
         fused_ano(
             params,
@@ -500,7 +505,7 @@ def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The local shards of DTensors that share one mesh and placement, else ``tensors`` as given.
 
     The update is elementwise, so the shard of the update is the update of the shard: on the
-    local tensors the cache-blocked path runs unchanged. (A DTensor cannot even be flattened
+    local tensors every execution path runs unchanged. (A DTensor cannot even be flattened
     when a dimension does not divide evenly over the ranks, as with FSDP2's uneven shards.)
     Partial placements hold unreduced values, so those stay DTensors and DTensor reduces them.
     """
@@ -514,6 +519,14 @@ def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
     ):
         return tensors
     return tuple(t.to_local() for t in tensors)
+
+
+def _local_shard_lists(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
+    """:func:`_local_shards` applied to each parameter's tensors across parallel lists."""
+    columns = [_local_shards(*tensors) for tensors in zip(*lists, strict=True)]
+    if not columns:
+        return lists
+    return tuple(list(column) for column in zip(*columns, strict=True))
 
 
 def _single_tensor_ano(
@@ -540,8 +553,6 @@ def _single_tensor_ano(
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
     ):
-        if not compiling:
-            param, grad, exp_avg, exp_avg_sq = _local_shards(param, grad, exp_avg, exp_avg_sq)
         if torch.is_complex(param):
             param, grad, exp_avg, exp_avg_sq = (
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)

@@ -1,0 +1,39 @@
+"""DistributedDataParallel with Ano: ``torchrun --nproc-per-node 2 ddp.py --out DIR``."""
+
+import torch.distributed as dist
+from dist_common import (
+    loss_fn,
+    make_model,
+    make_optimizer,
+    rank_batch,
+    recipe_arguments,
+    save_result,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+
+def train(name: str, path: str, steps: int) -> DistributedDataParallel:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(make_model())
+    # Ano is elementwise: it only needs the averaged gradient that DDP leaves in .grad.
+    optimizer = make_optimizer(model.parameters(), name, path)
+    for step in range(steps):
+        x, y = rank_batch(step, rank, world_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+        optimizer.step()
+    return model
+
+
+def main() -> None:
+    args = recipe_arguments(__doc__)
+    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    for name, path in args.runs:
+        model = train(name, path, args.steps)
+        if dist.get_rank() == 0:
+            save_result(args.out, f"ddp-{name}-{path}", model.module.state_dict())
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""FSDP2 (``fully_shard``) with Ano: ``torchrun --nproc-per-node 2 fsdp2.py --out DIR``.
+
+Every parameter becomes a DTensor sharded on dimension 0 (7 and 3 rows over 2 ranks: uneven
+shards); Ano's state is created from those DTensors, so each rank holds only its shard of the
+moments.
+"""
+
+import torch.distributed as dist
+from dist_common import (
+    loss_fn,
+    make_model,
+    make_optimizer,
+    rank_batch,
+    recipe_arguments,
+    save_result,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def train(name: str, path: str, steps: int):
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    # Create the optimizer after sharding: it must see the DTensor parameters.
+    optimizer = make_optimizer(model.parameters(), name, path)
+    for step in range(steps):
+        x, y = rank_batch(step, rank, world_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def main() -> None:
+    args = recipe_arguments(__doc__)
+    dist.init_process_group("gloo")
+    for name, path in args.runs:
+        model, optimizer = train(name, path, args.steps)
+        # full_tensor() all-gathers a DTensor: every rank must call it.
+        weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        first = next(iter(model.parameters()))
+        state = optimizer.state[first]
+        info = {
+            "param_is_dtensor": isinstance(first, DTensor),
+            "exp_avg_is_dtensor": isinstance(state["exp_avg"], DTensor),
+            "local_rows": {k: v.to_local().shape[0] for k, v in model.state_dict().items()},
+            "step": float(state["step"]),
+        }
+        if dist.get_rank() == 0:
+            save_result(args.out, f"fsdp2-{name}-{path}", weights, **info)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
