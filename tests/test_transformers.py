@@ -547,3 +547,39 @@ def test_registry_plugin_name_works_in_trainer(tmp_path):
     assert decay["param_names"] == report["decay_parameter_names"]
     assert report["loss_after"] < report["loss_before"]
     assert "SignSGD" in result.stdout
+
+
+def test_launcher_runs_a_script_as_python_does(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from ano_optimizer import launcher
+
+    # The launcher takes over this process's argv and sys.path[0], as python would: restore them.
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    script = tmp_path / "scripts" / "train.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import json, sys\n"
+        "from transformers.training_args import OptimizerNames\n"
+        "record = [__name__, sys.argv, sys.path[0], OptimizerNames('anolog').value]\n"
+        f"open({str(tmp_path / 'record.json')!r}, 'w').write(json.dumps(record))\n"
+        "sys.exit(3)\n"
+    )
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    args = parser.parse_args([str(script), "--optim", "anolog", "-h", "--", "x"])
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.run(args)
+    assert exit_info.value.code == 3
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record == [
+        "__main__",
+        [str(script), "--optim", "anolog", "-h", "--", "x"],
+        str(script.parent),
+        "anolog",
+    ]
+
+    missing = parser.parse_args([str(tmp_path / "missing.py")])
+    assert launcher.run(missing) == 2
+    assert "can't open file" in capsys.readouterr().err
