@@ -433,27 +433,27 @@ def ano(
     if any(m.dtype != p.dtype for p, m in zip(params, exp_avgs, strict=True)):
         mixed_precision_ano(params, grads, exp_avgs, exp_avg_sqs, state_steps, **scalars)
         return
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the single-tensor expressions fuse into one kernel anyway.
+        _single_tensor_ano(*tensors, has_complex=has_complex, **scalars)
+        return
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    if foreach and torch.compiler.is_compiling():
-        # Under torch.compile the single-tensor expressions fuse into one kernel anyway.
-        foreach = False
+        if not foreach:
+            # CPU default: tensors smaller than one block gain nothing from blocking and pay
+            # ~12 Python-dispatched operations each, so they go through the foreach path in one
+            # batch; the paths agree bit for bit, so the split does not change any result.
+            small = [p.numel() < _CHUNK_NUMEL for p in params]
+            for path, wanted in ((_multi_tensor_ano, True), (_single_tensor_ano, False)):
+                subset = [
+                    [t for t, s in zip(ts, small, strict=True) if s == wanted] for ts in tensors
+                ]
+                if subset[0]:
+                    path(*subset, has_complex=has_complex, **scalars)
+            return
     func = _multi_tensor_ano if foreach else _single_tensor_ano
-    func(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        has_complex=has_complex,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
-        eps=eps,
-        logarithmic_schedule=logarithmic_schedule,
-        maximize=maximize,
-    )
+    func(*tensors, has_complex=has_complex, **scalars)
 
 
 def _momentum_weight(step, beta1: float, logarithmic_schedule: bool):

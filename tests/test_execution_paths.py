@@ -85,18 +85,47 @@ def test_paths_are_bitwise_equal_in_float32():
         assert torch.equal(pa, pb)
 
 
-def test_default_path_on_cpu_is_the_single_tensor_path(monkeypatch):
+def test_default_path_on_cpu_splits_small_and_large_tensors(monkeypatch):
+    """CPU default: tensors below one block go through foreach, larger ones are blocked."""
     from ano_optimizer import optimizer as module
 
     used = []
-    monkeypatch.setattr(module, "_single_tensor_ano", lambda *a, **k: used.append("single"))
-    monkeypatch.setattr(module, "_multi_tensor_ano", lambda *a, **k: used.append("foreach"))
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.ones(3)
-    Ano([p]).step()
-    Ano([p], foreach=True).step()
-    Ano([p], foreach=False).step()
-    assert used == ["single", "foreach", "single"]
+    for name in ("_single_tensor_ano", "_multi_tensor_ano"):
+        monkeypatch.setattr(
+            module, name, lambda p, *a, _n=name, **k: used.append((_n, [t.numel() for t in p]))
+        )
+    small = torch.nn.Parameter(torch.ones(3))
+    large = torch.nn.Parameter(torch.ones(module._CHUNK_NUMEL + 1))
+    for p in (small, large):
+        p.grad = torch.ones_like(p)
+    Ano([small, large]).step()
+    assert sorted(used) == [("_multi_tensor_ano", [3]), ("_single_tensor_ano", [large.numel()])]
+    used.clear()
+    Ano([small, large], foreach=True).step()
+    Ano([small, large], foreach=False).step()
+    assert used == [
+        ("_multi_tensor_ano", [3, large.numel()]),
+        ("_single_tensor_ano", [3, large.numel()]),
+    ]
+
+
+def test_cpu_default_equals_the_single_tensor_reference():
+    shapes = [(300_000,), (17,), (64, 3, 3, 3), (64,)]
+    runs = []
+    for foreach in (None, False):
+        gen = torch.Generator().manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(1)))
+            for s in shapes
+        ]
+        optimizer = Anolog(params, lr=1e-2, weight_decay=0.1, foreach=foreach)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        runs.append(params)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_complex_parameters_follow_their_real_view():
