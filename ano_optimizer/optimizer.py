@@ -318,8 +318,9 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
             (default: ``None``).
         foreach (bool or None, optional, keyword-only): ``True`` uses the multi-tensor
             ``torch._foreach_*`` path, ``False`` the single-tensor path; ``None`` picks per
-            device: foreach on CUDA and other accelerators, the cache-blocked single-tensor
-            path on CPU, where it measured faster (default: ``None``).
+            device: foreach on CUDA and other accelerators; on CPU, where it measured faster,
+            the cache-blocked single-tensor path for tensors of at least 128 K elements and
+            foreach for the smaller ones (default: ``None``). All paths agree bit for bit.
 
     Complex parameters are optimized as pairs of real numbers, as :class:`torch.optim.Adam`
     does. Sparse gradients are rejected.
