@@ -325,7 +325,7 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
     Complex parameters are optimized as pairs of real numbers, as :class:`torch.optim.Adam`
     does. Sparse gradients are rejected.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ano_optimizer import Ano
         >>> model = torch.nn.Linear(4, 2)
@@ -346,7 +346,7 @@ class Anolog(Ano):
     Same arguments as :class:`Ano` without ``logarithmic_schedule``; ``betas[0]`` is accepted
     for compatibility and unused.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ano_optimizer import Anolog
         >>> model = torch.nn.Linear(4, 2)
