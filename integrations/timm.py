@@ -22,7 +22,6 @@ import warnings
 
 import timm
 import timm.optim
-from timm.optim import OptimInfo, OptimizerRegistry
 
 from ano_optimizer.registry import get_optimizer_class, get_optimizer_spec, list_optimizers
 
@@ -30,7 +29,7 @@ __all__ = ["TimmNameTakenWarning", "optim_info", "register"]
 
 # The OptimInfo this module put into timm, by name: lets register() recognise its own entries,
 # so calling it again is a no-op while a name timm itself owns is never touched.
-_REGISTERED: dict[str, OptimInfo] = {}
+_REGISTERED: dict[str, timm.optim.OptimInfo] = {}
 _WARNED_TAKEN: set[str] = set()
 
 
@@ -38,9 +37,10 @@ class TimmNameTakenWarning(UserWarning):
     """A registry optimizer was not added to timm: timm already has an optimizer of that name."""
 
 
-def _timm_registry() -> OptimizerRegistry:
+def _timm_registry() -> timm.optim.OptimizerRegistry:
     """timm's global optimizer registry, after checking it is the one the public factory uses."""
     version = getattr(timm, "__version__", "unknown")
+    registry_class = getattr(timm.optim, "OptimizerRegistry", None)
     try:
         from timm.optim import _optim_factory
 
@@ -51,7 +51,9 @@ def _timm_registry() -> OptimizerRegistry:
         "default_registry"
     )
     if (
-        not isinstance(registry, OptimizerRegistry)
+        not isinstance(registry_class, type)
+        or not isinstance(getattr(timm.optim, "OptimInfo", None), type)
+        or not isinstance(registry, registry_class)
         or factory_registry is not registry
         or not all(
             callable(getattr(registry, method, None))
@@ -68,7 +70,7 @@ def _timm_registry() -> OptimizerRegistry:
     return registry
 
 
-def optim_info(name: str) -> OptimInfo:
+def optim_info(name: str) -> timm.optim.OptimInfo:
     """The timm ``OptimInfo`` describing registry optimizer ``name`` (not registered by this call).
 
     The class stays a lazy dotted reference, as timm's own string entries are, so registering
@@ -76,7 +78,9 @@ def optim_info(name: str) -> OptimInfo:
 
     Raises:
         ValueError: unknown name, or the optimizer has no PyTorch class.
+        RuntimeError: the installed timm has no usable optimizer registry (names its version).
     """
+    _timm_registry()
     spec = get_optimizer_spec(name)
     if spec.torch_class is None:
         raise ValueError(
@@ -87,7 +91,7 @@ def optim_info(name: str) -> OptimInfo:
     # timm imports "module.Class" by splitting at the last dot: a nested class cannot be written
     # that way, so that rare case is imported now.
     opt_class = f"{module}.{qualname}" if "." not in qualname else get_optimizer_class(spec.name)
-    return OptimInfo(
+    return timm.optim.OptimInfo(
         name=spec.name,
         opt_class=opt_class,
         description=spec.description,
@@ -129,7 +133,7 @@ def register() -> list[str]:
     return ours
 
 
-def _warn_taken(name: str, current: OptimInfo) -> None:
+def _warn_taken(name: str, current: timm.optim.OptimInfo) -> None:
     if name in _WARNED_TAKEN:
         return
     _WARNED_TAKEN.add(name)
