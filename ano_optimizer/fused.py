@@ -17,6 +17,7 @@ inf flag) enters as a tensor, so nothing recompiles when it changes; only the Py
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import Tensor
@@ -111,9 +112,20 @@ def _store(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @functools.cache
-def _kernel(logarithmic_schedule: bool, maximize: bool):
-    """The compiled kernel for one setting of the Python booleans; Dynamo adds one graph per
-    combination of storage dtypes and device it sees, and none for a new length."""
+def _kernel(
+    logarithmic_schedule: bool,
+    maximize: bool,
+    device_type: str,
+    dtypes: tuple[torch.dtype, ...],
+    single_element: bool,
+):
+    """The compiled kernel for one combination of the Python booleans, device type, storage
+    dtypes and "1 element or more", holding exactly one graph.
+
+    Dynamo keeps its graphs per code object and gives up after ``recompile_limit`` (8) of them;
+    each combination gets a code object of its own, so variants never count against each
+    other and a mixed-precision model cannot exhaust the limit.
+    """
 
     def kernel(param, grad, exp_avg, exp_avg_sq, step, hyper, found_inf, inv_scale):
         _ano_math(
@@ -129,10 +141,20 @@ def _kernel(logarithmic_schedule: bool, maximize: bool):
             maximize=maximize,
         )
 
-    kernel.__name__ = kernel.__qualname__ = (
-        f"ano_fused_kernel_{'log' if logarithmic_schedule else 'const'}{'_max' if maximize else ''}"
+    name = "_".join(
+        [
+            "ano_fused",
+            "log" if logarithmic_schedule else "const",
+            *(["maximize"] if maximize else []),
+            device_type,
+            *(str(d).removeprefix("torch.") for d in dtypes),
+            *(["numel1"] if single_element else []),
+        ]
     )
-    return torch.compile(kernel, fullgraph=True)
+    code = kernel.__code__.replace(co_name=name)
+    unique = types.FunctionType(code, kernel.__globals__, name, None, kernel.__closure__)
+    unique.__qualname__ = name
+    return torch.compile(unique, fullgraph=True)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -199,9 +221,12 @@ def fused_ano(
                     maximize=maximize,
                 )
                 continue
+            if param.numel() == 0:
+                continue
             contiguous = all(t.is_contiguous() for t in args)
             flat = [_flat(t if contiguous else t.contiguous()) for t in args]
-            _kernel(logarithmic_schedule, maximize)(
+            key = (device.type, tuple(t.dtype for t in args), param.numel() == 1)
+            _kernel(logarithmic_schedule, maximize, *key)(
                 *flat, step.to(device, non_blocking=True), hyper, skip, inv_scale
             )
             if not contiguous:
@@ -225,7 +250,11 @@ def _no_amp(device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def _amp_tensors(grad_scale, found_inf, device) -> tuple[Tensor, Tensor]:
-    no_skip, one = _no_amp(device)
+    if torch.compiler.is_compiling():
+        # Traced constants; the cached pair would be traced through anyway.
+        no_skip, one = torch.zeros((), device=device), torch.ones((), device=device)
+    else:
+        no_skip, one = _no_amp(device)
     skip = found_inf.to(device=device, dtype=torch.float32) if found_inf is not None else no_skip
     inv_scale = (
         torch.reciprocal(grad_scale.to(device=device, dtype=torch.float64)).float()

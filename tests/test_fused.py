@@ -1,0 +1,320 @@
+"""The fused (torch.compile'd) path against the single-tensor path and the float64 oracle,
+recompilation counts, GradScaler, torch.compile of a whole step, and the cross-process cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from reference import ano_reference
+from torch._dynamo.utils import counters
+
+from ano_optimizer import Ano, Anolog
+from ano_optimizer.optimizer import ano
+
+# Shapes of a small network: vectors, a matrix, a conv kernel with size-1 dims, and a
+# 1-element tensor (which gets Dynamo's one extra static graph).
+SHAPES = [(5,), (33, 7), (4, 3, 1, 3), (1,), (300,)]
+STEPS = 12
+
+
+def _tensors(dtype, seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [
+        [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        for _ in range(STEPS)
+    ]
+    return params, grads
+
+
+def _run(params, grads, *, fused, steps=STEPS, state_dtype=None, **hyper):
+    params = [p.clone() for p in params]
+    exp_avgs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
+    state_steps = [torch.tensor(0.0) for _ in params]
+    for k in range(steps):
+        ano(
+            params,
+            grads[k],
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            fused=fused,
+            foreach=False,
+            **hyper,
+        )
+    return params, exp_avgs, exp_avg_sqs, state_steps
+
+
+HYPER = {
+    "lr": 1e-2,
+    "beta1": 0.9,
+    "beta2": 0.99,
+    "eps": 1e-8,
+    "weight_decay": 0.05,
+    "logarithmic_schedule": False,
+    "maximize": False,
+}
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"logarithmic_schedule": True, "maximize": True}],
+    ids=["ano", "anolog-maximize"],
+)
+def test_float32_matches_single_tensor_path_within_sign_flip_budget(variant):
+    """Both paths compute in float32 but round differently (~1 ulp). The moments must agree to
+    float32 precision. A parameter coordinate can differ by a whole step when its momentum is
+    within rounding of 0 and sign(m) flips; budget: at most 1 % of coordinates, and all others
+    equal to 1e-5."""
+    hyper = {**HYPER, **variant}
+    params, grads = _tensors(torch.float32)
+    fused = _run(params, grads, fused=True, **hyper)
+    eager = _run(params, grads, fused=False, **hyper)
+    for f_state, e_state in zip(fused[1:3], eager[1:3], strict=True):
+        for f, e in zip(f_state, e_state, strict=True):
+            torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+    assert [s.item() for s in fused[3]] == [s.item() for s in eager[3]] == [STEPS] * len(SHAPES)
+    total = sum(p.numel() for p in params)
+    off = sum(int(((f - e).abs() > 1e-5).sum()) for f, e in zip(fused[0], eager[0], strict=True))
+    assert off <= 0.01 * total, f"{off} of {total} coordinates differ"
+    assert any(not torch.equal(f, p) for f, p in zip(fused[0], params, strict=True))
+
+
+def test_float64_matches_the_oracle_tightly():
+    params, grads = _tensors(torch.float64)
+    hyper = {**HYPER, "logarithmic_schedule": True}
+    fused_params, exp_avgs, exp_avg_sqs, _ = _run(params, grads, fused=True, **hyper)
+    for i, p0 in enumerate(params):
+        trajectory, m, v, k = ano_reference(
+            p0.numpy(),
+            [g[i].numpy() for g in grads],
+            [True] * STEPS,
+            lr=hyper["lr"],
+            betas=(hyper["beta1"], hyper["beta2"]),
+            eps=hyper["eps"],
+            weight_decay=hyper["weight_decay"],
+            logarithmic_schedule=True,
+        )
+        np.testing.assert_allclose(fused_params[i].numpy(), trajectory[-1], rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(exp_avgs[i].numpy(), m, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(exp_avg_sqs[i].numpy(), v, rtol=1e-12, atol=1e-14)
+        assert k == STEPS
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Distance from |x| to the next bfloat16 up (8 significant bits)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(1e-30)))
+    return torch.pow(2.0, exponent - 7)
+
+
+def test_bfloat16_parameters_are_float32_math_rounded_once():
+    """Each step of the fused kernel on bf16 tensors equals the float64 update of the same bf16
+    inputs, rounded once: the parameter to nearest (<= 1/2 ulp), the moments stochastically
+    (<= 1 ulp). The eager path rounds after every operation instead."""
+    params, grads = _tensors(torch.bfloat16, shapes=[(64, 33)])
+    p = params[0].clone()
+    m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0)
+    for k in range(STEPS):
+        before = [t.double() for t in (p, m, v)]
+        g = grads[k][0]
+        ano([p], [g], [m], [v], [step], fused=True, **HYPER)
+        trajectory, m_ref, v_ref, _ = _one_step_reference(*before, g.double(), k + 1)
+        # float32 cancellation error in m: where |m| is below it, sign(m) is not determined.
+        m_noise = 1e-6 * (before[1].abs() + g.double().abs())
+        settled = m_ref.abs() > m_noise
+        p_error = (p.double() - trajectory).abs()
+        # Plus float32 error on the operands: p and the update can cancel.
+        p_noise = 1e-6 * (before[0].abs() + (trajectory - before[0]).abs())
+        assert p_error.le(0.5 * _bf16_ulp(trajectory) + p_noise)[settled].all()
+        assert settled.float().mean() > 0.99
+        assert (m.double() - m_ref).abs().le(_bf16_ulp(m_ref) + m_noise).all()
+        assert (v.double() - v_ref).abs().le(_bf16_ulp(v_ref) + 1e-30).all()
+    assert step.item() == STEPS
+
+
+def _one_step_reference(p, m, v, g, k):
+    beta1, beta2, lr, eps, wd = (HYPER[n] for n in ("beta1", "beta2", "lr", "eps", "weight_decay"))
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * torch.sign(g * g - v) * g * g
+    v_hat = v / (1 - beta2**k)
+    p = p * (1 - lr * wd) - lr * g.abs() * torch.sign(m) / (v_hat.sqrt() + eps)
+    return p, m, v, k
+
+
+def test_no_recompilation_for_new_shapes_lr_or_step():
+    params, grads = _tensors(torch.float32)
+    _run(params, grads, fused=True, steps=2, **HYPER)  # warm: the main and the 1-element graph
+    graphs = counters["stats"]["unique_graphs"]
+    frames = dict(counters["frames"])
+    other_shapes = [(17,), (2, 2, 2, 2), (1000,), (1,), (6, 1)]
+    params2, grads2 = _tensors(torch.float32, seed=3, shapes=other_shapes)
+    for k, lr in enumerate([1e-3, 2e-3, torch.tensor(5e-4)]):
+        hyper = {**HYPER, "lr": lr, "weight_decay": 0.01 * k, "beta2": 0.95 + 0.01 * k}
+        _run(params2, grads2, fused=True, steps=3, **hyper)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert dict(counters["frames"]) == frames
+
+
+def test_optimizer_class_fused_trains_like_the_unfused_one():
+    def train(**options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        optimizer = Anolog(model.parameters(), lr=1e-2, weight_decay=0.01, **options)
+        data = torch.randn(64, 6), torch.randn(64, 1)
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(data[0]), data[1]).backward()
+            optimizer.step()
+        return model, optimizer
+
+    fused_model, fused_opt = train(fused=True)
+    eager_model, _ = train(fused=False)
+    for f, e in zip(fused_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(f, e, rtol=0, atol=1e-5)
+    assert fused_opt.param_groups[0]["fused"] is True
+    assert fused_opt._step_supports_amp_scaling
+
+
+def test_resume_from_state_dict_is_bit_for_bit():
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        return model, Ano(model.parameters(), lr=1e-2, fused=True)
+
+    data = [(torch.randn(16, 8), torch.randn(16, 4)) for _ in range(8)]
+
+    def train(model, optimizer, batches):
+        for x, y in batches:
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+
+    straight_model, straight_opt = make()
+    train(straight_model, straight_opt, data)
+    first_model, first_opt = make()
+    train(first_model, first_opt, data[:4])
+    resumed_model, resumed_opt = make()
+    resumed_model.load_state_dict(first_model.state_dict())
+    resumed_opt.load_state_dict(first_opt.state_dict())
+    train(resumed_model, resumed_opt, data[4:])
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed_opt.state[resumed_model.weight]["step"].item() == 8
+
+
+def test_grad_scaler_unscales_in_the_kernel_and_skips_inf_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    reference = torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    optimizer = Ano(model.parameters(), lr=1e-2, fused=True)
+    ref_optimizer = Ano(reference.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        ref_optimizer.step()
+    # Power-of-two scales unscale exactly: the same trajectory as without a scaler.
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    before = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    weight = model.weight.detach().clone()
+    optimizer.zero_grad()
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    model.weight.grad[0, 0] = float("inf")
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(model.weight, weight)
+    for key, value in optimizer.state[model.weight].items():
+        assert torch.equal(value, before[key]), key
+    assert scaler.get_scale() == scale / 2
+
+
+def test_compiled_training_step_matches_eager_fused():
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        return model, Ano(model.parameters(), lr=torch.tensor(1e-2), fused=True)
+
+    data = [(torch.randn(16, 8), torch.randn(16, 4)) for _ in range(4)]
+
+    def train_step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+    eager_model, eager_opt = make()
+    compiled_model, compiled_opt = make()
+    compiled_step = torch.compile(train_step)
+    for x, y in data:
+        train_step(eager_model, eager_opt, x, y)
+        compiled_step(compiled_model, compiled_opt, x, y)
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert compiled_opt.state[compiled_model.weight]["step"].item() == len(data)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"fused": "yes"}, "fused must be None, True or False"),
+        ({"fused": True, "foreach": True}, "fused=True and foreach=True are exclusive"),
+        ({"state_dtype": torch.int8}, "invalid state_dtype=torch.int8"),
+    ],
+)
+def test_invalid_fused_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        Ano([torch.nn.Parameter(torch.zeros(2))], **options)
+
+
+def test_grad_scale_without_fused_is_an_error():
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match="only supported with fused=True"):
+        ano([p], [p], [p], [p], [torch.tensor(0.0)], grad_scale=torch.tensor(2.0), **HYPER)
+
+
+_CACHE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from torch._dynamo.utils import counters
+    from ano_optimizer.optimizer import ano
+    p, g = torch.randn(10), torch.randn(10)
+    m, v, k = torch.zeros(10), torch.zeros(10), torch.tensor(0.0)
+    ano([p], [g], [m], [v], [k], fused=True, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+        weight_decay=0.0, logarithmic_schedule=False, maximize=False)
+    print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+    """
+)
+
+
+def test_inductor_cache_is_reused_by_a_second_process():
+    """Inductor's FX graph cache (on disk, on by default) serves the kernel to a new process:
+    after one process has compiled it, the next one compiles nothing."""
+
+    def run():
+        out = subprocess.run(
+            [sys.executable, "-c", _CACHE_SCRIPT],
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        return [int(n) for n in out.stdout.split()[-2:]]
+
+    exec(_CACHE_SCRIPT, {})  # this process compiles the kernel (or finds it cached)
+    hits, misses = run()
+    assert (hits, misses) == (1, 0)
