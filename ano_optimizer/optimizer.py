@@ -164,10 +164,11 @@ class Ano(Optimizer):
                 entry = state_dict["state"].get(saved_id)
                 if entry is None:
                     continue
-                if set(entry) != set(_STATE_KEYS):
+                # Wrappers such as timm's Lookahead keep their own buffers beside Ano's state.
+                if not set(_STATE_KEYS) <= set(entry):
                     raise ValueError(
                         f"{owner}: state of parameter {saved_id} has keys {sorted(entry)}, "
-                        f"expected {list(_STATE_KEYS)}: not an Ano/Anolog state dict"
+                        f"expected at least {list(_STATE_KEYS)}: not an Ano/Anolog state dict"
                     )
                 for key in ("exp_avg", "exp_avg_sq"):
                     if tuple(entry[key].shape) != tuple(param.shape):

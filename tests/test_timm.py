@@ -390,12 +390,6 @@ def test_resume_from_a_timm_checkpoint_is_exact(tmp_path):
     _resume_is_exact("ano", tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="core bug: Ano.load_state_dict rejects per-parameter state keys it does not own, "
-    "and timm's Lookahead stores 'lookahead_slow_buff' there; remove this mark once fixed",
-)
 def test_resume_lookahead_ano_from_a_timm_checkpoint_is_exact(tmp_path):
     # Lookahead syncs (and creates its slow buffers) every 6 steps: save after the first sync,
     # resume across the second.
