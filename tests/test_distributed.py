@@ -124,7 +124,8 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 @pytest.mark.slow
 def test_ddp_equals_one_process_on_averaged_gradients(tmp_path):
-    runs = [("ano", path) for path in PATHS] + [("anolog", "single")]
+    # DDP hands plain tensors to the optimizer: the fused path is exercised on FSDP2's DTensors.
+    runs = [("ano", "single"), ("ano", "foreach"), ("anolog", "single")]
     torchrun("ddp.py", "--out", str(tmp_path), "--steps", str(STEPS), "--runs", _runs(runs))
     for name, path in runs:
         weights, _ = result(tmp_path, f"ddp-{name}-{path}")
@@ -142,6 +143,10 @@ def test_fsdp2_uneven_dtensor_shards_equal_the_unsharded_run(tmp_path):
         assert info["local_rows"] == {"0.weight": 4, "0.bias": 4, "2.weight": 2, "2.bias": 2}
         assert info["step"] == STEPS
         assert_same_weights(weights, reference(name, path), f"FSDP2 {name} {path}")
+    # The optimizer built before sharding, its parameters swapped for the DTensors afterwards.
+    weights, info = result(tmp_path, "fsdp2-swapped-ano-single")
+    assert info["param_is_dtensor"] and info["exp_avg_is_dtensor"], info
+    assert_same_weights(weights, reference("ano"), "FSDP2 with swapped parameters")
 
 
 @pytest.mark.slow
@@ -171,6 +176,41 @@ def test_zero_redundancy_optimizer_consolidates_and_resumes(tmp_path):
     assert sum(info["local_states"]) == 4 and max(info["local_states"]) < 4, info
     assert info["saved_steps"] == [3.0] * 4, info  # consolidate_state_dict gathered every one
     assert_same_weights(weights, reference(name), "ZeroRedundancyOptimizer resumed run")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_ddp_trains_and_resumes_exactly(tmp_path):
+    runs = [("ano", "foreach"), ("anolog", "single")]
+    env = _environment()
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # no user accelerate config file leaks in
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launch(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            f"--num_processes={dist_common.WORLD_SIZE}",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            "--main_process_ip=127.0.0.1",
+            f"--main_process_port={_free_port()}",
+            "accelerate_train.py",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            str(STEPS),
+            "--runs",
+            _runs(runs),
+        ],
+        env,
+    )
+    for name, path in runs:
+        weights, info = result(tmp_path, f"accelerate-{name}-{path}")
+        assert info == {"distributed_type": "DistributedType.MULTI_CPU", "num_processes": 2}
+        assert_same_weights(weights, reference(name, path), f"Accelerate {name} {path}")
+        resumed, _ = result(tmp_path, f"accelerate-resumed-{name}-{path}")
+        assert_same_weights(resumed, weights, f"Accelerate load_state resume {name} {path}")
 
 
 def _runs(runs: list[tuple[str, str]]) -> str:

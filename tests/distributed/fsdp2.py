@@ -18,15 +18,28 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 
-def train(name: str, path: str, steps: int):
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = make_model()
+def shard(model) -> None:
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer)
     fully_shard(model)
-    # Create the optimizer after sharding: it must see the DTensor parameters.
-    optimizer = make_optimizer(model.parameters(), name, path)
+
+
+def train(name: str, path: str, steps: int, swap: bool = False):
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    if swap:
+        # What Accelerate's FSDP2 preparation does: the optimizer was built on the plain model,
+        # and after sharding its groups get the new DTensor parameters in place of the old ones.
+        optimizer = make_optimizer(model.parameters(), name, path)
+        names = [n for n, _ in model.named_parameters()]
+        shard(model)
+        sharded = dict(model.named_parameters())
+        optimizer.param_groups[0]["params"] = [sharded[n] for n in names]
+    else:
+        shard(model)
+        # Create the optimizer after sharding: it must see the DTensor parameters.
+        optimizer = make_optimizer(model.parameters(), name, path)
     for step in range(steps):
         x, y = rank_batch(step, rank, world_size)
         optimizer.zero_grad(set_to_none=True)
@@ -38,8 +51,8 @@ def train(name: str, path: str, steps: int):
 def main() -> None:
     args = recipe_arguments(__doc__)
     dist.init_process_group("gloo")
-    for name, path in args.runs:
-        model, optimizer = train(name, path, args.steps)
+    for name, path, swap in [(*run, False) for run in args.runs] + [("ano", "single", True)]:
+        model, optimizer = train(name, path, args.steps, swap)
         # full_tensor() all-gathers a DTensor: every rank must call it.
         weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
         first = next(iter(model.parameters()))
@@ -51,7 +64,8 @@ def main() -> None:
             "step": float(state["step"]),
         }
         if dist.get_rank() == 0:
-            save_result(args.out, f"fsdp2-{name}-{path}", weights, **info)
+            tag = f"fsdp2-{'swapped-' if swap else ''}{name}-{path}"
+            save_result(args.out, tag, weights, **info)
     dist.destroy_process_group()
 
 
