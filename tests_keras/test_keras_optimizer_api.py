@@ -334,3 +334,41 @@ def test_seed_readme_gradient_tape_usage(logarithmic_schedule):
             keras.ops.convert_to_numpy(variable), expected[-1], rtol=0, atol=1e-6
         )
         assert not np.allclose(keras.ops.convert_to_numpy(variable), initial[i], rtol=0, atol=1e-5)
+
+
+# ---- compilation and mixed precision -------------------------------------------------------
+
+
+def _fit_weights(**compile_arguments):
+    keras.utils.set_random_seed(4)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((48, 4)).astype("float32")
+    y = np.tanh(x @ rng.standard_normal((4, 2))).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(2)]
+    )
+    model.compile(
+        optimizer=Anolog(learning_rate=1e-2, weight_decay=0.1), loss="mse", **compile_arguments
+    )
+    history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    return model, history.history["loss"]
+
+
+def test_xla_compiled_training_equals_eager_training():
+    eager, _ = _fit_weights(run_eagerly=True)
+    compiled, _ = _fit_weights(jit_compile=True)
+    for a, b in zip(eager.get_weights(), compiled.get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    assert int(compiled.optimizer.iterations) == 9
+
+
+def test_mixed_precision_wraps_ano_in_loss_scaling():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, losses = _fit_weights()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert type(model.optimizer.inner_optimizer) is Anolog
+    assert int(model.optimizer.inner_optimizer.iterations) == 9
+    assert losses[-1] < losses[0]
