@@ -113,3 +113,24 @@ def test_a_keras_class_that_cannot_be_imported_is_skipped_with_a_warning():
     assert any("anokerasbroken" in m and "ano_optimizer_no_such_module" in m for m in messages)
     with pytest.raises((ValueError, TypeError)):
         keras.optimizers.get("anokerasbroken")
+
+
+def test_a_name_that_keras_already_has_is_not_hijacked():
+    register_optimizer(
+        OptimizerSpec(
+            name="lion",
+            description="a registry optimizer named like a Keras built-in (Keras by-name test)",
+            torch_class=None,
+            keras_class="ano_optimizer.keras:Ano",
+        )
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registered = register()
+    assert "lion" not in registered
+    assert any(
+        "'lion'" in str(w.message) and "built-in" in str(w.message)
+        for w in caught
+        if w.category is KerasRegistrationWarning
+    )
+    assert type(keras.optimizers.get("lion")) is keras.optimizers.Lion
