@@ -1,0 +1,218 @@
+"""Fused Ano against AdamW(fused=True) and the memory-bandwidth floor (fp32 params, CPU).
+
+    python -m benchmarks.fused_step [--sets resnet50 gpt2-small] [--steps 10] [--threads 2]
+                                    [--plot docs/assets/fused_step_time.png]
+
+For each parameter set: the first fused step in a fresh process with an empty Inductor cache
+(cold) and with the cache of that first process (warm); then the median step time of fused Ano
+with float32 and with bfloat16 state, of the default Ano path and of ``AdamW(fused=True)``, all
+in this run with timing rounds interleaved; and the bandwidth floor: the time of one
+``torch.compile``'d kernel that reads four and writes three flat buffers of the same total size
+(the bytes a fused step must move: 28 per parameter with float32 state, 20 with bfloat16).
+``--plot`` draws step time against parameter count for the Ano and AdamW paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ano_optimizer import Ano
+from benchmarks.shapes import PARAMETER_SETS, gpt2_small_shapes
+from benchmarks.step_time import make_params
+
+
+def rows() -> dict:
+    return {
+        "Ano fused=True": lambda ps: Ano(ps, lr=1e-4, fused=True),
+        "Ano fused=True, bf16 state": lambda ps: Ano(
+            ps, lr=1e-4, fused=True, state_dtype=torch.bfloat16
+        ),
+        "Ano default (foreach=None)": lambda ps: Ano(ps, lr=1e-4),
+        "Ano foreach=True": lambda ps: Ano(ps, lr=1e-4, foreach=True),
+        "AdamW fused=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+        "AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+    }
+
+
+def _copy_kernel(p, g, m, v):
+    # 4 reads, 3 writes, one pass: the traffic of a fused optimizer step and nothing else.
+    p.add_(g)
+    m.add_(g)
+    v.add_(g.to(v.dtype))
+
+
+def bandwidth_floor_ms(numel: int, state_dtype: torch.dtype, steps: int) -> float:
+    kernel = torch.compile(_copy_kernel, fullgraph=True, dynamic=False)
+    p, g = torch.zeros(numel), torch.zeros(numel)
+    m, v = torch.zeros(numel, dtype=state_dtype), torch.zeros(numel, dtype=state_dtype)
+    for _ in range(2):
+        kernel(p, g, m, v)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        kernel(p, g, m, v)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+_FIRST_STEP = """
+import time, torch
+torch.set_num_threads({threads})
+from ano_optimizer import Ano
+from benchmarks.shapes import PARAMETER_SETS
+from benchmarks.step_time import make_params
+opt = Ano(make_params(PARAMETER_SETS[{name!r}]()), lr=1e-4, fused=True)
+start = time.perf_counter()
+opt.step()
+print(time.perf_counter() - start)
+"""
+
+
+def first_step_seconds(name: str, threads: int, cache_dir: str) -> float:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    code = _FIRST_STEP.format(name=name, threads=threads)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split()[-1])
+
+
+def time_rows(shapes, steps: int, rounds: int, table: dict, out=print, tag="") -> dict:
+    optimizers = {label: make(make_params(shapes)) for label, make in table.items()}
+    for label, opt in optimizers.items():
+        start = time.perf_counter()
+        for _ in range(2):
+            opt.step()
+        out(f"  {tag} warm-up {label}: {time.perf_counter() - start:.1f} s")
+    times = {label: [] for label in table}
+    for r in range(rounds):
+        for label, opt in optimizers.items():
+            for _ in range(max(1, steps // rounds)):
+                start = time.perf_counter()
+                opt.step()
+                times[label].append(time.perf_counter() - start)
+        out(f"  {tag} timing round {r + 1}/{rounds}")
+    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
+
+
+def bench_set(name: str, steps: int, rounds: int, threads: int) -> dict:
+    shapes = PARAMETER_SETS[name]()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    print(f"{name}: {len(shapes)} tensors, {numel / 1e6:.1f} M parameters", flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        cold = first_step_seconds(name, threads, cache)
+        print(f"  first fused step, empty Inductor cache: {cold:.1f} s", flush=True)
+        warm = first_step_seconds(name, threads, cache)
+        print(f"  first fused step, cache of that run: {warm:.1f} s", flush=True)
+    medians = time_rows(shapes, steps, rounds, rows(), tag=f"[{name}]")
+    floor32 = bandwidth_floor_ms(numel, torch.float32, steps)
+    floor16 = bandwidth_floor_ms(numel, torch.bfloat16, steps)
+    return {
+        "set": name,
+        "tensors": len(shapes),
+        "parameters": numel,
+        "first_step_cold_s": cold,
+        "first_step_warm_cache_s": warm,
+        "median_ms": medians,
+        "floor_ms_fp32_state": floor32,
+        "floor_ms_bf16_state": floor16,
+        "floor_gb_s": 28 * numel / floor32 / 1e6,
+    }
+
+
+def markdown(results: list[dict], threads: int) -> str:
+    lines = []
+    for res in results:
+        med = res["median_ms"]
+        adamw = med["AdamW fused=True"]
+        lines += [
+            f"**{res['set']}**: {res['tensors']} tensors, {res['parameters'] / 1e6:.1f} M "
+            f"parameters, {threads} threads. First fused step: {res['first_step_cold_s']:.1f} s "
+            f"with an empty Inductor cache, {res['first_step_warm_cache_s']:.1f} s with a warm "
+            f"one. Bandwidth floor (4-read/3-write compiled copy): "
+            f"{res['floor_ms_fp32_state']:.1f} ms ({res['floor_gb_s']:.1f} GB/s), "
+            f"{res['floor_ms_bf16_state']:.1f} ms with bf16 state.",
+            "",
+            "| row | median ms/step | × AdamW fused | % of bandwidth floor |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, ms in med.items():
+            floor = res["floor_ms_bf16_state" if "bf16" in label else "floor_ms_fp32_state"]
+            lines.append(f"| {label} | {ms:.1f} | {ms / adamw:.2f} | {100 * floor / ms:.0f} % |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(path: Path, steps: int, threads: int) -> list[dict]:
+    """Step time against parameter count on GPT-2-like sets of growing width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = {k: v for k, v in rows().items() if "bf16" not in k}
+    points = []
+    for width in (128, 256, 512, 768):
+        shapes = gpt2_small_shapes(width=width)
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        print(f"plot: width {width}, {numel / 1e6:.0f} M parameters", flush=True)
+        medians = time_rows(shapes, steps, 2, table, out=lambda _: None)
+        points.append({"parameters": numel, "median_ms": medians})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in table:
+        style = "-o" if label.startswith("Ano") else "--s"
+        ax.plot(
+            [p["parameters"] / 1e6 for p in points],
+            [p["median_ms"][label] for p in points],
+            style,
+            label=label,
+        )
+    ax.set_xlabel("parameters (millions, GPT-2-like tensors)")
+    ax.set_ylabel("optimizer step (ms, median)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(f"Optimizer step time on CPU, {threads} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return points
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sets", nargs="+", default=list(PARAMETER_SETS), choices=list(PARAMETER_SETS)
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", type=Path, default=None, help="write the step-time plot here")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/fused_step.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = [bench_set(name, args.steps, args.rounds, args.threads) for name in args.sets]
+    report = markdown(results, args.threads)
+    print(report)
+    points = plot(args.plot, max(4, args.steps // 2), args.threads) if args.plot else None
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps({"torch": torch.__version__, "results": results, "plot": points}, indent=2)
+    )
+    args.output.with_suffix(".md").write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
