@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # tensorflow-cpu stands in for the [tensorflow] extra's full tensorflow build on this CPU-only machine.
-.venv/bin/python -m pip install --quiet tensorflow-cpu -e ".[keras,transformers,timm,demo,test,docs]"
+.venv/bin/python -m pip install --quiet tensorflow-cpu -e ".[keras,transformers,timm,demo,test,docs,distributed]"
 
 .venv/bin/python -m ruff check .
 # PyTorch-side tests (torch, transformers, timm, distributed) and the TensorFlow/Keras tests run
