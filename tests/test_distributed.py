@@ -213,5 +213,23 @@ def test_accelerate_launch_ddp_trains_and_resumes_exactly(tmp_path):
         assert_same_weights(resumed, weights, f"Accelerate load_state resume {name} {path}")
 
 
+@pytest.mark.slow
+def test_deepspeed_zero_stages_1_to_3_with_ano_as_client_optimizer(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed comes with the [distributed] extra")
+    env = _environment()
+    # DeepSpeed's CPU accelerator (gloo); its shared-memory all-reduce op is compiled once with
+    # ninja into the torch extensions cache and reused by later runs.
+    env["DS_ACCELERATOR"] = "cpu"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1"]
+    command += [f"--nproc-per-node={dist_common.WORLD_SIZE}", "--master-addr=127.0.0.1"]
+    command += [f"--master-port={_free_port()}", "deepspeed_train.py", "--out", str(tmp_path)]
+    launch([*command, "--steps", str(STEPS), "--stages", "1,2,3"], env)
+    want = reference("ano")
+    for stage in (1, 2, 3):
+        weights, info = result(tmp_path, f"deepspeed-zero{stage}-ano")
+        assert info["stage"] == stage, info
+        assert_same_weights(weights, want, f"DeepSpeed ZeRO-{stage}")
+
+
 def _runs(runs: list[tuple[str, str]]) -> str:
     return ",".join(f"{name}:{path}" for name, path in runs)
