@@ -156,6 +156,11 @@ def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
     assert "output folder" in err and "not writable" in err and str(blocker) in err
 
 
+def test_unusable_device_fails_before_training(tmp_path, capsys):
+    assert main(["demo", "--device", "tpu9", "--output", str(tmp_path / "out")]) == 2
+    assert "--device 'tpu9' is not usable here" in capsys.readouterr().err
+
+
 def test_lr_override_must_name_a_running_optimizer(tmp_path, capsys):
     args = ["demo", "--optimizers", "ano", "--lr", "adam=1e-3", "--output", str(tmp_path)]
     assert main(args) == 2
