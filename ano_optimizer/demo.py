@@ -127,6 +127,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
 
 
+def _name_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected optimizer names, got {text!r}")
+    return names
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -157,7 +164,7 @@ def _lr_override(text: str) -> tuple[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizers",
-        type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+        type=_name_list,
         default=None,
         metavar="NAMES",
         help="comma-separated registry names (see `ano-optimizer list`) or torch baselines "

@@ -8,6 +8,7 @@ Keras test process runs that page (tests_keras/).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -98,3 +99,21 @@ def test_every_page_is_in_the_site_navigation() -> None:
     pages = {p.name for p in DOCS.glob("*.md")}
     assert pages - listed == set(), "pages missing from mkdocs.yml's nav"
     assert listed - pages == set(), "nav entries without a page"
+
+
+def test_rest_math_and_roles_become_mathjax_and_code() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "griffe_rest_docstrings", ROOT / "scripts" / "griffe_rest_docstrings.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    docstring = (
+        "Intro, see :class:`~torch.optim.Adam`:\n\n"
+        ".. math::\n   a &= b \\\\\n   c &= d\n\n"
+        "with :math:`\\beta_2 < 1`.\n\nArgs:\n    x: :func:`ano` value."
+    )
+    assert module.rest_to_markdown(docstring) == (
+        "Intro, see `torch.optim.Adam`:\n\n"
+        "\\[\na &= b \\\\\nc &= d\n\\]\n\n"
+        "with \\(\\beta_2 < 1\\).\n\nArgs:\n    x: `ano` value."
+    )
