@@ -18,6 +18,9 @@ import griffe
 _MATH_BLOCK = re.compile(r"^([ \t]*)\.\. math::[ \t]*\n((?:\1[ \t]+\S.*\n|[ \t]*\n)+)", re.M)
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _CODE_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):`~?([^`]+)`")
+# "text::" before a blank line opens a reST literal block; Markdown's indented code block
+# needs only the text, so one colon stays.
+_LITERAL_MARKER = re.compile(r"(\S)::[ \t]*\n(?=[ \t]*\n)")
 
 
 def rest_to_markdown(text: str) -> str:
@@ -26,6 +29,7 @@ def rest_to_markdown(text: str) -> str:
         return f"{indent}\\[\n{textwrap.indent(body, indent)}\n{indent}\\]\n\n"
 
     text = _MATH_BLOCK.sub(block, text if text.endswith("\n") else text + "\n").rstrip("\n")
+    text = _LITERAL_MARKER.sub(r"\1:\n", text)
     text = _MATH_ROLE.sub(lambda m: f"\\({m.group(1)}\\)", text)
     return _CODE_ROLE.sub(lambda m: f"`{m.group(1)}`", text)
 

@@ -110,10 +110,12 @@ def test_rest_math_and_roles_become_mathjax_and_code() -> None:
     docstring = (
         "Intro, see :class:`~torch.optim.Adam`:\n\n"
         ".. math::\n   a &= b \\\\\n   c &= d\n\n"
-        "with :math:`\\beta_2 < 1`.\n\nArgs:\n    x: :func:`ano` value."
+        "with :math:`\\beta_2 < 1`.\n\nArgs:\n    x: :func:`ano` value.\n\n"
+        "Usage::\n\n    Ano(params)"
     )
     assert module.rest_to_markdown(docstring) == (
         "Intro, see `torch.optim.Adam`:\n\n"
         "\\[\na &= b \\\\\nc &= d\n\\]\n\n"
-        "with \\(\\beta_2 < 1\\).\n\nArgs:\n    x: `ano` value."
+        "with \\(\\beta_2 < 1\\).\n\nArgs:\n    x: `ano` value.\n\n"
+        "Usage:\n\n    Ano(params)"
     )
