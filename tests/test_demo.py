@@ -193,6 +193,10 @@ def test_any_registry_name_runs_including_a_plugin_spec(tmp_path):
             torch_class="torch.optim:SGD", keras_class=None,
             defaults={{"lr": 0.05, "momentum": 0.9}},
             has_betas=False, has_eps=False, has_momentum=True, source="test-plugin"))
+        register_optimizer(OptimizerSpec(
+            name="demokerasonly", description="a Keras-only optimizer",
+            torch_class=None, keras_class="keras.optimizers:SGD"))
+        assert main(["demo", "--optimizers", "demokerasonly", "--output", {str(tmp_path)!r}]) == 2
         code = main(["demo", "--optimizers", "DemoSGD,Anolog", "--sigmas", "0", "--epochs", "2",
                      "--lr-scale", "1", "--output", {str(tmp_path)!r}])
         sys.exit(code)
@@ -202,6 +206,7 @@ def test_any_registry_name_runs_including_a_plugin_spec(tmp_path):
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stderr
+    assert "optimizer 'demokerasonly' has no PyTorch implementation" in result.stderr
     config = _read_json(tmp_path)["config"]
     assert config["optimizers"]["demosgd"] == {
         "class": "torch.optim:SGD",
