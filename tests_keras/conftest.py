@@ -8,7 +8,9 @@ registry is first read, so every test that iterates over the Keras-capable regis
 covers a third-party plugin as well as the built-ins.
 """
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -20,5 +22,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import keras_helpers
 
 PLUGIN_DIR = keras_helpers.plugin_fixture.write_plugin(tempfile.mkdtemp(prefix="ano-keras-plugin-"))
+atexit.register(shutil.rmtree, PLUGIN_DIR, ignore_errors=True)
 sys.path.insert(0, PLUGIN_DIR)
 os.environ[keras_helpers.PLUGIN_DIR_ENV] = PLUGIN_DIR

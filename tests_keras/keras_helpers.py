@@ -16,7 +16,7 @@ REFERENCE_DIR = REPO.parent / "shared" / "reference"
 PLUGIN_DIR_ENV = "ANO_KERAS_TEST_PLUGIN_DIR"
 
 
-def _load_by_path(name: str, path: Path):
+def load_by_path(name: str, path: Path):
     # tests/ holds torch-side modules; these two import numpy only, so load them by path
     # rather than putting tests/ on sys.path.
     spec = importlib.util.spec_from_file_location(name, path)
@@ -26,8 +26,8 @@ def _load_by_path(name: str, path: Path):
     return module
 
 
-reference = _load_by_path("ano_test_reference", REPO / "tests" / "reference.py")
-plugin_fixture = _load_by_path("ano_test_plugin_fixture", REPO / "tests" / "plugin_fixture.py")
+reference = load_by_path("ano_test_reference", REPO / "tests" / "reference.py")
+plugin_fixture = load_by_path("ano_test_plugin_fixture", REPO / "tests" / "plugin_fixture.py")
 ano_reference = reference.ano_reference
 
 

@@ -8,9 +8,9 @@ by path: that module imports neither torch nor TensorFlow.
 from __future__ import annotations
 
 import pytest
-from keras_helpers import REPO, _load_by_path
+from keras_helpers import REPO, load_by_path
 
-_docs = _load_by_path("ano_test_docs_examples", REPO / "tests" / "test_docs_examples.py")
+_docs = load_by_path("ano_test_docs_examples", REPO / "tests" / "test_docs_examples.py")
 KERAS_PAGES = sorted(_docs.KERAS_PAGES)
 
 
