@@ -84,6 +84,21 @@ def reference_run(
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def global_batch_run(
+    steps: int, name: str = "ano", path: str = "single"
+) -> dict[str, torch.Tensor]:
+    """One process, one backward over the whole global batch, as a user would train without
+    any engine. Its loss averages all rows at once, so its gradient rounds differently from the
+    average of the per-rank gradients: this run agrees with the engines only to rounding."""
+    model = make_model()
+    optimizer = make_optimizer(model.parameters(), name, path)
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, *global_batch(step)).backward()
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 def recipe_arguments(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True, help="folder for the final weights")
