@@ -571,27 +571,39 @@ def write_results(output: Path, config: dict, runs: list[dict], summary: list[di
 
 
 def plot_results(path: Path, runs: list[dict], summary: list[dict], optimizers, sigmas, title):
-    """Accuracy against sigma (left), then the mean training-loss curve for each sigma."""
+    """Accuracy against sigma (left, two rows tall), and a grid of mean training-loss curves,
+    one panel per sigma (right)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4.2 * (1 + len(sigmas)), 3.8), layout="constrained")
-    axes = figure.subplots(1, 1 + len(sigmas), squeeze=False)[0]
+    rows = 2 if len(sigmas) > 1 else 1
+    columns = math.ceil(len(sigmas) / rows)
+    layout = [
+        ["accuracy"] * 2 + [str(r * columns + c) for c in range(columns)] for r in range(rows)
+    ]
+    layout = [
+        [cell if cell == "accuracy" or int(cell) < len(sigmas) else "." for cell in row]
+        for row in layout
+    ]
+    figure = Figure(figsize=(6 + 3.4 * columns, 3.3 * rows + 0.4), layout="constrained")
+    axes = figure.subplot_mosaic(layout, empty_sentinel=".")
     colors = {name: f"C{i}" for i, name in enumerate(optimizers)}
+    accuracy = axes["accuracy"]
     for name in optimizers:
-        rows = [r for r in summary if r["optimizer"] == name]
-        axes[0].errorbar(
-            [r["sigma"] for r in rows],
-            [r["best_test_accuracy_mean"] for r in rows],
-            yerr=[r["best_test_accuracy_std"] for r in rows],
+        cells = [r for r in summary if r["optimizer"] == name]
+        accuracy.errorbar(
+            [r["sigma"] for r in cells],
+            [r["best_test_accuracy_mean"] for r in cells],
+            yerr=[r["best_test_accuracy_std"] for r in cells],
             marker="o",
             capsize=3,
             color=colors[name],
             label=name,
         )
-    axes[0].set(xlabel="gradient noise σ", ylabel="best test accuracy (%)", title=title)
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
-    for ax, sigma in zip(axes[1:], sigmas, strict=True):
+    accuracy.set(xlabel="gradient noise σ", ylabel="best test accuracy (%)", title=title)
+    accuracy.legend()
+    accuracy.grid(alpha=0.3)
+    for index, sigma in enumerate(sigmas):
+        ax = axes[str(index)]
         for name in optimizers:
             curves = [
                 [h["train_loss"] for h in r["history"]]
@@ -601,9 +613,11 @@ def plot_results(path: Path, runs: list[dict], summary: list[dict], optimizers, 
             length = min(len(c) for c in curves)
             mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
             ax.plot(range(1, length + 1), mean, color=colors[name], label=name)
-        ax.set(xlabel="epoch", ylabel="training loss", title=f"σ = {sigma:g}", yscale="log")
+        ax.set(title=f"training loss, σ = {sigma:g}", yscale="log")
+        if index >= len(sigmas) - columns:
+            ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
 
 
 # --------------------------------------------------------------------------- command
