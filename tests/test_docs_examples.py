@@ -97,7 +97,7 @@ def test_every_page_is_in_the_site_navigation() -> None:
 
     listed = files(config["nav"])
     pages = {p.name for p in DOCS.glob("*.md")}
-    assert pages - listed == set(), "pages missing from mkdocs.yml's nav"
+    assert pages - listed == set(), "docs pages missing from mkdocs.yml: add them to its nav"
     assert listed - pages == set(), "nav entries without a page"
 
 
