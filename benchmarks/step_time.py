@@ -6,8 +6,10 @@ Rows: each Ano execution path, torch.optim.AdamW (foreach False/True, fused) and
 loop performing the 1.0.0 release's operations. Timing rounds are interleaved across rows so
 machine noise hits every row alike; the reported figure is the median over all timed steps.
 Peak extra memory is the growth of the process's resident set during one steady-state step
-(VmHWM after resetting it, minus VmRSS before), with glibc's mmap threshold pinned so freed
-temporaries are returned and the next step's show up again.
+(VmHWM after resetting it, minus VmRSS before). It is measured in a separate process with glibc's
+mmap threshold pinned, so freed temporaries are returned to the system and the next step's show
+up again; timing runs with the allocator's normal settings, which would otherwise penalise the
+rows that allocate.
 """
 
 from __future__ import annotations
@@ -18,22 +20,20 @@ import inspect
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+import torch
 
-if __name__ == "__main__" and os.environ.get(MMAP_ENV) is None:
-    # Must be set before the process starts for glibc to honour it: re-run ourselves.
-    os.environ[MMAP_ENV] = "65536"
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.step_time", *sys.argv[1:]])
+from ano_optimizer import Ano
+from benchmarks.release_1_0_0 import Release100Ano
+from benchmarks.shapes import PARAMETER_SETS
 
-import torch  # noqa: E402
-
-from ano_optimizer import Ano  # noqa: E402
-from benchmarks.release_1_0_0 import Release100Ano  # noqa: E402
-from benchmarks.shapes import PARAMETER_SETS  # noqa: E402
+# glibc reads it at process start only, hence the separate memory process.
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def rows() -> dict:
@@ -78,7 +78,28 @@ def make_params(shapes, seed=0):
     return params
 
 
-def bench_set(name, shapes, steps, rounds, warmup, out=print):
+def measure_memory(shapes) -> dict[str, int]:
+    """Peak extra bytes of one steady-state step per row (run with MMAP_ENV set)."""
+    peaks = {}
+    for label, make in rows().items():
+        optimizer = make(make_params(shapes))
+        optimizer.step()  # creates the state
+        peaks[label] = peak_extra_bytes(optimizer.step)
+        del optimizer
+        gc.collect()
+    return peaks
+
+
+def memory_in_subprocess(name, threads) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        command = [sys.executable, "-m", "benchmarks.step_time", "--memory-only", "--sets", name]
+        command += ["--threads", str(threads), "--output", str(out)]
+        subprocess.run(command, check=True, env={**os.environ, **MMAP_ENV})
+        return json.loads(out.read_text())[name]
+
+
+def bench_set(name, shapes, steps, rounds, warmup, threads, out=print):
     table = rows()
     optimizers = {}
     for label, make in table.items():
@@ -86,7 +107,7 @@ def bench_set(name, shapes, steps, rounds, warmup, out=print):
         start = time.perf_counter()
         for _ in range(warmup):
             optimizers[label].step()
-        out(f"  [{name}] warm-up {label}: {time.perf_counter() - start:.1f} s")
+        out(f"  [{name}] warm-up {label}: {time.perf_counter() - start:.1f} s", flush=True)
     times = {label: [] for label in table}
     per_round = max(1, steps // rounds)
     for r in range(rounds):
@@ -95,24 +116,23 @@ def bench_set(name, shapes, steps, rounds, warmup, out=print):
                 start = time.perf_counter()
                 opt.step()
                 times[label].append(time.perf_counter() - start)
-        out(f"  [{name}] round {r + 1}/{rounds} done")
-    largest = max(torch.Size(s).numel() for s in shapes) * 4
-    results = []
-    for label, opt in optimizers.items():
-        peak = peak_extra_bytes(opt.step)
-        results.append(
-            {
-                "set": name,
-                "row": label,
-                "median_ms": statistics.median(times[label]) * 1e3,
-                "steps_timed": len(times[label]),
-                "peak_extra_mb": peak / 2**20,
-                "peak_extra_in_largest_params": peak / largest,
-            }
-        )
-        del opt
+        out(f"  [{name}] round {r + 1}/{rounds} done", flush=True)
     optimizers.clear()
     gc.collect()
+    out(f"  [{name}] measuring peak memory in a separate process", flush=True)
+    peaks = memory_in_subprocess(name, threads)
+    largest = max(torch.Size(s).numel() for s in shapes) * 4
+    results = [
+        {
+            "set": name,
+            "row": label,
+            "median_ms": statistics.median(times[label]) * 1e3,
+            "steps_timed": len(times[label]),
+            "peak_extra_mb": peaks[label] / 2**20,
+            "peak_extra_in_largest_params": peaks[label] / largest,
+        }
+        for label in table
+    ]
     ref = {r["row"]: r["median_ms"] for r in results}
     for r in results:
         r["vs_adamw_foreach_false"] = r["median_ms"] / ref["AdamW foreach=False"]
@@ -152,13 +172,18 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/step_time.json"))
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes_by_set = {name: PARAMETER_SETS[name]() for name in args.sets}
+    if args.memory_only:
+        peaks = {name: measure_memory(shapes) for name, shapes in shapes_by_set.items()}
+        args.output.write_text(json.dumps(peaks))
+        return 0
     results = []
     for name, shapes in shapes_by_set.items():
         print(f"{name}: {len(shapes)} tensors", flush=True)
-        results += bench_set(name, shapes, args.steps, args.rounds, args.warmup)
+        results += bench_set(name, shapes, args.steps, args.rounds, args.warmup, args.threads)
     report = markdown(results, shapes_by_set)
     print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
