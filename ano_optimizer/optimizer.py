@@ -525,9 +525,10 @@ def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 def _local_shard_lists(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
     """:func:`_local_shards` applied to each parameter's tensors across parallel lists."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None or not any(isinstance(p, dtensor_module.DTensor) for p in lists[0]):
+        return lists  # the common case costs one pass of isinstance checks
     columns = [_local_shards(*tensors) for tensors in zip(*lists, strict=True)]
-    if not columns:
-        return lists
     return tuple(list(column) for column in zip(*columns, strict=True))
 
 
