@@ -228,7 +228,7 @@ def test_accelerate_launch_ddp_trains_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero_stages_1_to_3_with_ano_as_client_optimizer(tmp_path):
+def test_deepspeed_zero_1_to_3_with_ano_as_client_optimizer_trains_and_resumes(tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed comes with the [distributed] extra")
     env = _environment()
     # DeepSpeed's CPU accelerator (gloo); its shared-memory all-reduce op is compiled once with
@@ -243,6 +243,8 @@ def test_deepspeed_zero_stages_1_to_3_with_ano_as_client_optimizer(tmp_path):
         weights, info = result(tmp_path, f"deepspeed-zero{stage}-ano")
         assert info["stage"] == stage, info
         assert_same_weights(weights, want, f"DeepSpeed ZeRO-{stage}")
+        resumed, _ = result(tmp_path, f"deepspeed-zero{stage}-ano-resumed")
+        assert_same_weights(resumed, weights, f"DeepSpeed ZeRO-{stage} load_checkpoint resume")
 
 
 def _runs(runs: list[tuple[str, str]]) -> str:
