@@ -134,6 +134,8 @@ def test_ddp_equals_one_process_on_averaged_gradients(tmp_path):
     for name, path in runs:
         weights, _ = result(tmp_path, f"ddp-{name}-{path}")
         assert_same_weights(weights, reference(name, path), f"DDP {name} {path}")
+        bucket_view, _ = result(tmp_path, f"ddp-bucket-view-{name}-{path}")
+        assert_same_weights(bucket_view, weights, f"DDP gradient_as_bucket_view {name} {path}")
 
         # Against one backward over the whole batch, bitwise equality is impossible: that loss
         # sums the 8 rows in another order than two averaged 4-row losses. Measured: at most
