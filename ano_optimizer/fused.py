@@ -177,11 +177,15 @@ def _kernel(
     return torch.compile(unique, fullgraph=True)
 
 
-def _flat(t: Tensor) -> Tensor:
+# Kernel keys that have compiled their graph in this process.
+_COMPILED: set = set()
+
+
+def _flat(t: Tensor, mark_dynamic: bool) -> Tensor:
     """A 1-D alias of contiguous ``t`` that is not a view: Dynamo guards on a view's base
     shape, which would recompile the kernel for every new base shape."""
     flat = t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
-    if t.numel() > 1:
+    if mark_dynamic and t.numel() > 1:
         # A symbolic length: one graph serves every tensor. Dynamo specialises lengths 0 and 1
         # anyway, so 1-element tensors (rare) share a second, static graph.
         torch._dynamo.mark_dynamic(flat, 0)
@@ -241,9 +245,13 @@ def fused_ano(
             if param.numel() == 0:
                 continue
             contiguous = all(t.is_contiguous() for t in args)
-            flat = [_flat(t if contiguous else t.contiguous()) for t in args]
-            key = (device.type, tuple(t.dtype for t in args), param.numel() == 1)
-            _kernel(maximize, *key)(*flat, weight, correction, hyper, skip, inv_scale, seed)
+            key = (maximize, device.type, tuple(t.dtype for t in args), param.numel() == 1)
+            # Only the first call of a kernel needs its length marked symbolic; later calls
+            # match the symbolic graph's guards anyway, and marking costs ~4 us per tensor.
+            mark = key not in _COMPILED
+            flat = [_flat(t if contiguous else t.contiguous(), mark) for t in args]
+            _kernel(*key)(*flat, weight, correction, hyper, skip, inv_scale, seed)
+            _COMPILED.add(key)
             if not contiguous:
                 for target, result in zip(
                     (param, exp_avg, exp_avg_sq), flat[:1] + flat[2:], strict=True
