@@ -61,6 +61,7 @@ def main() -> None:
             save_result(args.out, f"accelerate-{name}-{path}", uninterrupted, **facts)
             save_result(args.out, f"accelerate-resumed-{name}-{path}", resumed, **facts)
         accelerator.free_memory(model, optimizer)
+    accelerator.wait_for_everyone()  # leave together, as the other recipes do
     accelerator.end_training()
 
 

@@ -109,6 +109,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         tag = f"dcp-{args.optimizer}-{args.phase}"
         save_result(args.out, tag, weights, step=float(state["step"]), **facts)
+    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
     dist.destroy_process_group()
 
 

@@ -84,6 +84,7 @@ def main() -> None:
             save_result(args.out, tag, uninterrupted, **facts)
             save_result(args.out, f"{tag}-resumed", resumed, **facts)
         engine.destroy()
+    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
     dist.destroy_process_group()
 
 

@@ -66,6 +66,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             tag = f"fsdp2-{'swapped-' if swap else ''}{name}-{path}"
             save_result(args.out, tag, weights, **info)
+    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
     dist.destroy_process_group()
 
 

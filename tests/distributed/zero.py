@@ -77,6 +77,7 @@ def main() -> None:
             local_states=[int(t) for t in per_rank],
             saved_steps=saved_steps,
         )
+    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
     dist.destroy_process_group()
 
 
