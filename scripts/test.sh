@@ -10,6 +10,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet tensorflow-cpu -e ".[keras,transformers,timm,demo,test,docs,distributed]"
 
 .venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check .
 # The documentation site builds with no warning: every nav page exists, links resolve, and the
 # API pages' docstrings parse. Its ```python examples run in tests/test_docs_examples.py.
 site_dir=$(mktemp -d)
