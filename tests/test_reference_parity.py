@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from optimizer_cases import CASES
+from optimizer_cases import CASES, Case
 from reference import ano_reference
 
 from ano_optimizer import Ano
@@ -147,19 +147,11 @@ def test_tiny_gradients_and_exact_zeros(foreach):
     """ε outside the square root matters for tiny gradients; sign(0) = 0 for exact zeros."""
     shapes = [(40,)]
     param0s, grads, has = _random_problem(7, shapes, 15, grad_scale=1e-5, zero_frac=0.3)
+    case = Case("tiny-gradients", Ano, {"lr": 1e-3})
     _, _, trajectory = _run_torch(
-        param0s, grads, has, lambda p: Ano(p, lr=1e-3, foreach=foreach), 15
+        param0s, grads, has, lambda p: case.cls(p, **case.kwargs, foreach=foreach), 15
     )
-    expected, *_ = ano_reference(
-        param0s[0],
-        grads[0],
-        has[0],
-        lr=1e-3,
-        betas=(0.92, 0.99),
-        eps=1e-8,
-        weight_decay=0.0,
-        logarithmic_schedule=False,
-    )
+    expected, *_ = ano_reference(param0s[0], grads[0], has[0], **case.reference_kwargs())
     np.testing.assert_allclose(trajectory[0], expected, rtol=0, atol=1e-12)
     always_zero = (grads[0] == 0).all(axis=0)
     np.testing.assert_array_equal(trajectory[0][-1][always_zero], param0s[0][always_zero])
@@ -171,17 +163,9 @@ def test_tensor_larger_than_one_block_matches_reference():
 
     numel = module._CHUNK_NUMEL * 2 + 12345
     param0s, grads, has = _random_problem(3, [(numel,)], 4)
+    case = Case("multi-block", Ano, {"lr": 1e-3, "weight_decay": 0.1})
     _, _, trajectory = _run_torch(
-        param0s, grads, has, lambda p: Ano(p, lr=1e-3, weight_decay=0.1, foreach=False), 4
+        param0s, grads, has, lambda p: case.cls(p, **case.kwargs, foreach=False), 4
     )
-    expected, *_ = ano_reference(
-        param0s[0],
-        grads[0],
-        has[0],
-        lr=1e-3,
-        betas=(0.92, 0.99),
-        eps=1e-8,
-        weight_decay=0.1,
-        logarithmic_schedule=False,
-    )
+    expected, *_ = ano_reference(param0s[0], grads[0], has[0], **case.reference_kwargs())
     np.testing.assert_allclose(trajectory[0], expected, rtol=0, atol=1e-10)
