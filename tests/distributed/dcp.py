@@ -14,11 +14,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_common import (
     OPTIMIZERS,
-    loss_fn,
     make_model,
     make_optimizer,
-    rank_batch,
     save_result,
+    train_steps,
 )
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -36,14 +35,6 @@ def sharded_model_and_optimizer(name: str):
             fully_shard(layer)
     fully_shard(model)
     return model, make_optimizer(model.parameters(), name)
-
-
-def train_steps(model, optimizer, steps: range) -> None:
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    for step in steps:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, *rank_batch(step, rank, world_size)).backward()
-        optimizer.step()
 
 
 def save_checkpoint(model, optimizer, checkpoint: str) -> None:

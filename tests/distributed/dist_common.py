@@ -49,6 +49,17 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(model(x), y)
 
 
+def train_steps(model, optimizer, steps: range) -> None:
+    """This rank's share of ``steps`` training steps (an initialised process group is needed)."""
+    import torch.distributed as dist
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    for step in steps:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, *rank_batch(step, rank, world_size)).backward()
+        optimizer.step()
+
+
 def make_optimizer(params, name: str = "ano", path: str = "single"):
     """An Ano/Anolog optimizer on the execution path ``path``: single, foreach or fused."""
     options = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}

@@ -7,12 +7,11 @@ moments.
 
 import torch.distributed as dist
 from dist_common import (
-    loss_fn,
     make_model,
     make_optimizer,
-    rank_batch,
     recipe_arguments,
     save_result,
+    train_steps,
 )
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -26,7 +25,6 @@ def shard(model) -> None:
 
 
 def train(name: str, path: str, steps: int, swap: bool = False):
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     model = make_model()
     if swap:
         # What Accelerate's FSDP2 preparation does: the optimizer was built on the plain model,
@@ -40,11 +38,7 @@ def train(name: str, path: str, steps: int, swap: bool = False):
         shard(model)
         # Create the optimizer after sharding: it must see the DTensor parameters.
         optimizer = make_optimizer(model.parameters(), name, path)
-    for step in range(steps):
-        x, y = rank_batch(step, rank, world_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, x, y).backward()
-        optimizer.step()
+    train_steps(model, optimizer, range(steps))
     return model, optimizer
 
 

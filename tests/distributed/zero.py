@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dist_common import HYPERPARAMETERS, OPTIMIZERS, loss_fn, make_model, rank_batch, save_result
+from dist_common import HYPERPARAMETERS, OPTIMIZERS, make_model, save_result, train_steps
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,14 +23,6 @@ def build(name: str, foreach: bool):
         model.parameters(), optimizer_class=OPTIMIZERS[name], foreach=foreach, **HYPERPARAMETERS
     )
     return model, optimizer
-
-
-def train_steps(model, optimizer, steps: range) -> None:
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    for step in steps:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, *rank_batch(step, rank, world_size)).backward()
-        optimizer.step()
 
 
 def main() -> None:
