@@ -12,6 +12,7 @@ is given (``--mpirun_hostfile``).
 
 from accelerate import Accelerator
 from dist_common import (
+    finish,
     loss_fn,
     make_model,
     make_optimizer,
@@ -61,8 +62,9 @@ def main() -> None:
             save_result(args.out, f"accelerate-{name}-{path}", uninterrupted, **facts)
             save_result(args.out, f"accelerate-resumed-{name}-{path}", resumed, **facts)
         accelerator.free_memory(model, optimizer)
-    accelerator.wait_for_everyone()  # leave together, as the other recipes do
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    finish()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_common import (
     OPTIMIZERS,
+    finish,
     make_model,
     make_optimizer,
     save_result,
@@ -100,8 +101,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         tag = f"dcp-{args.optimizer}-{args.phase}"
         save_result(args.out, tag, weights, step=float(state["step"]), **facts)
-    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import torch.distributed as dist
 from dist_common import (
+    finish,
     loss_fn,
     make_model,
     make_optimizer,
@@ -35,8 +36,7 @@ def main() -> None:
             if dist.get_rank() == 0:
                 tag = f"ddp-{'bucket-view-' if bucket_view else ''}{name}-{path}"
                 save_result(args.out, tag, model.module.state_dict())
-    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

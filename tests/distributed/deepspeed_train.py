@@ -17,6 +17,7 @@ import torch.distributed as dist
 from dist_common import (
     OPTIMIZERS,
     PER_RANK_BATCH,
+    finish,
     loss_fn,
     make_model,
     make_optimizer,
@@ -84,8 +85,7 @@ def main() -> None:
             save_result(args.out, tag, uninterrupted, **facts)
             save_result(args.out, f"{tag}-resumed", resumed, **facts)
         engine.destroy()
-    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ moments.
 
 import torch.distributed as dist
 from dist_common import (
+    finish,
     make_model,
     make_optimizer,
     recipe_arguments,
@@ -60,8 +61,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             tag = f"fsdp2-{'swapped-' if swap else ''}{name}-{path}"
             save_result(args.out, tag, weights, **info)
-    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dist_common import HYPERPARAMETERS, OPTIMIZERS, make_model, save_result, train_steps
+from dist_common import (
+    HYPERPARAMETERS,
+    OPTIMIZERS,
+    finish,
+    make_model,
+    save_result,
+    train_steps,
+)
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -69,8 +76,7 @@ def main() -> None:
             local_states=[int(t) for t in per_rank],
             saved_steps=saved_steps,
         )
-    dist.barrier()  # exit together: gloo can abort a rank whose peer has already exited
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":
