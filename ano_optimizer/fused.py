@@ -12,12 +12,22 @@ seconds, and Inductor's on-disk cache makes later processes faster still. Every 
 changes during training (learning rate, step, bias correction, the ``GradScaler`` scale and
 inf flag) enters as a tensor, so nothing recompiles when it changes; only the Python booleans
 ``logarithmic_schedule``, ``maximize`` and the storage dtypes select another kernel.
+
+On CPU, the common case (float32 parameters and gradients, float32 or bfloat16 state) goes
+further: ``fused_cpu.cpp`` holds the same arithmetic written once over all tensors of a group,
+and Inductor's C++ toolchain builds it (the compiler, flags, OpenMP runtime and on-disk cache
+that ``torch.compile`` uses on CPU). A call per tensor costs ~45 us of Python, Dynamo guards and
+OpenMP start-up, which was a third of the step on ResNet-50's 161 tensors; one call for all of
+them costs ~0.1 ms, and the build takes ~1 s instead of a graph compile. Every other case (GPU,
+other dtypes, non-contiguous tensors, a failed build) takes the per-tensor compiled kernel.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+import warnings
+from importlib import resources
 
 import torch
 from torch import Tensor
@@ -228,9 +238,15 @@ def fused_ano(
         weights, corrections = _step_scalars(
             d_steps, beta1, beta2, logarithmic_schedule, d_params[0].dtype, device
         )
-        for param, grad, exp_avg, exp_avg_sq, weight, correction in zip(
-            d_params, d_grads, d_avgs, d_avg_sqs, weights, corrections, strict=True
-        ):
+        per_tensor = range(len(d_params))
+        if not compiling and device.type == "cpu" and _CPU_KERNEL == "multi_tensor":
+            per_tensor = _cpu_multi_tensor(
+                d_params, d_grads, d_avgs, d_avg_sqs, weights, corrections,
+                hyper, skip, inv_scale, seed, maximize,
+            )  # fmt: skip
+        for i in per_tensor:
+            param, grad, exp_avg, exp_avg_sq = d_params[i], d_grads[i], d_avgs[i], d_avg_sqs[i]
+            weight, correction = weights[i], corrections[i]
             if torch.is_complex(param):
                 param, grad, exp_avg, exp_avg_sq = (
                     torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
@@ -257,6 +273,135 @@ def fused_ano(
                     (param, exp_avg, exp_avg_sq), flat[:1] + flat[2:], strict=True
                 ):
                     target.copy_(result.view_as(target))
+
+
+# Which CPU kernel runs the common case: "multi_tensor" (fused_cpu.cpp, one call per group) or
+# "per_tensor" (the torch.compile kernel above, one call per tensor). Tests run both.
+_CPU_KERNEL = "multi_tensor"
+# Elements per unit of work in the multi-tensor kernel: 64 KiB of each float32 operand.
+_CPU_BLOCK = 1 << 14
+_CPU_ARGTYPES = [
+    "const int64_t*",  # pointers: param, grad, exp_avg, exp_avg_sq per tensor
+    "const int64_t*",  # numels
+    "const int64_t*",  # block -> tensor
+    "const int64_t*",  # block -> first element
+    "const float*",  # per tensor: 1 - beta1_k, sqrt(1 - beta2^k)
+    "const double*",  # lr, beta1, beta2, eps, weight_decay
+    "const float*",  # found_inf, 1 / grad_scale
+    "int64_t",  # blocks
+    "int64_t",  # block size
+    "int64_t",  # maximize
+    "int64_t",  # rounding seed
+]
+_CPU_STATE_TYPES = {torch.float32: "float", torch.bfloat16: "uint16_t"}
+
+
+def _cpu_multi_tensor(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    weights,
+    corrections,
+    hyper,
+    skip,
+    inv_scale,
+    seed,
+    maximize,
+) -> list[int]:
+    """Update every float32 tensor (float32 or bfloat16 state, contiguous) of a CPU group with
+    one call of the multi-tensor kernel per state dtype; return the indices left to the
+    per-tensor kernel."""
+    batches: dict[torch.dtype, list] = {}
+    left = []
+    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        if torch.is_complex(tensors[0]):
+            tensors = tuple(torch.view_as_real(t) for t in tensors)
+        param, grad, exp_avg, exp_avg_sq = tensors
+        if param.numel() == 0:
+            continue
+        if (
+            param.dtype == grad.dtype == torch.float32
+            and exp_avg.dtype == exp_avg_sq.dtype
+            and exp_avg.dtype in _CPU_STATE_TYPES
+            and all(t.is_contiguous() for t in tensors)
+        ):
+            batches.setdefault(exp_avg.dtype, []).append((i, tensors))
+        else:
+            left.append(i)
+    if not batches:
+        return left
+    amp = torch.stack([skip, inv_scale]).to(torch.float32)
+    for state_dtype, batch in batches.items():
+        kernel = _cpu_kernel(state_dtype)
+        if kernel is None:
+            left += [i for i, _ in batch]
+            continue
+        indices = [i for i, _ in batch]
+        numels, block_tensor, block_begin = _cpu_blocks(tuple(t[0].numel() for _, t in batch))
+        pointers = torch.tensor(
+            [t.data_ptr() for _, tensors in batch for t in tensors], dtype=torch.int64
+        )
+        scalars = torch.stack(
+            [torch.stack([weights[i] for i in indices]), torch.stack([corrections[i] for i in indices])],
+            dim=1,
+        ).to(torch.float32)  # fmt: skip
+        kernel(
+            pointers, numels, block_tensor, block_begin, scalars, hyper, amp,
+            block_tensor.numel(), _CPU_BLOCK, int(maximize), int(seed),
+        )  # fmt: skip
+        # The kernel writes through raw pointers: tell autograd, as torch's own in-place ops do.
+        torch.autograd.graph.increment_version(
+            [
+                t
+                for _, (param, _, exp_avg, exp_avg_sq) in batch
+                for t in (param, exp_avg, exp_avg_sq)
+            ]
+        )
+    return sorted(left)
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_blocks(numels: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """The work list of the multi-tensor kernel for these tensor sizes: for each block of
+    ``_CPU_BLOCK`` elements, its tensor and its first element (the sizes rarely change)."""
+    sizes = torch.tensor(numels, dtype=torch.int64)
+    counts = (sizes + _CPU_BLOCK - 1) // _CPU_BLOCK
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    block_begin = (torch.arange(int(counts.sum())) - first_block[block_tensor]) * _CPU_BLOCK
+    return sizes, block_tensor, block_begin
+
+
+@functools.cache
+def _cpu_kernel(state_dtype: torch.dtype):
+    """Build (or load from Inductor's on-disk cache) the multi-tensor kernel for one state dtype;
+    None, with a warning, where it cannot be built."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
+        source = f"#define STATE_T {_CPU_STATE_TYPES[state_dtype]}\n{source}"
+        # The kernel includes no torch header, so the precompiled one would only cost time.
+        with config.patch(cpp_cache_precompile_headers=False):
+            return CppPythonBindingsCodeCache.load_pybinding(
+                _CPU_ARGTYPES,
+                source,
+                "cpu",
+                needs_vec_isa=False,
+                # Inductor vectorises by hand and turns GCC's vectoriser off; this loop relies on
+                # it. Without errno, sqrt vectorises; no result changes.
+                extra_flags=("-ftree-loop-vectorize", "-fno-math-errno"),
+            )
+    except Exception as error:  # any build or load failure: the per-tensor kernel still works
+        warnings.warn(
+            f"Ano fused=True: the multi-tensor CPU kernel could not be built ({error!r}); "
+            "using the per-tensor torch.compile kernel instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def _step_scalars(steps, beta1, beta2, logarithmic_schedule, dtype, device):

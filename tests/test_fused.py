@@ -1,5 +1,6 @@
-"""The fused (torch.compile'd) path against the single-tensor path and the float64 oracle,
-recompilation counts, GradScaler, torch.compile of a whole step, and the cross-process cache."""
+"""The fused path against the single-tensor path and the float64 oracle, its two CPU kernels
+against each other, recompilation counts, GradScaler, torch.compile of a whole step, and the
+cross-process caches."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from reference import ano_reference
 from torch._dynamo.utils import counters
 
-from ano_optimizer import Ano, Anolog
+from ano_optimizer import Ano, Anolog, fused
 from ano_optimizer.optimizer import ano
 
 # Shapes of a small network: vectors, a matrix, a conv kernel with size-1 dims, and a
@@ -54,6 +55,14 @@ def _run(params, grads, *, fused, steps=STEPS, state_dtype=None, **hyper):
     return params, exp_avgs, exp_avg_sqs, state_steps
 
 
+@pytest.fixture(params=["multi_tensor", "per_tensor"])
+def cpu_kernel(request, monkeypatch):
+    """Run a test with each CPU kernel: fused_cpu.cpp over all tensors, or the torch.compile
+    kernel per tensor (which GPUs and the other dtypes use)."""
+    monkeypatch.setattr(fused, "_CPU_KERNEL", request.param)
+    return request.param
+
+
 HYPER = {
     "lr": 1e-2,
     "beta1": 0.9,
@@ -70,7 +79,7 @@ HYPER = {
     [{}, {"logarithmic_schedule": True, "maximize": True}],
     ids=["ano", "anolog-maximize"],
 )
-def test_float32_matches_single_tensor_path_within_sign_flip_budget(variant):
+def test_float32_matches_single_tensor_path_within_sign_flip_budget(variant, cpu_kernel):
     """Both paths compute in float32 but round differently (~1 ulp). The moments must agree to
     float32 precision. A parameter coordinate can differ by a whole step when its momentum is
     within rounding of 0 and sign(m) flips; budget: at most 1 % of coordinates, and all others
@@ -151,7 +160,8 @@ def _one_step_reference(p, m, v, g, k):
     return p, m, v, k
 
 
-def test_no_recompilation_for_new_shapes_lr_or_step():
+def test_no_recompilation_for_new_shapes_lr_or_step(monkeypatch):
+    monkeypatch.setattr(fused, "_CPU_KERNEL", "per_tensor")  # the torch.compile'd kernel
     params, grads = _tensors(torch.float32)
     _run(params, grads, fused=True, steps=2, **HYPER)  # warm: the main and the 1-element graph
     graphs = counters["stats"]["unique_graphs"]
@@ -212,7 +222,7 @@ def test_resume_from_state_dict_is_bit_for_bit():
     assert resumed_opt.state[resumed_model.weight]["step"].item() == 8
 
 
-def test_grad_scaler_unscales_in_the_kernel_and_skips_inf_steps():
+def test_grad_scaler_unscales_in_the_kernel_and_skips_inf_steps(cpu_kernel):
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     reference = torch.nn.Linear(8, 4)
@@ -294,7 +304,9 @@ _CACHE_SCRIPT = textwrap.dedent(
     """
     import torch
     from torch._dynamo.utils import counters
+    from ano_optimizer import fused
     from ano_optimizer.optimizer import ano
+    fused._CPU_KERNEL = "per_tensor"
     p, g = torch.randn(10), torch.randn(10)
     m, v, k = torch.zeros(10), torch.zeros(10), torch.tensor(0.0)
     ano([p], [g], [m], [v], [k], fused=True, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
@@ -321,3 +333,100 @@ def test_inductor_cache_is_reused_by_a_second_process():
     exec(_CACHE_SCRIPT, {})  # this process compiles the kernel (or finds it cached)
     hits, misses = run()
     assert (hits, misses) == (1, 0)
+    fused._CPU_KERNEL = "multi_tensor"  # the script switched this process's kernel
+
+
+def _equal_runs(shapes, state_dtype, complex_params=False, **options):
+    """The same steps with each CPU kernel; True when every tensor ends bit-identical."""
+    results = []
+    for kernel in ("multi_tensor", "per_tensor"):
+        fused._CPU_KERNEL = kernel
+        torch.manual_seed(1)
+        dtype = torch.complex64 if complex_params else torch.float32
+        params = [torch.randn(s, dtype=dtype) for s in shapes]
+        exp_avgs = [torch.zeros_like(p, dtype=state_dtype or p.dtype) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p, dtype=state_dtype or p.dtype) for p in params]
+        steps = [torch.tensor(0.0) for _ in params]
+        for k in range(6):
+            grads = [torch.randn(s, dtype=dtype) for s in shapes]
+            amp = {}
+            if options.get("amp"):
+                amp = {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(float(k == 3))}
+            hyper = {**HYPER, **{k: v for k, v in options.items() if k != "amp"}}
+            ano(params, grads, exp_avgs, exp_avg_sqs, steps, fused=True, **hyper, **amp)
+        results.append(params + exp_avgs + exp_avg_sqs + steps)
+    fused._CPU_KERNEL = "multi_tensor"
+    return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"logarithmic_schedule": True, "maximize": True}, {"amp": True}],
+    ids=["ano", "anolog-maximize", "grad-scaler"],
+)
+def test_multi_tensor_cpu_kernel_is_bit_identical_to_the_compiled_one(state_dtype, options):
+    """fused_cpu.cpp repeats _ano_math's float32 operations in the same order, without fused
+    multiply-adds, and the same stochastic-rounding noise: the results are the same bits.
+    Sizes straddle the kernel's 16384-element blocks; one tensor has a single element."""
+    shapes = [(5,), (33, 7), (1,), (300,), (3, 16384 + 5), (16384,)]
+    assert _equal_runs(shapes, state_dtype, **options)
+
+
+def test_multi_tensor_cpu_kernel_handles_complex_and_leaves_the_rest_to_the_compiled_one():
+    assert _equal_runs([(7,), (4, 5)], None, complex_params=True)
+    # A non-contiguous parameter and a float64 one go to the per-tensor kernel, in one call.
+    params = [torch.randn(6, 4).t(), torch.randn(9), torch.randn(5, dtype=torch.float64)]
+    grads = [torch.randn_like(p) for p in params]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = [torch.tensor(0.0) for _ in params]
+    before = [p.clone() for p in params]
+    ano(params, grads, *states, steps, fused=True, **HYPER)
+    for p, b, g in zip(params, before, grads, strict=True):
+        # First step: m = (1 - b1) g, v = (1 - b2) g^2 and the update is -lr * sign(g) (+ decay).
+        expected = b * (1 - HYPER["lr"] * HYPER["weight_decay"]) - HYPER["lr"] * torch.sign(g)
+        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+    assert [s.item() for s in steps] == [1.0, 1.0, 1.0]
+
+
+def test_multi_tensor_cpu_kernel_bumps_autograd_versions():
+    """It writes through raw pointers; autograd must still see the in-place change."""
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10)
+    optimizer = Ano([p], lr=1e-2, fused=True)
+    optimizer.step()
+    versions = (p._version, *(optimizer.state[p][k]._version for k in ("exp_avg", "exp_avg_sq")))
+    optimizer.step()
+    after = (p._version, *(optimizer.state[p][k]._version for k in ("exp_avg", "exp_avg_sq")))
+    assert all(a > b for a, b in zip(after, versions, strict=True))
+
+
+_CPU_CACHE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from ano_optimizer.optimizer import ano
+    p, g = torch.randn(10), torch.randn(10)
+    m, v, k = torch.zeros(10), torch.zeros(10), torch.tensor(0.0)
+    ano([p], [g], [m], [v], [k], fused=True, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+        weight_decay=0.0, logarithmic_schedule=False, maximize=False)
+    assert k.item() == 1.0
+    """
+)
+
+
+def test_multi_tensor_cpu_kernel_is_built_once_and_reused_by_later_processes(tmp_path):
+    """The kernel is built into Inductor's cache directory; a second process loads that build
+    and writes nothing new there."""
+
+    def run():
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+        out = subprocess.run(
+            [sys.executable, "-c", _CPU_CACHE_SCRIPT], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert "could not be built" not in out.stderr
+        return {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.so")}
+
+    first = run()
+    assert first, "no kernel library in the cache directory"
+    assert run() == first

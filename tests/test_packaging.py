@@ -84,6 +84,7 @@ def test_wheel_contents(wheel):
         entry_text = archive.read(entry_points).decode()
     assert "ano_optimizer/integrations/__init__.py" in names
     assert "ano_optimizer/registry.py" in names
+    assert "ano_optimizer/fused_cpu.cpp" in names  # built at run time by the fused CPU path
     assert not [n for n in names if n.startswith("integrations/")]
     assert "[ano_optimizer.optimizers]" in entry_text
     assert "ano = ano_optimizer.specs:ANO" in entry_text
@@ -123,6 +124,17 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
                 weight_decay=0.1, logarithmic_schedule=log,
             )
             errors[name] = float(np.abs(weight.detach().numpy() - expected[-1]).max())
+
+        # The fused CPU path builds fused_cpu.cpp from the installed package.
+        from ano_optimizer import Ano, fused
+        fused_p = torch.nn.Parameter(torch.randn(50))
+        plain_p = torch.nn.Parameter(fused_p.detach().clone())
+        fused_opt, plain_opt = Ano([fused_p], lr=1e-2, fused=True), Ano([plain_p], lr=1e-2)
+        for _ in range(3):
+            fused_p.grad, plain_p.grad = torch.randn(50), None
+            plain_p.grad = fused_p.grad.clone()
+            fused_opt.step()
+            plain_opt.step()
         print(json.dumps({
             "package": ano_optimizer.__file__,
             "integrations": ano_optimizer.integrations.__file__,
@@ -130,6 +142,8 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
             "entry_points": sorted((e.name, e.value, str(e.dist.locate_file(""))) for e in ours),
             "sources": {n: get_optimizer_spec(n).source for n in names},
             "errors": errors,
+            "fused_kernel_built": fused._cpu_kernel(torch.float32) is not None,
+            "fused_error": float((fused_p - plain_p).abs().max()),
         }))
     """
     # -S and a site-packages mirror without this project: only the installed wheel is visible.
@@ -147,6 +161,8 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
     assert report["sources"]["ano"] == report["sources"]["anolog"] == "built-in"
     for name, error in report["errors"].items():
         assert error < 1e-12, (name, error)
+    assert report["fused_kernel_built"] is True
+    assert report["fused_error"] < 1e-6
 
 
 def test_editable_install_and_import_stays_light(tmp_path):

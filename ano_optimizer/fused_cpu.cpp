@@ -1,0 +1,137 @@
+// The fused Ano/Anolog step for every float32 tensor of a parameter group, in one call.
+//
+// Compiled at run time by Inductor's C++ toolchain (the compiler, flags, OpenMP runtime and
+// on-disk cache that torch.compile uses on CPU) with STATE_T set to float or uint16_t (the bits
+// of a bfloat16). One OpenMP region covers all tensors: the work is cut into equal blocks and
+// every block knows its tensor, so 161 small and large tensors cost one parallel region and one
+// call from Python, not 161.
+//
+// The arithmetic is the float32 arithmetic of fused.py's _ano_math, operation for operation and
+// in the same order (the build uses -ffp-contract=off: no fused multiply-adds), so this kernel
+// and the Inductor one produce the same bits. Tests check both against the single-tensor path.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifndef STATE_T
+#define STATE_T float
+#endif
+
+namespace {
+
+inline float sign_of(float x) { return static_cast<float>((x > 0.0f) - (x < 0.0f)); }
+
+inline uint32_t bits_of(float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+}
+
+inline float float_of(uint32_t b) {
+    float x;
+    std::memcpy(&x, &b, sizeof x);
+    return x;
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) { return float_of(static_cast<uint32_t>(p[i]) << 16); }
+
+inline void store(float* p, int64_t i, float x, uint32_t) { p[i] = x; }
+
+// Stochastic rounding to bfloat16: 16 random bits added below the kept half, then truncated.
+inline void store(uint16_t* p, int64_t i, float x, uint32_t noise) {
+    p[i] = static_cast<uint16_t>((bits_of(x) + noise) >> 16);
+}
+
+// fused.py's _hashed_noise: (index * A + seed) mod 2**16, a fresh seed every step.
+inline uint32_t noise_at(int64_t index, uint32_t offset) {
+    return ((static_cast<uint32_t>(index) & 0xFFFFu) * 0x6A09u + offset) & 0xFFFFu;
+}
+
+void update_block(
+    float* __restrict__ param,
+    const float* __restrict__ grad,
+    STATE_T* __restrict__ exp_avg,
+    STATE_T* __restrict__ exp_avg_sq,
+    int64_t begin,
+    int64_t end,
+    float momentum_weight,
+    float correction,
+    float lr,
+    float beta2,
+    float eps,
+    float weight_decay,
+    float inv_scale,
+    bool maximize,
+    uint32_t offset_m,
+    uint32_t offset_v) {
+    const float one_minus_beta2 = 1.0f - beta2;
+    const float eps_c = eps * correction;
+    const float step_size = lr * correction;
+    const float decay = 1.0f - lr * weight_decay;
+    for (int64_t i = begin; i < end; ++i) {
+        float g = grad[i] * inv_scale;
+        if (maximize) g = -g;
+        const float m = load(exp_avg, i);
+        const float v = load(exp_avg_sq, i);
+        const float p = param[i];
+        const float g2 = g * g;
+        const float v_new = v + one_minus_beta2 * (sign_of(g2 - v) * g2 - v);
+        const float m_new = m + momentum_weight * (g - m);
+        const float ratio = std::fabs(g) / (std::sqrt(v_new) + eps_c);
+        param[i] = p * decay - step_size * ratio * sign_of(m_new);
+        store(exp_avg, i, m_new, noise_at(i, offset_m));
+        store(exp_avg_sq, i, v_new, noise_at(i, offset_v));
+    }
+}
+
+}  // namespace
+
+// pointers: n x 4 addresses (param, grad, exp_avg, exp_avg_sq); scalars: n x 2 (1 - beta1_k,
+// sqrt(1 - beta2^k)); hyper: lr, beta1, beta2, eps, weight_decay; amp: found_inf, 1 / scale.
+// Block b covers elements [block_begin[b], block_begin[b] + block_size) of tensor block_tensor[b].
+extern "C" void kernel(
+    const int64_t* pointers,
+    const int64_t* numels,
+    const int64_t* block_tensor,
+    const int64_t* block_begin,
+    const float* scalars,
+    const double* hyper,
+    const float* amp,
+    int64_t blocks,
+    int64_t block_size,
+    int64_t maximize,
+    int64_t seed) {
+    if (amp[0] > 0.0f) return;  // GradScaler found inf/nan: every tensor keeps its values
+    const float lr = static_cast<float>(hyper[0]);
+    const float beta2 = static_cast<float>(hyper[2]);
+    const float eps = static_cast<float>(hyper[3]);
+    const float weight_decay = static_cast<float>(hyper[4]);
+    const float inv_scale = amp[1];
+    const uint32_t offset_m = static_cast<uint32_t>(seed + 1 * 0x9E37) & 0xFFFFu;
+    const uint32_t offset_v = static_cast<uint32_t>(seed + 2 * 0x9E37) & 0xFFFFu;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t t = block_tensor[b];
+        const int64_t begin = block_begin[b];
+        const int64_t end = begin + block_size < numels[t] ? begin + block_size : numels[t];
+        update_block(
+            reinterpret_cast<float*>(pointers[4 * t]),
+            reinterpret_cast<const float*>(pointers[4 * t + 1]),
+            reinterpret_cast<STATE_T*>(pointers[4 * t + 2]),
+            reinterpret_cast<STATE_T*>(pointers[4 * t + 3]),
+            begin,
+            end,
+            scalars[2 * t],
+            scalars[2 * t + 1],
+            lr,
+            beta2,
+            eps,
+            weight_decay,
+            inv_scale,
+            maximize != 0,
+            offset_m,
+            offset_v);
+    }
+}
