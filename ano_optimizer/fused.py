@@ -232,19 +232,23 @@ def fused_ano(
         hyper = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
         skip, inv_scale = _amp_tensors(grad_scale, found_inf, device)
         seed = _rounding_seed(d_params, d_avgs, d_avg_sqs, device)
+        if not compiling and device.type == "cpu" and _CPU_KERNEL == "multi_tensor":
+            left = _cpu_multi_tensor(
+                d_params, d_grads, d_avgs, d_avg_sqs, d_steps,
+                hyper, skip, inv_scale, seed, maximize, logarithmic_schedule,
+            )  # fmt: skip
+            if not left:
+                continue
+            d_params, d_grads, d_avgs, d_avg_sqs, d_steps = (
+                [tensors[i] for i in left] for tensors in (d_params, d_grads, d_avgs, d_avg_sqs, d_steps)
+            )  # fmt: skip
         # One increment for the whole list; a skipped step (found_inf = 1) adds 0.
         increment = 1.0 - skip.to(d_steps[0].device) if found_inf is not None else 1.0
         torch._foreach_add_(d_steps, increment)
         weights, corrections = _step_scalars(
             d_steps, beta1, beta2, logarithmic_schedule, d_params[0].dtype, device
         )
-        per_tensor = range(len(d_params))
-        if not compiling and device.type == "cpu" and _CPU_KERNEL == "multi_tensor":
-            per_tensor = _cpu_multi_tensor(
-                d_params, d_grads, d_avgs, d_avg_sqs, weights, corrections,
-                hyper, skip, inv_scale, seed, maximize,
-            )  # fmt: skip
-        for i in per_tensor:
+        for i in range(len(d_params)):
             param, grad, exp_avg, exp_avg_sq = d_params[i], d_grads[i], d_avgs[i], d_avg_sqs[i]
             weight, correction = weights[i], corrections[i]
             if torch.is_complex(param):
@@ -281,83 +285,71 @@ _CPU_KERNEL = "multi_tensor"
 # Elements per unit of work in the multi-tensor kernel: 64 KiB of each float32 operand.
 _CPU_BLOCK = 1 << 14
 _CPU_ARGTYPES = [
-    "const int64_t*",  # pointers: param, grad, exp_avg, exp_avg_sq per tensor
+    "const int64_t*",  # pointers: param, grad, exp_avg, exp_avg_sq, step per tensor
     "const int64_t*",  # numels
     "const int64_t*",  # block -> tensor
     "const int64_t*",  # block -> first element
-    "const float*",  # per tensor: 1 - beta1_k, sqrt(1 - beta2^k)
     "const double*",  # lr, beta1, beta2, eps, weight_decay
     "const float*",  # found_inf, 1 / grad_scale
+    "int64_t",  # tensors
     "int64_t",  # blocks
     "int64_t",  # block size
     "int64_t",  # maximize
+    "int64_t",  # logarithmic_schedule
     "int64_t",  # rounding seed
 ]
 _CPU_STATE_TYPES = {torch.float32: "float", torch.bfloat16: "uint16_t"}
 
 
 def _cpu_multi_tensor(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    weights,
-    corrections,
-    hyper,
-    skip,
-    inv_scale,
-    seed,
-    maximize,
+    params, grads, exp_avgs, exp_avg_sqs, steps, hyper, skip, inv_scale, seed, maximize, log
 ) -> list[int]:
-    """Update every float32 tensor (float32 or bfloat16 state, contiguous) of a CPU group with
-    one call of the multi-tensor kernel per state dtype; return the indices left to the
-    per-tensor kernel."""
+    """Step every float32 tensor (float32 or bfloat16 state, contiguous, float32 step) of a CPU
+    group with one call of the multi-tensor kernel per state dtype, step counts included;
+    return the indices left to the per-tensor kernel."""
     batches: dict[torch.dtype, list] = {}
+    indices: dict[torch.dtype, list[int]] = {}
     left = []
-    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
-        if torch.is_complex(tensors[0]):
-            tensors = tuple(torch.view_as_real(t) for t in tensors)
-        param, grad, exp_avg, exp_avg_sq = tensors
-        if param.numel() == 0:
-            continue
+    f32 = torch.float32
+    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)):
+        param, grad, exp_avg, exp_avg_sq, step = tensors
+        if param.dtype == torch.complex64 and grad.dtype == torch.complex64:
+            param, grad, exp_avg, exp_avg_sq = (
+                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
+            )
+            tensors = (param, grad, exp_avg, exp_avg_sq, step)
         if (
-            param.dtype == grad.dtype == torch.float32
+            param.dtype == f32
+            and grad.dtype == f32
+            and step.dtype == f32
             and exp_avg.dtype == exp_avg_sq.dtype
             and exp_avg.dtype in _CPU_STATE_TYPES
-            and all(t.is_contiguous() for t in tensors)
+            and param.is_contiguous()
+            and grad.is_contiguous()
+            and exp_avg.is_contiguous()
+            and exp_avg_sq.is_contiguous()
         ):
-            batches.setdefault(exp_avg.dtype, []).append((i, tensors))
+            batches.setdefault(exp_avg.dtype, []).append(tensors)
+            indices.setdefault(exp_avg.dtype, []).append(i)
         else:
             left.append(i)
-    if not batches:
-        return left
-    amp = torch.stack([skip, inv_scale]).to(torch.float32)
-    for state_dtype, batch in batches.items():
-        kernel = _cpu_kernel(state_dtype)
-        if kernel is None:
-            left += [i for i, _ in batch]
-            continue
-        indices = [i for i, _ in batch]
-        numels, block_tensor, block_begin = _cpu_blocks(tuple(t[0].numel() for _, t in batch))
-        pointers = torch.tensor(
-            [t.data_ptr() for _, tensors in batch for t in tensors], dtype=torch.int64
-        )
-        scalars = torch.stack(
-            [torch.stack([weights[i] for i in indices]), torch.stack([corrections[i] for i in indices])],
-            dim=1,
-        ).to(torch.float32)  # fmt: skip
-        kernel(
-            pointers, numels, block_tensor, block_begin, scalars, hyper, amp,
-            block_tensor.numel(), _CPU_BLOCK, int(maximize), int(seed),
-        )  # fmt: skip
-        # The kernel writes through raw pointers: tell autograd, as torch's own in-place ops do.
-        torch.autograd.graph.increment_version(
-            [
-                t
-                for _, (param, _, exp_avg, exp_avg_sq) in batch
-                for t in (param, exp_avg, exp_avg_sq)
-            ]
-        )
+    if batches:
+        amp = torch.stack([skip, inv_scale]).to(f32)
+        for state_dtype, batch in batches.items():
+            kernel = _cpu_kernel(state_dtype)
+            if kernel is None:
+                left += indices[state_dtype]
+                continue
+            numels, block_tensor, block_begin = _cpu_blocks(tuple(t[0].numel() for t in batch))
+            pointers = torch.tensor([t.data_ptr() for ts in batch for t in ts], dtype=torch.int64)
+            kernel(
+                pointers, numels, block_tensor, block_begin, hyper, amp,
+                len(batch), block_tensor.numel(), _CPU_BLOCK, int(maximize), int(log), int(seed),
+            )  # fmt: skip
+            # The kernel writes through raw pointers: tell autograd, as in-place ops do.
+            torch.autograd.graph.increment_version(
+                [t for ts in batch for t in ts if t is not ts[1]]
+            )
     return sorted(left)
 
 

@@ -6,13 +6,15 @@
 // every block knows its tensor, so 161 small and large tensors cost one parallel region and one
 // call from Python, not 161.
 //
-// The arithmetic is the float32 arithmetic of fused.py's _ano_math, operation for operation and
-// in the same order (the build uses -ffp-contract=off: no fused multiply-adds), so this kernel
-// and the Inductor one produce the same bits. Tests check both against the single-tensor path.
+// The arithmetic is the float32 arithmetic of fused.py (_step_scalars for the per-tensor
+// scalars, _ano_math for the elements), operation for operation and in the same order (the
+// build uses -ffp-contract=off: no fused multiply-adds), so this kernel and the Inductor one
+// produce the same bits. Tests check both against each other and the single-tensor path.
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifndef STATE_T
 #define STATE_T float
@@ -88,43 +90,57 @@ void update_block(
 
 }  // namespace
 
-// pointers: n x 4 addresses (param, grad, exp_avg, exp_avg_sq); scalars: n x 2 (1 - beta1_k,
-// sqrt(1 - beta2^k)); hyper: lr, beta1, beta2, eps, weight_decay; amp: found_inf, 1 / scale.
-// Block b covers elements [block_begin[b], block_begin[b] + block_size) of tensor block_tensor[b].
+// pointers: n x 5 addresses (param, grad, exp_avg, exp_avg_sq, step) with float32 steps;
+// hyper: lr, beta1, beta2, eps, weight_decay; amp: found_inf, 1 / scale. Block b covers elements
+// [block_begin[b], block_begin[b] + block_size) of tensor block_tensor[b].
 extern "C" void kernel(
     const int64_t* pointers,
     const int64_t* numels,
     const int64_t* block_tensor,
     const int64_t* block_begin,
-    const float* scalars,
     const double* hyper,
     const float* amp,
+    int64_t tensors,
     int64_t blocks,
     int64_t block_size,
     int64_t maximize,
+    int64_t logarithmic_schedule,
     int64_t seed) {
-    if (amp[0] > 0.0f) return;  // GradScaler found inf/nan: every tensor keeps its values
+    // GradScaler found inf/nan: every tensor keeps its values and its step count.
+    if (amp[0] > 0.0f) return;
     const float lr = static_cast<float>(hyper[0]);
+    const float momentum_weight = static_cast<float>(1.0 - hyper[1]);  // rounded once, as in Python
     const float beta2 = static_cast<float>(hyper[2]);
     const float eps = static_cast<float>(hyper[3]);
     const float weight_decay = static_cast<float>(hyper[4]);
     const float inv_scale = amp[1];
     const uint32_t offset_m = static_cast<uint32_t>(seed + 1 * 0x9E37) & 0xFFFFu;
     const uint32_t offset_v = static_cast<uint32_t>(seed + 2 * 0x9E37) & 0xFFFFu;
+
+    // Per tensor: step += 1, then 1 - beta1_k and sqrt(1 - beta2^k) as _step_scalars computes
+    // them on float32 0-d tensors (pow, neg, add 1, sqrt; Anolog: 1 / log(k + 2)).
+    std::vector<float> weight(tensors), correction(tensors);
+    for (int64_t t = 0; t < tensors; ++t) {
+        float* step = reinterpret_cast<float*>(pointers[5 * t + 4]);
+        *step = *step + 1.0f;
+        correction[t] = std::sqrt(-std::pow(beta2, *step) + 1.0f);
+        weight[t] = logarithmic_schedule ? 1.0f / std::log(*step + 2.0f) : momentum_weight;
+    }
+
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t t = block_tensor[b];
         const int64_t begin = block_begin[b];
         const int64_t end = begin + block_size < numels[t] ? begin + block_size : numels[t];
         update_block(
-            reinterpret_cast<float*>(pointers[4 * t]),
-            reinterpret_cast<const float*>(pointers[4 * t + 1]),
-            reinterpret_cast<STATE_T*>(pointers[4 * t + 2]),
-            reinterpret_cast<STATE_T*>(pointers[4 * t + 3]),
+            reinterpret_cast<float*>(pointers[5 * t]),
+            reinterpret_cast<const float*>(pointers[5 * t + 1]),
+            reinterpret_cast<STATE_T*>(pointers[5 * t + 2]),
+            reinterpret_cast<STATE_T*>(pointers[5 * t + 3]),
             begin,
             end,
-            scalars[2 * t],
-            scalars[2 * t + 1],
+            weight[t],
+            correction[t],
             lr,
             beta2,
             eps,

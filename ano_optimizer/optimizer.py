@@ -308,10 +308,13 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
             :math:`\beta_{1,k} = 1 - 1/\ln(k + 2)` (default: ``False``).
         maximize (bool, optional, keyword-only): maximize the objective instead of minimizing
             it (default: ``False``).
-        fused (bool or None, optional, keyword-only): ``True`` runs one ``torch.compile``-generated
-            kernel per tensor (Inductor: C++/OpenMP on CPU, Triton on GPU) that reads and writes
-            each value once, and takes ``torch.amp.GradScaler``'s scale and inf flag inside the
-            kernel; the first step compiles it (seconds, cached on disk). See
+        fused (bool or None, optional, keyword-only): ``True`` runs a fused kernel that reads
+            and writes each value once and takes ``torch.amp.GradScaler``'s scale and inf flag
+            inside the kernel. On CPU, float32 parameters (float32 or bfloat16 state) go
+            through one multi-tensor C++ kernel call per group, built on first use by
+            Inductor's C++ toolchain (about a second, then cached on disk); everything else
+            (GPU, other dtypes) through one ``torch.compile``-generated kernel per tensor
+            (Inductor: Triton on GPU; seconds to compile, cached on disk). See
             :mod:`ano_optimizer.fused` (default: ``None``, not fused).
         state_dtype (torch.dtype or None, optional, keyword-only): dtype of ``exp_avg`` and
             ``exp_avg_sq``; ``torch.bfloat16`` halves the optimizer's memory, with the math in

@@ -26,14 +26,30 @@ from pathlib import Path
 
 import torch
 
-from ano_optimizer import Ano
+from ano_optimizer import Ano, fused
 from benchmarks.shapes import PARAMETER_SETS, gpt2_small_shapes
 from benchmarks.step_time import make_params
+
+
+class _PerTensorKernel:
+    """Fused Ano on the per-tensor torch.compile kernel (what GPUs and other dtypes run), for
+    comparison with the multi-tensor CPU kernel that ``fused=True`` uses on CPU."""
+
+    def __init__(self, params):
+        self.optimizer = Ano(params, lr=1e-4, fused=True)
+
+    def step(self):
+        previous, fused._CPU_KERNEL = fused._CPU_KERNEL, "per_tensor"
+        try:
+            self.optimizer.step()
+        finally:
+            fused._CPU_KERNEL = previous
 
 
 def rows() -> dict:
     return {
         "Ano fused=True": lambda ps: Ano(ps, lr=1e-4, fused=True),
+        "Ano fused=True, per-tensor compiled kernel": _PerTensorKernel,
         "Ano fused=True, bf16 state": lambda ps: Ano(
             ps, lr=1e-4, fused=True, state_dtype=torch.bfloat16
         ),
@@ -68,7 +84,7 @@ def bandwidth_floor_ms(numel: int, state_dtype: torch.dtype, steps: int) -> floa
 _FIRST_STEP = """
 import time, torch
 torch.set_num_threads({threads})
-from ano_optimizer import Ano
+from ano_optimizer import Ano, fused
 from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 opt = Ano(make_params(PARAMETER_SETS[{name!r}]()), lr=1e-4, fused=True)

@@ -336,8 +336,9 @@ def test_inductor_cache_is_reused_by_a_second_process():
     fused._CPU_KERNEL = "multi_tensor"  # the script switched this process's kernel
 
 
-def _equal_runs(shapes, state_dtype, complex_params=False, **options):
-    """The same steps with each CPU kernel; True when every tensor ends bit-identical."""
+def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
+    """The same steps with each CPU kernel: (multi-tensor results, per-tensor results), each a
+    list of params, exp_avgs, exp_avg_sqs and steps."""
     results = []
     for kernel in ("multi_tensor", "per_tensor"):
         fused._CPU_KERNEL = kernel
@@ -354,9 +355,9 @@ def _equal_runs(shapes, state_dtype, complex_params=False, **options):
                 amp = {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(float(k == 3))}
             hyper = {**HYPER, **{k: v for k, v in options.items() if k != "amp"}}
             ano(params, grads, exp_avgs, exp_avg_sqs, steps, fused=True, **hyper, **amp)
-        results.append(params + exp_avgs + exp_avg_sqs + steps)
+        results.append((params, exp_avgs, exp_avg_sqs, steps))
     fused._CPU_KERNEL = "multi_tensor"
-    return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    return results
 
 
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
@@ -365,16 +366,42 @@ def _equal_runs(shapes, state_dtype, complex_params=False, **options):
     [{}, {"logarithmic_schedule": True, "maximize": True}, {"amp": True}],
     ids=["ano", "anolog-maximize", "grad-scaler"],
 )
-def test_multi_tensor_cpu_kernel_is_bit_identical_to_the_compiled_one(state_dtype, options):
-    """fused_cpu.cpp repeats _ano_math's float32 operations in the same order, without fused
-    multiply-adds, and the same stochastic-rounding noise: the results are the same bits.
-    Sizes straddle the kernel's 16384-element blocks; one tensor has a single element."""
+def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
+    """fused_cpu.cpp repeats _ano_math's float32 element operations in the same order, without
+    fused multiply-adds, with the same stochastic-rounding noise. Only its per-tensor scalars
+    (sqrt(1 - beta2^k), Anolog's 1/ln(k+2)) come from libm instead of torch's foreach kernels
+    and may differ in the last bit. So: exp_avg_sq (which uses no scalar) and, for Ano, exp_avg
+    are the same bits, and parameters agree to float32 rounding. Sizes straddle the kernel's
+    16384-element blocks; one tensor has a single element."""
     shapes = [(5,), (33, 7), (1,), (300,), (3, 16384 + 5), (16384,)]
-    assert _equal_runs(shapes, state_dtype, **options)
+    (params, avgs, avg_sqs, steps), (params2, avgs2, avg_sqs2, steps2) = _kernel_runs(
+        shapes, state_dtype, **options
+    )
+    assert (
+        [s.item() for s in steps]
+        == [s.item() for s in steps2]
+        == [5.0 if options.get("amp") else 6.0] * len(shapes)
+    )
+    for a, b in zip(avg_sqs, avg_sqs2, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(avgs, avgs2, strict=True):
+        if options.get("logarithmic_schedule"):
+            # An ulp apart in float32 math; stored in bfloat16, that can round to neighbours.
+            rtol = 1e-5 if state_dtype is None else 2.0**-7
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+    for a, b in zip(params, params2, strict=True):
+        # Anolog's momentum may differ by an ulp and flip sign(m) where it is ~0: a few coords.
+        differ = ~torch.isclose(a, b, rtol=1e-6, atol=1e-7)
+        assert int(differ.sum()) <= (0.01 * a.numel() if options.get("logarithmic_schedule") else 0)
 
 
 def test_multi_tensor_cpu_kernel_handles_complex_and_leaves_the_rest_to_the_compiled_one():
-    assert _equal_runs([(7,), (4, 5)], None, complex_params=True)
+    complex_runs = _kernel_runs([(7,), (4, 5)], None, complex_params=True)
+    for ours, compiled in zip(*complex_runs, strict=True):  # params, moments, steps
+        for a, b in zip(ours, compiled, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # A non-contiguous parameter and a float64 one go to the per-tensor kernel, in one call.
     params = [torch.randn(6, 4).t(), torch.randn(9), torch.randn(5, dtype=torch.float64)]
     grads = [torch.randn_like(p) for p in params]
