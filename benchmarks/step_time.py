@@ -48,6 +48,9 @@ def rows() -> dict:
     }
     if "fused" in inspect.signature(Ano).parameters:
         table["Ano fused=True"] = lambda ps: Ano(ps, lr=1e-4, fused=True)
+        table["Ano fused=True, bf16 state"] = lambda ps: Ano(
+            ps, lr=1e-4, fused=True, state_dtype=torch.bfloat16
+        )
     table |= {
         "AdamW foreach=False": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False),
         "AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
