@@ -248,7 +248,15 @@ def fused_ano(
         weights, corrections = _step_scalars(
             d_steps, beta1, beta2, logarithmic_schedule, d_params[0].dtype, device
         )
-        for i in range(len(d_params)):
+        per_tensor = range(len(d_params))
+        if not compiling and device.type == "cuda" and _GPU_KERNEL == "triton_multi_tensor":
+            from .fused_triton import triton_multi_tensor
+
+            per_tensor = triton_multi_tensor(
+                d_params, d_grads, d_avgs, d_avg_sqs, weights, corrections,
+                hyper, skip, inv_scale, seed, maximize,
+            )  # fmt: skip
+        for i in per_tensor:
             param, grad, exp_avg, exp_avg_sq = d_params[i], d_grads[i], d_avgs[i], d_avg_sqs[i]
             weight, correction = weights[i], corrections[i]
             if torch.is_complex(param):
@@ -282,6 +290,10 @@ def fused_ano(
 # Which CPU kernel runs the common case: "multi_tensor" (fused_cpu.cpp, one call per group) or
 # "per_tensor" (the torch.compile kernel above, one call per tensor). Tests run both.
 _CPU_KERNEL = "multi_tensor"
+# Which GPU kernel runs float32 tensors: "per_tensor" (the torch.compile kernel above) or
+# "triton_multi_tensor" (fused_triton.py, one launch per group). The second is unmeasured on a
+# GPU so far, hence not the default; benchmarks/gpu_check.py times both.
+_GPU_KERNEL = "per_tensor"
 # Elements per unit of work in the multi-tensor kernel: 64 KiB of each float32 operand.
 _CPU_BLOCK = 1 << 14
 _CPU_ARGTYPES = [

@@ -8,7 +8,8 @@ For each parameter set: the first fused step in a fresh process with an empty In
 with float32 and with bfloat16 state, of the default Ano path and of ``AdamW(fused=True)``, all
 in this run with timing rounds interleaved; and the bandwidth floor: the time of one
 ``torch.compile``'d kernel that reads four and writes three flat buffers of the same total size
-(the bytes a fused step must move: 28 per parameter with float32 state, 20 with bfloat16).
+(the bytes a fused step must move: 28 per parameter with float32 state, 20 with bfloat16),
+the median of three fresh processes.
 ``--plot`` draws step time against parameter count for the Ano and AdamW paths.
 """
 
@@ -81,6 +82,29 @@ def bandwidth_floor_ms(numel: int, state_dtype: torch.dtype, steps: int) -> floa
     return statistics.median(times) * 1e3
 
 
+_FLOOR = """
+import torch
+torch.set_num_threads({threads})
+from benchmarks.fused_step import bandwidth_floor_ms
+print(bandwidth_floor_ms({numel}, torch.{dtype}, {steps}))
+"""
+
+
+def isolated_floor_ms(numel: int, state_dtype: torch.dtype, steps: int, threads: int) -> float:
+    """The floor measured in fresh processes, the median of three: in the benchmark's own
+    process its buffers land after every row's tensors, and its speed depended on where (on
+    the GPT-2 set 38.8 ms in one run, 91.9 ms in the next)."""
+    dtype = str(state_dtype).removeprefix("torch.")
+    code = _FLOOR.format(threads=threads, numel=numel, dtype=dtype, steps=steps)
+    results = []
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        results.append(float(out.stdout.split()[-1]))
+    return statistics.median(results)
+
+
 _FIRST_STEP = """
 import time, torch
 torch.set_num_threads({threads})
@@ -131,8 +155,9 @@ def bench_set(name: str, steps: int, rounds: int, threads: int) -> dict:
         warm = first_step_seconds(name, threads, cache)
         print(f"  first fused step, cache of that run: {warm:.1f} s", flush=True)
     medians = time_rows(shapes, steps, rounds, rows(), tag=f"[{name}]")
-    floor32 = bandwidth_floor_ms(numel, torch.float32, steps)
-    floor16 = bandwidth_floor_ms(numel, torch.bfloat16, steps)
+    floor32 = isolated_floor_ms(numel, torch.float32, steps, threads)
+    floor16 = isolated_floor_ms(numel, torch.bfloat16, steps, threads)
+    print(f"  bandwidth floor: {floor32:.1f} ms (bf16 state: {floor16:.1f} ms)", flush=True)
     return {
         "set": name,
         "tensors": len(shapes),
