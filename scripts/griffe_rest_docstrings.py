@@ -9,10 +9,17 @@ raw text, so this rewrites them, when the site is built, into MathJax delimiters
 
 from __future__ import annotations
 
+import contextlib
 import re
 import textwrap
 
 import griffe
+
+with contextlib.suppress(ImportError):
+    # The API pages are built by importing every module of the package, ano_optimizer.keras
+    # (TensorFlow) and ano_optimizer.fused_triton (Triton) included. Importing triton after
+    # tensorflow segfaults on this project's machines; the other order works, so triton first.
+    import triton  # noqa: F401
 
 # ".. math::" and the indented lines (and blank lines) that follow it.
 _MATH_BLOCK = re.compile(r"^([ \t]*)\.\. math::[ \t]*\n((?:\1[ \t]+\S.*\n|[ \t]*\n)+)", re.M)
