@@ -46,9 +46,12 @@ inline void store(uint16_t* p, int64_t i, float x, uint32_t noise) {
     p[i] = static_cast<uint16_t>((bits_of(x) + noise) >> 16);
 }
 
-// fused.py's _hashed_noise: (index * A + seed) mod 2**16, a fresh seed every step.
+// fused.py's _hashed_noise: (index * A + seed) mod 2**16, a fresh seed every step. Only the
+// low 16 bits of index * A matter, so the product wraps in uint32 with the same result as
+// fused.py's masked form, and the compiler turns it into an induction variable (one vector
+// add per iteration instead of a 32-bit multiply: 3 ms of a 14 ms step on 25.6 M elements).
 inline uint32_t noise_at(int64_t index, uint32_t offset) {
-    return ((static_cast<uint32_t>(index) & 0xFFFFu) * 0x6A09u + offset) & 0xFFFFu;
+    return (static_cast<uint32_t>(index) * 0x6A09u + offset) & 0xFFFFu;
 }
 
 void update_block(
