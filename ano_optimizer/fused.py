@@ -24,6 +24,7 @@ other dtypes, non-contiguous tensors, a failed build) takes the per-tensor compi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -352,7 +353,9 @@ def _cpu_multi_tensor(
             if kernel is None:
                 left += indices[state_dtype]
                 continue
-            numels, block_tensor, block_begin = _cpu_blocks(tuple(t[0].numel() for t in batch))
+            numels, block_tensor, block_begin = _block_table(
+                tuple(t[0].numel() for t in batch), _CPU_BLOCK, params[0].device
+            )
             pointers = torch.tensor([t.data_ptr() for ts in batch for t in ts], dtype=torch.int64)
             kernel(
                 pointers, numels, block_tensor, block_begin, hyper, amp,
@@ -366,15 +369,32 @@ def _cpu_multi_tensor(
 
 
 @functools.lru_cache(maxsize=64)
-def _cpu_blocks(numels: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """The work list of the multi-tensor kernel for these tensor sizes: for each block of
-    ``_CPU_BLOCK`` elements, its tensor and its first element (the sizes rarely change)."""
+def _block_table(
+    numels: tuple[int, ...], block: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The work list of a multi-tensor kernel (this file's CPU kernel, fused_triton's GPU one)
+    for these tensor sizes: the sizes, and for each block of ``block`` elements its tensor and
+    its first element. Cached: the sizes rarely change from step to step."""
     sizes = torch.tensor(numels, dtype=torch.int64)
-    counts = (sizes + _CPU_BLOCK - 1) // _CPU_BLOCK
+    counts = (sizes + block - 1) // block
     block_tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first_block = torch.cumsum(counts, 0) - counts
-    block_begin = (torch.arange(int(counts.sum())) - first_block[block_tensor]) * _CPU_BLOCK
-    return sizes, block_tensor, block_begin
+    block_begin = (torch.arange(int(counts.sum())) - first_block[block_tensor]) * block
+    return sizes.to(device), block_tensor.to(device), block_begin.to(device)
+
+
+@contextlib.contextmanager
+def _kernels(cpu: str | None = None, gpu: str | None = None):
+    """Run the enclosed steps on the given CPU kernel (``_CPU_KERNEL``) and/or GPU kernel
+    (``_GPU_KERNEL``), then restore the previous choice. For tests and benchmarks that compare
+    the kernels."""
+    global _CPU_KERNEL, _GPU_KERNEL
+    previous = _CPU_KERNEL, _GPU_KERNEL
+    _CPU_KERNEL, _GPU_KERNEL = cpu or _CPU_KERNEL, gpu or _GPU_KERNEL
+    try:
+        yield
+    finally:
+        _CPU_KERNEL, _GPU_KERNEL = previous
 
 
 @functools.cache

@@ -15,12 +15,12 @@ through Triton's interpreter (``TRITON_INTERPRET=1``) against the compiled kerne
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .fused import _block_table
 
 __all__ = ["triton_multi_tensor"]
 
@@ -141,8 +141,8 @@ def triton_multi_tensor(
     amp = torch.stack([skip, inv_scale]).to(device=device, dtype=torch.float32)
     seed = seed.to(device=device, dtype=torch.int64)
     for state_dtype, indices in batches.items():
-        numels, block_tensor, block_begin = _blocks(
-            tuple(params[i].numel() for i in indices), device
+        numels, block_tensor, block_begin = _block_table(
+            tuple(params[i].numel() for i in indices), BLOCK, device
         )
         addresses = [
             t.data_ptr()
@@ -159,13 +159,3 @@ def triton_multi_tensor(
             MAXIMIZE=bool(maximize), STATE_BF16=state_dtype == torch.bfloat16, BLOCK_SIZE=BLOCK,
         )  # fmt: skip
     return left
-
-
-@functools.lru_cache(maxsize=64)
-def _blocks(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    sizes = torch.tensor(numels, dtype=torch.int64)
-    counts = (sizes + BLOCK - 1) // BLOCK
-    block_tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
-    first_block = torch.cumsum(counts, 0) - counts
-    block_begin = (torch.arange(int(counts.sum())) - first_block[block_tensor]) * BLOCK
-    return sizes.to(device), block_tensor.to(device), block_begin.to(device)

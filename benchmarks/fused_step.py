@@ -32,25 +32,24 @@ from benchmarks.shapes import PARAMETER_SETS, gpt2_small_shapes
 from benchmarks.step_time import make_params
 
 
-class _PerTensorKernel:
-    """Fused Ano on the per-tensor torch.compile kernel (what GPUs and other dtypes run), for
-    comparison with the multi-tensor CPU kernel that ``fused=True`` uses on CPU."""
+class AnoOnKernel:
+    """Fused Ano whose steps run on a chosen kernel (``fused._kernels``): the per-tensor
+    torch.compile kernel on CPU here, for comparison with the multi-tensor one that
+    ``fused=True`` uses; ``benchmarks/gpu_check.py`` picks the GPU kernel the same way."""
 
-    def __init__(self, params):
-        self.optimizer = Ano(params, lr=1e-4, fused=True)
+    def __init__(self, params, *, cpu=None, gpu=None, **options):
+        self.optimizer = Ano(params, lr=1e-4, fused=True, **options)
+        self.kernels = {"cpu": cpu, "gpu": gpu}
 
     def step(self):
-        previous, fused._CPU_KERNEL = fused._CPU_KERNEL, "per_tensor"
-        try:
+        with fused._kernels(**self.kernels):
             self.optimizer.step()
-        finally:
-            fused._CPU_KERNEL = previous
 
 
 def rows() -> dict:
     return {
         "Ano fused=True": lambda ps: Ano(ps, lr=1e-4, fused=True),
-        "Ano fused=True, per-tensor compiled kernel": _PerTensorKernel,
+        "Ano fused=True, per-tensor compiled kernel": lambda ps: AnoOnKernel(ps, cpu="per_tensor"),
         "Ano fused=True, bf16 state": lambda ps: Ano(
             ps, lr=1e-4, fused=True, state_dtype=torch.bfloat16
         ),
@@ -96,19 +95,21 @@ def isolated_floor_ms(numel: int, state_dtype: torch.dtype, steps: int, threads:
     the GPT-2 set 38.8 ms in one run, 91.9 ms in the next)."""
     dtype = str(state_dtype).removeprefix("torch.")
     code = _FLOOR.format(threads=threads, numel=numel, dtype=dtype, steps=steps)
-    results = []
-    for _ in range(3):
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        )
-        results.append(float(out.stdout.split()[-1]))
-    return statistics.median(results)
+    return statistics.median(_printed_number(code) for _ in range(3))
+
+
+def _printed_number(code: str, env: dict | None = None) -> float:
+    """Run ``code`` in a fresh interpreter; return the number it prints last."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split()[-1])
 
 
 _FIRST_STEP = """
 import time, torch
 torch.set_num_threads({threads})
-from ano_optimizer import Ano, fused
+from ano_optimizer import Ano
 from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 opt = Ano(make_params(PARAMETER_SETS[{name!r}]()), lr=1e-4, fused=True)
@@ -120,11 +121,7 @@ print(time.perf_counter() - start)
 
 def first_step_seconds(name: str, threads: int, cache_dir: str) -> float:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-    code = _FIRST_STEP.format(name=name, threads=threads)
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    return float(out.stdout.split()[-1])
+    return _printed_number(_FIRST_STEP.format(name=name, threads=threads), env)
 
 
 def time_rows(shapes, steps: int, rounds: int, table: dict, out=print, tag="") -> dict:

@@ -31,6 +31,7 @@ from torch._dynamo.utils import counters
 
 from ano_optimizer import Ano, fused
 from ano_optimizer.optimizer import ano
+from benchmarks.fused_step import AnoOnKernel
 
 HYPER = {
     "lr": 1e-2,
@@ -134,30 +135,13 @@ def check_cuda_graph(device) -> dict:
         return {"ok": True, "captured": False, "error": f"{type(error).__name__}: {error}"[:300]}
 
 
-class _TritonKernel:
-    """Fused Ano on the Triton multi-tensor kernel (not the default, see fused_triton.py)."""
-
-    def __init__(self, params, **options):
-        self.optimizer = Ano(params, fused=True, **options)
-
-    def step(self):
-        previous, fused._GPU_KERNEL = fused._GPU_KERNEL, "triton_multi_tensor"
-        try:
-            self.optimizer.step()
-        finally:
-            fused._GPU_KERNEL = previous
-
-
 def check_triton_kernel(device) -> dict:
     gen = torch.Generator(device).manual_seed(2)
     params = [torch.randn(s, device=device, generator=gen) for s in SHAPES]
     grads = [[torch.randn(s, device=device, generator=gen) for s in SHAPES] for _ in range(12)]
     compiled = _run(params, grads, True)
-    fused._GPU_KERNEL = "triton_multi_tensor"
-    try:
+    with fused._kernels(gpu="triton_multi_tensor"):
         ours = _run(params, grads, True)
-    finally:
-        fused._GPU_KERNEL = "per_tensor"
     moment_err = max(
         ((a - b).abs() / (b.abs() + 1e-6)).max().item()
         for i in (1, 2)
@@ -171,7 +155,7 @@ def check_triton_kernel(device) -> dict:
     times = {}
     for label, factory in (
         ("per-tensor compiled kernel", lambda ps: Ano(ps, fused=True)),
-        ("Triton multi-tensor kernel", _TritonKernel),
+        ("Triton multi-tensor kernel", lambda ps: AnoOnKernel(ps, gpu="triton_multi_tensor")),
         ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
     ):
         ps = [torch.nn.Parameter(torch.randn(s, device=device)) for s in resnet50_shapes()]
@@ -220,7 +204,7 @@ def check_bandwidth(device, billions: float) -> dict:
     for label, factory, bytes_per in (
         ("Ano fused", lambda ps: Ano(ps, fused=True), 28),
         ("Ano fused bf16 state", lambda ps: Ano(ps, fused=True, state_dtype=torch.bfloat16), 20),
-        ("Ano fused, Triton kernel", _TritonKernel, 28),
+        ("Ano fused, Triton kernel", lambda ps: AnoOnKernel(ps, gpu="triton_multi_tensor"), 28),
         ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True), 28),
     ):
         params = make()

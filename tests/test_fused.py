@@ -306,11 +306,11 @@ _CACHE_SCRIPT = textwrap.dedent(
     from torch._dynamo.utils import counters
     from ano_optimizer import fused
     from ano_optimizer.optimizer import ano
-    fused._CPU_KERNEL = "per_tensor"
     p, g = torch.randn(10), torch.randn(10)
     m, v, k = torch.zeros(10), torch.zeros(10), torch.tensor(0.0)
-    ano([p], [g], [m], [v], [k], fused=True, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
-        weight_decay=0.0, logarithmic_schedule=False, maximize=False)
+    with fused._kernels(cpu="per_tensor"):
+        ano([p], [g], [m], [v], [k], fused=True, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+            weight_decay=0.0, logarithmic_schedule=False, maximize=False)
     print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
     """
 )
@@ -333,7 +333,6 @@ def test_inductor_cache_is_reused_by_a_second_process():
     exec(_CACHE_SCRIPT, {})  # this process compiles the kernel (or finds it cached)
     hits, misses = run()
     assert (hits, misses) == (1, 0)
-    fused._CPU_KERNEL = "multi_tensor"  # the script switched this process's kernel
 
 
 def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
@@ -341,7 +340,6 @@ def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
     list of params, exp_avgs, exp_avg_sqs and steps."""
     results = []
     for kernel in ("multi_tensor", "per_tensor"):
-        fused._CPU_KERNEL = kernel
         torch.manual_seed(1)
         dtype = torch.complex64 if complex_params else torch.float32
         params = [torch.randn(s, dtype=dtype) for s in shapes]
@@ -354,9 +352,9 @@ def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
             if options.get("amp"):
                 amp = {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(float(k == 3))}
             hyper = {**HYPER, **{k: v for k, v in options.items() if k != "amp"}}
-            ano(params, grads, exp_avgs, exp_avg_sqs, steps, fused=True, **hyper, **amp)
+            with fused._kernels(cpu=kernel):
+                ano(params, grads, exp_avgs, exp_avg_sqs, steps, fused=True, **hyper, **amp)
         results.append((params, exp_avgs, exp_avg_sqs, steps))
-    fused._CPU_KERNEL = "multi_tensor"
     return results
 
 

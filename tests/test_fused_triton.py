@@ -40,10 +40,10 @@ _SCRIPT = textwrap.dedent(
             scale = torch.tensor(4.0 if amp else 1.0)
             torch.manual_seed(100 + k)  # the same rounding seed for both kernels
             if not use_triton:
-                fused._CPU_KERNEL = "per_tensor"
-                ano(params, grads, avgs, avg_sqs, steps, fused=True,
-                    logarithmic_schedule=log, maximize=maximize,
-                    grad_scale=scale, found_inf=found_inf, **HYPER)
+                with fused._kernels(cpu="per_tensor"):
+                    ano(params, grads, avgs, avg_sqs, steps, fused=True,
+                        logarithmic_schedule=log, maximize=maximize,
+                        grad_scale=scale, found_inf=found_inf, **HYPER)
                 continue
             # What fused_ano does on a GPU with _GPU_KERNEL = "triton_multi_tensor".
             hyper = fused._hyper_tensor(HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
