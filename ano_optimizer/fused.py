@@ -445,16 +445,28 @@ def _step_scalars(steps, beta1, beta2, logarithmic_schedule, dtype, device):
         torch._foreach_log_(weights)
         torch._foreach_reciprocal_(weights)
     else:
-        weights = [torch.tensor(1.0 - beta1, dtype=steps[0].dtype, device=device)] * len(steps)
+        weights = [torch.full((), 1.0 - beta1, dtype=steps[0].dtype, device=device)] * len(steps)
     return weights, corrections
 
 
 def _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device) -> Tensor:
     if isinstance(lr, Tensor) and not torch.compiler.is_compiling():
         lr = lr.to(device=device, dtype=torch.float64)
-        rest = torch.tensor([beta1, beta2, eps, weight_decay], dtype=torch.float64, device=device)
-        return torch.cat([lr.reshape(1), rest])
-    return torch.tensor([lr, beta1, beta2, eps, weight_decay], dtype=torch.float64, device=device)
+        return torch.cat(
+            [lr.reshape(1), _float64_vector((beta1, beta2, eps, weight_decay), device)]
+        )
+    return _float64_vector((lr, beta1, beta2, eps, weight_decay), device)
+
+
+def _float64_vector(values: tuple, device: torch.device) -> Tensor:
+    """``values`` as a float64 tensor on ``device``. Off the CPU it is filled by kernels that
+    carry the values as arguments: a host-to-device copy cannot be captured in a CUDA graph."""
+    if torch.compiler.is_compiling() or device is None or device.type == "cpu":
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    vector = torch.empty(len(values), dtype=torch.float64, device=device)
+    for i, value in enumerate(values):
+        vector[i].fill_(value)
+    return vector
 
 
 def _rounding_seed(params, exp_avgs, exp_avg_sqs, device) -> Tensor:

@@ -54,16 +54,25 @@ def mixed_precision_ano(
     eps: float,
     logarithmic_schedule: bool,
     maximize: bool,
+    capturable: bool = False,
 ) -> None:
-    """The eager Ano update for state stored in another dtype than the parameter.
+    """The eager Ano update for state stored in another dtype than the parameter, and for
+    bfloat16/float16 parameters with ``capturable``.
 
     Per block of at most ``_BLOCK_NUMEL`` elements: widen the parameter, gradient and moments to
     the wider of the two dtypes (at least float32), run the single-tensor path's update on them,
     and write the results back (stochastic rounding into bfloat16).
     """
-    from .optimizer import _ano_update_, _momentum_weight  # import cycle: optimizer uses us
+    from .optimizer import _ano_update_, _lr_value, _step_count, _update_scalars  # a cycle
 
-    lr = lr.item() if isinstance(lr, Tensor) else lr
+    if not all(t.is_contiguous() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts):
+        raise ValueError(
+            "Ano: the float32-math path (state_dtype, or capturable=True with bfloat16/float16 "
+            "parameters) needs contiguous parameters, gradients and state; use fused=True for "
+            "other memory layouts"
+        )
+    compiling = torch.compiler.is_compiling()
+    lr = _lr_value(lr, compiling=compiling, capturable=capturable)
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
     ):
@@ -72,20 +81,15 @@ def mixed_precision_ano(
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
             )
         step_t += 1
-        step = step_t.item()
-        scalars = {
-            "momentum_weight": _momentum_weight(step, beta1, logarithmic_schedule),
-            "beta2": beta2,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "eps": eps,
-            "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
-        }
-        if not all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)):
-            raise ValueError(
-                "Ano: state_dtype with fused=False needs contiguous parameters, gradients and "
-                "state; use fused=True for other memory layouts"
-            )
+        scalars = _update_scalars(
+            _step_count(step_t, compiling=compiling, capturable=capturable),
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            logarithmic_schedule=logarithmic_schedule,
+        )
         compute = torch.promote_types(
             torch.promote_types(param.dtype, exp_avg.dtype), torch.float32
         )

@@ -19,12 +19,11 @@ from torch.optim.optimizer import (
     ParamsT,
     _default_to_fused_or_foreach,
     _get_scalar_dtype,
-    _get_value,
     _view_as_real,
 )
 
 from . import hyperparameters as hp
-from .fused import check_fused, fused_ano, unscale_or_skip
+from .fused import _step_scalars, check_fused, fused_ano, unscale_or_skip
 from .low_memory import check_state_dtype, keep_state_dtype_on_load, mixed_precision_ano
 
 __all__ = ["Ano", "Anolog", "ano"]
@@ -51,7 +50,7 @@ def _validate_group(group: dict, owner: str) -> None:
     group["betas"] = hp.check_betas(group["betas"], owner)
     hp.check_eps(group["eps"], owner)
     hp.check_weight_decay(group["weight_decay"], owner)
-    for flag in ("logarithmic_schedule", "maximize"):
+    for flag in ("logarithmic_schedule", "maximize", "capturable"):
         hp.check_flag(flag, group[flag], owner)
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"{owner}: foreach must be None, True or False, got {group['foreach']!r}")
@@ -72,6 +71,7 @@ class Ano(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {
@@ -83,6 +83,7 @@ class Ano(Optimizer):
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
+            "capturable": capturable,
             "state_dtype": state_dtype,
         }
         # Validate the defaults before the base class touches any parameter group.
@@ -189,8 +190,9 @@ class Ano(Optimizer):
             if len(state) == 0:
                 # Lazy creation, keyed by the parameter: an engine may swap or reshard parameters
                 # before the first step, and a zero-gradient lr=0 step stays a no-op.
-                # The fused kernel reads the step on the parameter's device (no host sync).
-                step_device = p.device if group["fused"] else None
+                # The fused kernel and capturable steps read the step on the parameter's device
+                # (no host sync); torch's loader puts a saved step there for such groups too.
+                step_device = p.device if group["fused"] or group["capturable"] else None
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=step_device)
                 state_dtype = group["state_dtype"]
                 state["exp_avg"] = torch.zeros_like(
@@ -204,14 +206,20 @@ class Ano(Optimizer):
             state_steps.append(state["step"])
         return has_complex
 
-    def _check_grads(self) -> None:
+    def _check_before_update(self) -> None:
+        """Reject what the update cannot handle before any tensor changes."""
+        owner = type(self).__name__
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
                     raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients; "
+                        f"{owner} does not support sparse gradients; "
                         "use a dense embedding or torch.optim.SparseAdam for that parameter"
                     )
+                if group["capturable"] and not torch.compiler.is_compiling():
+                    _check_capturable(p, group["lr"], self.state.get(p, {}).get("step"), owner)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -225,7 +233,7 @@ class Ano(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
+        self._check_before_update()
 
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -259,8 +267,22 @@ class Ano(Optimizer):
                 eps=group["eps"],
                 logarithmic_schedule=group["logarithmic_schedule"],
                 maximize=group["maximize"],
+                capturable=group["capturable"],
             )
         return loss
+
+
+def _check_capturable(param: Tensor, lr, step: Tensor | None, owner: str) -> None:
+    """A captured CUDA graph replays device work only: a value read on the host during capture
+    (a CPU learning rate or step) would be frozen into the graph, so both must live on the
+    parameter's device."""
+    for name, value in (("a tensor lr", lr), ("state['step']", step)):
+        if isinstance(value, Tensor) and value.device != param.device:
+            raise ValueError(
+                f"{owner}: capturable=True needs {name} on the parameters' device "
+                f"({param.device}), got one on {value.device}; move it there (lr) or load the "
+                "state dict into an optimizer created with capturable=True (step)"
+            )
 
 
 Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog.
@@ -316,6 +338,13 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
             (GPU, other dtypes) through one ``torch.compile``-generated kernel per tensor
             (Inductor: Triton on GPU; seconds to compile, cached on disk). See
             :mod:`ano_optimizer.fused` (default: ``None``, not fused).
+        capturable (bool, optional, keyword-only): keep each step count on its parameter's
+            device and compute the per-step scalars there, so that ``step()`` never reads a
+            device value on the host and can be captured in a CUDA graph
+            (``torch.cuda.graph``) after a few warm-up steps, on every path. A float ``lr`` is
+            frozen into a captured graph; to change it between replays pass ``lr`` as a tensor
+            on the parameters' device (schedulers then update it in place). Costs a few tiny
+            kernels per step, so leave it off unless you capture (default: ``False``).
         state_dtype (torch.dtype or None, optional, keyword-only): dtype of ``exp_avg`` and
             ``exp_avg_sq``; ``torch.bfloat16`` halves the optimizer's memory, with the math in
             float32 and stochastic rounding on write-back. ``None`` keeps the parameter's dtype
@@ -370,6 +399,7 @@ class Anolog(Ano):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
@@ -382,6 +412,7 @@ class Anolog(Ano):
             maximize=maximize,
             foreach=foreach,
             fused=fused,
+            capturable=capturable,
             state_dtype=state_dtype,
         )
 
@@ -405,8 +436,13 @@ def ano(
     eps: float,
     logarithmic_schedule: bool,
     maximize: bool,
+    capturable: bool = False,
 ) -> None:
-    r"""Functional API that performs the Ano/Anolog update in place; see :class:`Ano`."""
+    r"""Functional API that performs the Ano/Anolog update in place; see :class:`Ano`.
+
+    With ``capturable=True`` the ``state_steps`` must be on their parameters' devices and a
+    tensor ``lr`` too; the fused path reads them there always.
+    """
     scalars = {
         "beta1": beta1,
         "beta2": beta2,
@@ -435,13 +471,19 @@ def ano(
         return
     if grad_scale is not None or found_inf is not None:
         raise ValueError("ano: grad_scale and found_inf are only supported with fused=True")
-    if any(m.dtype != p.dtype for p, m in zip(params, exp_avgs, strict=True)):
-        mixed_precision_ano(params, grads, exp_avgs, exp_avg_sqs, state_steps, **scalars)
+    if any(m.dtype != p.dtype for p, m in zip(params, exp_avgs, strict=True)) or (
+        # A capturable step's scalars are device tensors, which bfloat16/float16 arithmetic
+        # would round to 8 or 11 bits (1 - lr·λ = 0.999 becomes 1): compute in float32 instead.
+        capturable and any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+    ):
+        mixed_precision_ano(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, **scalars
+        )
         return
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if torch.compiler.is_compiling():
         # Under torch.compile the single-tensor expressions fuse into one kernel anyway.
-        _single_tensor_ano(*tensors, has_complex=has_complex, **scalars)
+        _single_tensor_ano(*tensors, has_complex=has_complex, capturable=False, **scalars)
         return
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -455,10 +497,10 @@ def ano(
                     [t for t, s in zip(ts, small, strict=True) if s == wanted] for ts in tensors
                 ]
                 if subset[0]:
-                    path(*subset, has_complex=has_complex, **scalars)
+                    path(*subset, has_complex=has_complex, capturable=capturable, **scalars)
             return
     func = _multi_tensor_ano if foreach else _single_tensor_ano
-    func(*tensors, has_complex=has_complex, **scalars)
+    func(*tensors, has_complex=has_complex, capturable=capturable, **scalars)
 
 
 def _momentum_weight(step, beta1: float, logarithmic_schedule: bool):
@@ -467,6 +509,42 @@ def _momentum_weight(step, beta1: float, logarithmic_schedule: bool):
         return 1.0 - beta1
     log = torch.log if isinstance(step, Tensor) else math.log
     return 1.0 / log(step + 2)
+
+
+def _step_count(step_t: Tensor, *, compiling: bool, capturable: bool):
+    """The step count that a step's scalars are computed from: normally a Python number read
+    from the tensor; under ``torch.compile`` the tensor itself (traced); with ``capturable`` the
+    tensor in float64 on its own device, so nothing is read on the host and the scalars equal
+    those computed from the Python number."""
+    if compiling:
+        return step_t
+    if capturable:
+        return step_t.to(torch.float64)
+    return step_t.item()
+
+
+def _lr_value(lr, *, compiling: bool, capturable: bool):
+    """The learning rate as the update uses it, following :func:`_step_count`: a tensor ``lr``
+    becomes a Python number, stays traced under ``torch.compile``, and with ``capturable`` is
+    widened to float64 on its own device (the same arithmetic as the number, no host read)."""
+    if compiling or not isinstance(lr, Tensor):
+        return lr
+    return lr.to(torch.float64) if capturable else lr.item()
+
+
+def _update_scalars(
+    step, *, beta1, beta2, lr, weight_decay, eps, logarithmic_schedule
+) -> dict[str, object]:
+    """The scalar keyword arguments of :func:`_ano_update_` at ``step`` (a number or a 0-d
+    tensor, which makes the scalars 0-d tensors)."""
+    return {
+        "momentum_weight": _momentum_weight(step, beta1, logarithmic_schedule),
+        "beta2": beta2,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
+    }
 
 
 def _ano_update_(
@@ -501,7 +579,8 @@ def _ano_update_(
         param.mul_(1.0 - lr * weight_decay)
     step_size = lr * bias_correction2_sqrt
     if isinstance(step_size, Tensor):
-        param.addcmul_(a, b.mul_(step_size), value=-1.0)
+        # Rounds lr·c·ratio before the fused multiply-add, exactly as the number form does.
+        param.addcmul_(a.mul_(step_size), b, value=-1.0)
     else:
         param.addcmul_(a, b, value=-step_size)
 
@@ -550,10 +629,10 @@ def _single_tensor_ano(
     eps: float,
     logarithmic_schedule: bool,
     maximize: bool,
+    capturable: bool,
 ) -> None:
     compiling = torch.compiler.is_compiling()
-    if not compiling:
-        lr = _get_value(lr)
+    lr = _lr_value(lr, compiling=compiling, capturable=capturable)
     scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
@@ -564,15 +643,15 @@ def _single_tensor_ano(
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
             )
         step_t += 1
-        step = step_t if compiling else step_t.item()
-        scalars = {
-            "momentum_weight": _momentum_weight(step, beta1, logarithmic_schedule),
-            "beta2": beta2,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "eps": eps,
-            "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
-        }
+        scalars = _update_scalars(
+            _step_count(step_t, compiling=compiling, capturable=capturable),
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            logarithmic_schedule=logarithmic_schedule,
+        )
         blocked = not compiling and all(
             t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)
         )
@@ -628,18 +707,32 @@ def _multi_tensor_ano(
     eps: float,
     logarithmic_schedule: bool,
     maximize: bool,
+    capturable: bool,
 ) -> None:
-    lr = _get_value(lr)
+    lr = _lr_value(lr, compiling=False, capturable=capturable)
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
-    for (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps), _ in grouped.values():
+    for (device, _), (
+        (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps),
+        _,
+    ) in grouped.items():
         dev_params, dev_grads = list(dev_params), list(dev_grads)
         dev_exp_avgs, dev_exp_avg_sqs = list(dev_exp_avgs), list(dev_exp_avg_sqs)
         if has_complex:
             _view_as_real(dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs)
         torch._foreach_add_(dev_steps, 1.0)
-        steps = [s.item() for s in dev_steps]
+        if capturable:
+            # 0-d float64 tensors on the device, from a handful of foreach kernels.
+            weights, corrections = _step_scalars(
+                dev_steps, beta1, beta2, logarithmic_schedule, torch.float64, device
+            )
+            if not logarithmic_schedule:
+                weights = [1.0 - beta1] * len(dev_steps)
+        else:
+            steps = [s.item() for s in dev_steps]
+            weights = [_momentum_weight(s, beta1, logarithmic_schedule) for s in steps]
+            corrections = [(1.0 - beta2**s) ** 0.5 for s in steps]
         numels = [p.numel() for p in dev_params]
         for idx in _buckets(list(range(len(dev_params))), numels):
             _foreach_ano_update_(
@@ -647,7 +740,8 @@ def _multi_tensor_ano(
                 [dev_grads[i] for i in idx],
                 [dev_exp_avgs[i] for i in idx],
                 [dev_exp_avg_sqs[i] for i in idx],
-                [steps[i] for i in idx],
+                [weights[i] for i in idx],
+                [corrections[i] for i in idx],
                 beta1=beta1,
                 beta2=beta2,
                 lr=lr,
@@ -663,7 +757,8 @@ def _foreach_ano_update_(
     grads,
     exp_avgs,
     exp_avg_sqs,
-    steps,
+    weights,
+    corrections,
     *,
     beta1,
     beta2,
@@ -673,7 +768,10 @@ def _foreach_ano_update_(
     logarithmic_schedule,
     maximize,
 ) -> None:
-    """:func:`_ano_update_` over lists, operation for operation."""
+    """:func:`_ano_update_` over lists, operation for operation. ``weights`` (``1 - β1_k``) and
+    ``corrections`` (``sqrt(1 - β2^k)``) hold one Python number or one 0-d device tensor per
+    tensor (``capturable``)."""
+    on_device = isinstance(corrections[0], Tensor)
     if maximize:
         grads = torch._foreach_neg(grads)
     a = torch._foreach_mul(grads, grads)
@@ -683,16 +781,23 @@ def _foreach_ano_update_(
     torch._foreach_lerp_(exp_avg_sqs, b, 1.0 - beta2)
     del a, b
     if logarithmic_schedule:
-        torch._foreach_lerp_(exp_avgs, grads, [_momentum_weight(s, beta1, True) for s in steps])
+        torch._foreach_lerp_(exp_avgs, grads, weights)
     else:
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    bias_corrections = [(1.0 - beta2**s) ** 0.5 for s in steps]
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, [eps * c for c in bias_corrections])
+    if on_device:
+        torch._foreach_add_(denom, torch._foreach_mul(corrections, eps))
+    else:
+        torch._foreach_add_(denom, [eps * c for c in corrections])
     ratio = torch._foreach_div(grads, denom)
     del denom
     torch._foreach_abs_(ratio)
     direction = torch._foreach_sign(exp_avgs)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_addcmul_(params, ratio, direction, [-lr * c for c in bias_corrections])
+    if on_device:
+        # Rounds lr·c·ratio before the fused multiply-add, exactly as the number form does.
+        torch._foreach_mul_(ratio, torch._foreach_mul(corrections, lr))
+        torch._foreach_addcmul_(params, ratio, direction, value=-1.0)
+    else:
+        torch._foreach_addcmul_(params, ratio, direction, [-lr * c for c in corrections])

@@ -71,6 +71,7 @@ def test_positional_order_of_release_1_0_0():
         ({"weight_decay": -0.1}, "weight_decay=-0.1"),
         ({"logarithmic_schedule": "yes"}, "logarithmic_schedule"),
         ({"foreach": "fast"}, "foreach"),
+        ({"capturable": 1}, "capturable must be True or False, got 1"),
     ],
 )
 def test_invalid_hyperparameters_name_the_value_and_range(kwargs, message):
@@ -231,24 +232,27 @@ def _checkpoint_roundtrip(optimizer_state):
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["", "capturable"])
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_checkpoint_resume_is_bit_for_bit(case, foreach):
+def test_checkpoint_resume_is_bit_for_bit(case, foreach, capturable):
     batches = _batches(10)
     model = _model()
-    optimizer = case.cls(model.parameters(), **case.kwargs, foreach=foreach)
+    optimizer = case.cls(model.parameters(), **case.kwargs, foreach=foreach, capturable=capturable)
     _train(model, optimizer, batches)
     uninterrupted = [p.detach().clone() for p in model.parameters()]
 
     model = _model()
-    optimizer = case.cls(model.parameters(), **case.kwargs, foreach=foreach)
+    optimizer = case.cls(model.parameters(), **case.kwargs, foreach=foreach, capturable=capturable)
     _train(model, optimizer, batches[:4])
     model_state = _checkpoint_roundtrip(model.state_dict())
     optimizer_state = _checkpoint_roundtrip(optimizer.state_dict())
 
     resumed_model = _model(seed=123)
     resumed_model.load_state_dict(model_state)
-    resumed = case.cls(resumed_model.parameters(), **case.kwargs, foreach=foreach)
+    resumed = case.cls(
+        resumed_model.parameters(), **case.kwargs, foreach=foreach, capturable=capturable
+    )
     resumed.load_state_dict(optimizer_state)
     _train(resumed_model, resumed, batches[4:])
     for a, b in zip(uninterrupted, resumed_model.parameters(), strict=True):
