@@ -250,7 +250,13 @@ def fused_ano(
             d_steps, beta1, beta2, logarithmic_schedule, d_params[0].dtype, device
         )
         per_tensor = range(len(d_params))
-        if not compiling and device.type == "cuda" and _GPU_KERNEL == "triton_multi_tensor":
+        if (
+            not compiling
+            and device.type == "cuda"
+            and _GPU_KERNEL == "triton_multi_tensor"
+            # Its table of addresses is copied from the host each step: not capturable.
+            and not torch.cuda.is_current_stream_capturing()
+        ):
             from .fused_triton import triton_multi_tensor
 
             per_tensor = triton_multi_tensor(
