@@ -322,7 +322,7 @@ def test_parse_optim_args_errors_name_the_key(text, message):
     [
         (
             "epz=1e-7",
-            r"unknown key 'epz' for optimizer 'ano' .*did you mean 'eps'\?.*accepts: betas, eps",
+            r"unknown key 'epz' for optimizer 'ano' .*did you mean 'eps'\?.*accepts: betas, capturable, eps,",
         ),
         ("eps=1e-7x", r"malformed value '1e-7x' for key 'eps'"),
         ("eps=abc", r"key 'eps' of optimizer 'ano' must be a number, got 'abc'"),
