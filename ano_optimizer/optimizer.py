@@ -59,6 +59,13 @@ def _validate_group(group: dict, owner: str) -> None:
 
 
 class Ano(Optimizer):
+    # Older torch names it _cuda_graph_capture_health_check (now a deprecated alias).
+    _capture_health_check = getattr(
+        Optimizer,
+        "_accelerator_graph_capture_health_check",
+        Optimizer._cuda_graph_capture_health_check,
+    )
+
     def __init__(
         self,
         params: ParamsT,
@@ -229,6 +236,8 @@ class Ano(Optimizer):
             closure (Callable, optional): re-evaluates the model and returns the loss; it is
                 called with gradients enabled.
         """
+        # As torch.optim.Adam: capturing a group without capturable=True is a clear error.
+        self._capture_health_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
