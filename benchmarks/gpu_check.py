@@ -204,8 +204,25 @@ def check_cuda_graph(device) -> dict:
         ok = steps == (8.0, 8.0) and ok_moments and off <= 0.01 * total
         results[label] = {"ok": ok, "steps": steps, "moment_err": err, "param_coords_off": off}
         print(f"  {label}: {json.dumps(results[label])}", flush=True)
+    results["without capturable"] = _capture_without_capturable(device)
+    print(f"  without capturable: {json.dumps(results['without capturable'])}", flush=True)
     results["ok"] = all(r["ok"] for r in results.values() if isinstance(r, dict))
     return results
+
+
+def _capture_without_capturable(device) -> dict:
+    """Capturing a step of an optimizer built without ``capturable`` must fail clearly."""
+    param = torch.nn.Parameter(torch.ones(8, device=device))
+    param.grad = torch.ones_like(param)
+    optimizer = Ano([param], lr=1e-2)
+    optimizer.step()
+    torch.cuda.synchronize()
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            optimizer.step()
+    except RuntimeError as error:
+        return {"ok": "capturable is False" in str(error), "error": str(error)[:200]}
+    return {"ok": False, "error": "captured without capturable=True"}
 
 
 def check_triton_kernel(device) -> dict:
