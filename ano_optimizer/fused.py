@@ -403,27 +403,38 @@ def _kernels(cpu: str | None = None, gpu: str | None = None):
         _CPU_KERNEL, _GPU_KERNEL = previous
 
 
+def _build_cpu_kernel(source: str, argtypes: list[str], **defines: str):
+    """Build (or load from Inductor's on-disk cache) the C++ function ``kernel`` in ``source``,
+    with ``#define``s prepended, as a Python callable taking tensors for pointer arguments.
+
+    Inductor's C++ toolchain does the work: the compiler, flags, OpenMP runtime and cache that
+    ``torch.compile`` uses on CPU. ``benchmarks/fused_step.py`` builds its bandwidth-floor
+    kernel the same way, so the floor and the optimizer share one compiler setting.
+    """
+    from torch._inductor import config
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    header = "".join(f"#define {name} {value}\n" for name, value in defines.items())
+    # The kernels include no torch header, so the precompiled one would only cost time.
+    with config.patch(cpp_cache_precompile_headers=False):
+        return CppPythonBindingsCodeCache.load_pybinding(
+            argtypes,
+            header + source,
+            "cpu",
+            needs_vec_isa=False,
+            # Inductor vectorises by hand and turns GCC's vectoriser off; these loops rely on
+            # it. Without errno, sqrt vectorises; no result changes.
+            extra_flags=("-ftree-loop-vectorize", "-fno-math-errno"),
+        )
+
+
 @functools.cache
 def _cpu_kernel(state_dtype: torch.dtype):
     """Build (or load from Inductor's on-disk cache) the multi-tensor kernel for one state dtype;
     None, with a warning, where it cannot be built."""
     try:
-        from torch._inductor import config
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
         source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
-        source = f"#define STATE_T {_CPU_STATE_TYPES[state_dtype]}\n{source}"
-        # The kernel includes no torch header, so the precompiled one would only cost time.
-        with config.patch(cpp_cache_precompile_headers=False):
-            return CppPythonBindingsCodeCache.load_pybinding(
-                _CPU_ARGTYPES,
-                source,
-                "cpu",
-                needs_vec_isa=False,
-                # Inductor vectorises by hand and turns GCC's vectoriser off; this loop relies on
-                # it. Without errno, sqrt vectorises; no result changes.
-                extra_flags=("-ftree-loop-vectorize", "-fno-math-errno"),
-            )
+        return _build_cpu_kernel(source, _CPU_ARGTYPES, STATE_T=_CPU_STATE_TYPES[state_dtype])
     except Exception as error:  # any build or load failure: the per-tensor kernel still works
         warnings.warn(
             f"Ano fused=True: the multi-tensor CPU kernel could not be built ({error!r}); "

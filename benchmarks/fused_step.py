@@ -6,10 +6,10 @@
 For each parameter set: the first fused step in a fresh process with an empty Inductor cache
 (cold) and with the cache of that first process (warm); then the median step time of fused Ano
 with float32 and with bfloat16 state, of the default Ano path and of ``AdamW(fused=True)``, all
-in this run with timing rounds interleaved; and the bandwidth floor: the time of one
-``torch.compile``'d kernel that reads four and writes three flat buffers of the same total size
-(the bytes a fused step must move: 28 per parameter with float32 state, 20 with bfloat16),
-the median of three fresh processes.
+in this run with timing rounds interleaved; and the bandwidth floor: the time of
+``copy_floor.cpp``, which reads four and writes three flat buffers of the same total size with
+one add per value (the bytes a fused step must move: 28 per parameter with float32 state, 20
+with bfloat16), built and blocked like the fused kernel; the median of three fresh processes.
 ``--plot`` draws step time against parameter count for the Ano and AdamW paths.
 """
 
@@ -60,23 +60,23 @@ def rows() -> dict:
     }
 
 
-def _copy_kernel(p, g, m, v):
-    # 4 reads, 3 writes, one pass: the traffic of a fused optimizer step and nothing else.
-    p.add_(g)
-    m.add_(g)
-    v.add_(g.to(v.dtype))
-
-
 def bandwidth_floor_ms(numel: int, state_dtype: torch.dtype, steps: int) -> float:
-    kernel = torch.compile(_copy_kernel, fullgraph=True, dynamic=False)
-    p, g = torch.zeros(numel), torch.zeros(numel)
-    m, v = torch.zeros(numel, dtype=state_dtype), torch.zeros(numel, dtype=state_dtype)
+    """Median time of ``copy_floor.cpp`` over flat buffers of ``numel`` parameters."""
+    source = (Path(__file__).parent / "copy_floor.cpp").read_text()
+    state_type = fused._CPU_STATE_TYPES[state_dtype]
+    argtypes = ["float*", "const float*", f"{state_type}*", f"{state_type}*", "int64_t", "int64_t"]
+    kernel = fused._build_cpu_kernel(source, argtypes, STATE_T=state_type)
+    # Non-zero values: an untouched zero buffer can be the kernel's shared zero page, which
+    # reads from cache and would make the floor too fast.
+    p, g = torch.full((numel,), 1.0), torch.full((numel,), 1e-3)
+    m = torch.full((numel,), 1.0, dtype=state_dtype)
+    v = torch.full((numel,), 1.0, dtype=state_dtype)
     for _ in range(2):
-        kernel(p, g, m, v)
+        kernel(p, g, m, v, numel, fused._CPU_BLOCK)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        kernel(p, g, m, v)
+        kernel(p, g, m, v, numel, fused._CPU_BLOCK)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -177,7 +177,7 @@ def markdown(results: list[dict], threads: int) -> str:
             f"**{res['set']}**: {res['tensors']} tensors, {res['parameters'] / 1e6:.1f} M "
             f"parameters, {threads} threads. First fused step: {res['first_step_cold_s']:.1f} s "
             f"with an empty Inductor cache, {res['first_step_warm_cache_s']:.1f} s with a warm "
-            f"one. Bandwidth floor (4-read/3-write compiled copy): "
+            f"one. Bandwidth floor (4-read/3-write C++ copy, copy_floor.cpp): "
             f"{res['floor_ms_fp32_state']:.1f} ms ({res['floor_gb_s']:.1f} GB/s), "
             f"{res['floor_ms_bf16_state']:.1f} ms with bf16 state.",
             "",
