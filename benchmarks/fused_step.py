@@ -9,8 +9,8 @@ with float32 and with bfloat16 state, of the default Ano path and of ``AdamW(fus
 in this run with timing rounds interleaved; and the bandwidth floor: the time of
 ``copy_floor.cpp``, which reads four and writes three flat buffers of the same total size with
 one add per value (the bytes a fused step must move: 28 per parameter with float32 state, 20
-with bfloat16), built and blocked like the fused kernel; the median of three fresh processes.
-``--plot`` draws step time against parameter count for the Ano and AdamW paths.
+with bfloat16), built and blocked like the fused kernel, timed as one more row.
+``--plot`` draws step time against parameter count for the Ano and AdamW paths and the floor.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ class AnoOnKernel:
             self.optimizer.step()
 
 
+FLOOR = "bandwidth floor (copy, float32 state)"
+FLOOR_BF16 = "bandwidth floor (copy, bf16 state)"
+
+
 def rows() -> dict:
     return {
         "Ano fused=True": lambda ps: Ano(ps, lr=1e-4, fused=True),
@@ -57,45 +61,37 @@ def rows() -> dict:
         "Ano foreach=True": lambda ps: Ano(ps, lr=1e-4, foreach=True),
         "AdamW fused=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         "AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        FLOOR: CopyFloor,
+        FLOOR_BF16: lambda ps: CopyFloor(ps, torch.bfloat16),
     }
 
 
-def bandwidth_floor_ms(numel: int, state_dtype: torch.dtype, steps: int) -> float:
-    """Median time of ``copy_floor.cpp`` over flat buffers of ``numel`` parameters."""
-    source = (Path(__file__).parent / "copy_floor.cpp").read_text()
-    state_type = fused._CPU_STATE_TYPES[state_dtype]
-    argtypes = ["float*", "const float*", f"{state_type}*", f"{state_type}*", "int64_t", "int64_t"]
-    kernel = fused._build_cpu_kernel(source, argtypes, STATE_T=state_type)
-    # Non-zero values: an untouched zero buffer can be the kernel's shared zero page, which
-    # reads from cache and would make the floor too fast.
-    p, g = torch.full((numel,), 1.0), torch.full((numel,), 1e-3)
-    m = torch.full((numel,), 1.0, dtype=state_dtype)
-    v = torch.full((numel,), 1.0, dtype=state_dtype)
-    for _ in range(2):
-        kernel(p, g, m, v, numel, fused._CPU_BLOCK)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        kernel(p, g, m, v, numel, fused._CPU_BLOCK)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+class CopyFloor:
+    """The bandwidth floor as a benchmark row: ``copy_floor.cpp`` over four flat buffers as
+    large as the parameter set (three written), stepped like an optimizer. Timed in the same
+    rounds as the optimizers, it sees the same memory conditions; on this machine those change
+    from process to process by tens of percent."""
 
+    def __init__(self, params, state_dtype: torch.dtype = torch.float32):
+        self.numel = sum(p.numel() for p in params)
+        state_type = fused._CPU_STATE_TYPES[state_dtype]
+        self.kernel = fused._build_cpu_kernel(
+            (Path(__file__).parent / "copy_floor.cpp").read_text(),
+            ["float*", "const float*", f"{state_type}*", f"{state_type}*", "int64_t", "int64_t"],
+            STATE_T=state_type,
+        )
+        # Non-zero values: an untouched zero buffer can be the kernel's shared zero page, which
+        # reads from cache and would make the floor too fast.
+        n = self.numel
+        self.buffers = (
+            torch.full((n,), 1.0),
+            torch.full((n,), 1e-3),
+            torch.full((n,), 1.0, dtype=state_dtype),
+            torch.full((n,), 1.0, dtype=state_dtype),
+        )
 
-_FLOOR = """
-import torch
-torch.set_num_threads({threads})
-from benchmarks.fused_step import bandwidth_floor_ms
-print(bandwidth_floor_ms({numel}, torch.{dtype}, {steps}))
-"""
-
-
-def isolated_floor_ms(numel: int, state_dtype: torch.dtype, steps: int, threads: int) -> float:
-    """The floor measured in fresh processes, the median of three: in the benchmark's own
-    process its buffers land after every row's tensors, and its speed depended on where (on
-    the GPT-2 set 38.8 ms in one run, 91.9 ms in the next)."""
-    dtype = str(state_dtype).removeprefix("torch.")
-    code = _FLOOR.format(threads=threads, numel=numel, dtype=dtype, steps=steps)
-    return statistics.median(_printed_number(code) for _ in range(3))
+    def step(self):
+        self.kernel(*self.buffers, self.numel, fused._CPU_BLOCK)
 
 
 def _printed_number(code: str, env: dict | None = None) -> float:
@@ -152,8 +148,7 @@ def bench_set(name: str, steps: int, rounds: int, threads: int) -> dict:
         warm = first_step_seconds(name, threads, cache)
         print(f"  first fused step, cache of that run: {warm:.1f} s", flush=True)
     medians = time_rows(shapes, steps, rounds, rows(), tag=f"[{name}]")
-    floor32 = isolated_floor_ms(numel, torch.float32, steps, threads)
-    floor16 = isolated_floor_ms(numel, torch.bfloat16, steps, threads)
+    floor32, floor16 = medians.pop(FLOOR), medians.pop(FLOOR_BF16)
     print(f"  bandwidth floor: {floor32:.1f} ms (bf16 state: {floor16:.1f} ms)", flush=True)
     return {
         "set": name,
@@ -208,7 +203,7 @@ def plot(path: Path, steps: int, threads: int) -> list[dict]:
         points.append({"parameters": numel, "median_ms": medians})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in table:
-        style = "-o" if label.startswith("Ano") else "--s"
+        style = "-o" if label.startswith("Ano") else (":" if label == FLOOR else "--s")
         ax.plot(
             [p["parameters"] / 1e6 for p in points],
             [p["median_ms"][label] for p in points],
