@@ -191,7 +191,10 @@ def check_cuda_graph(device) -> dict:
             pair for i in (1, 2) for pair in zip(eager[i:-1:3], replayed[i:-1:3], strict=True)
         ]
         total = sum(a.numel() for a, _ in params)
-        off = sum(int(((a - b).abs() > 1e-5).sum()) for a, b in params)
+        # Stochastically rounded state draws different noise in the two runs: parameters then
+        # differ by ~1e-4 everywhere (measured on CPU: 0.5 % of coordinates beyond 1e-3).
+        limit = 1e-3 if "state_dtype" in options else 1e-5
+        off = sum(int(((a - b).abs() > limit).sum()) for a, b in params)
         if "state_dtype" in options:
             err = max(
                 ((a.float() - b.float()).abs().mean() / (a.float().abs().mean() + 1e-12)).item()
