@@ -1,10 +1,10 @@
 """One prepared GPU check of the fused path (a few minutes on one CUDA device).
 
-    python -m benchmarks.gpu_check [--billions 1.0] [--output gpu_check.json]
+    python -m benchmarks.gpu_check [--billions 1.0] [--output gpu_check.json] [--device cpu]
 
 1. Equivalence on CUDA: fused vs the single-tensor path over 12 steps, float32 params (moments
-   to float32 precision, parameters within the sign-flip budget of tests/test_fused.py), and
-   bfloat16 state against float32 state.
+   to float32 precision, rtol 1e-5 / atol 1e-6, parameters within the sign-flip budget of
+   tests/test_fused.py), and bfloat16 state against float32 state.
 2. Recompilation: after the warm-up, new shapes, learning rates and steps compile nothing.
 3. GradScaler on CUDA: an inf gradient skips the step without a host sync in the kernel.
 4. CUDA-graph capture with ``capturable=True`` on the single-tensor, foreach, fused and
@@ -17,6 +17,7 @@
    per-tensor and Triton kernels), ``AdamW(fused=True)`` and a compiled 4-read/3-write copy
    kernel, timed with CUDA events.
 Prints each result as it goes and writes them all as JSON; exits 1 if a check fails.
+``--device cpu`` runs checks 1-3 only, as a smoke test of this script (``tests/test_gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -58,15 +59,20 @@ def _run(params, grads, fused, state_dtype=None, steps=12, **overrides):
     return params, m, v, k
 
 
+def _moment_excess(pairs) -> float:
+    """The largest ``|a - b| / (atol + rtol·|b|)`` over moment pairs, with the tolerances of
+    tests/test_fused.py (rtol 1e-5, atol 1e-6): at most 1 means within float32 precision. (A
+    purely relative error blows up where a moment is within rounding of 0.)"""
+    return max(((a - b).abs() / (1e-6 + 1e-5 * b.abs())).max().item() for a, b in pairs)
+
+
 def check_equivalence(device) -> dict:
     gen = torch.Generator(device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=gen) for s in SHAPES]
     grads = [[torch.randn(s, device=device, generator=gen) for s in SHAPES] for _ in range(12)]
     fused, eager = _run(params, grads, True), _run(params, grads, False)
-    moment_err = max(
-        ((f - e).abs() / (e.abs() + 1e-6)).max().item()
-        for i in (1, 2)
-        for f, e in zip(fused[i], eager[i], strict=True)
+    moment_excess = _moment_excess(
+        pair for i in (1, 2) for pair in zip(fused[i], eager[i], strict=True)
     )
     total = sum(p.numel() for p in params)
     off = sum(int(((f - e).abs() > 1e-5).sum()) for f, e in zip(fused[0], eager[0], strict=True))
@@ -76,10 +82,10 @@ def check_equivalence(device) -> dict:
         for lo, f in zip(low[2], fused[2], strict=True)
         if f.numel() > 1000
     )
-    ok = moment_err < 1e-4 and off <= 0.01 * total and v_bias < 0.01
+    ok = moment_excess <= 1 and off <= 0.01 * total and v_bias < 0.01
     return {
         "ok": ok,
-        "moment_max_rel_err": moment_err,
+        "moment_excess": moment_excess,
         "param_coords_off": off,
         "of": total,
         "bf16_v_bias": v_bias,
@@ -91,11 +97,13 @@ def check_recompiles(device) -> dict:
     shapes = [(17,), (2, 2, 2, 2), (1000,), (1,), (6, 1)]
     params = [torch.randn(s, device=device, generator=gen) for s in shapes]
     grads = [[torch.randn(s, device=device, generator=gen) for s in shapes] for _ in range(3)]
-    _run(params, grads, True, steps=1)
-    before = counters["stats"]["unique_graphs"]
-    for lr in (1e-3, 2e-3, torch.tensor(5e-4)):
-        _run(params, grads, True, steps=3, lr=lr)
-    new = counters["stats"]["unique_graphs"] - before
+    # On CPU, float32 tensors would take the C++ kernel, which has no graphs to count.
+    with fused._kernels(cpu="per_tensor"):
+        _run(params, grads, True, steps=1)
+        before = counters["stats"]["unique_graphs"]
+        for lr in (1e-3, 2e-3, torch.tensor(5e-4)):
+            _run(params, grads, True, steps=3, lr=lr)
+        new = counters["stats"]["unique_graphs"] - before
     return {"ok": new == 0, "new_graphs": new}
 
 
@@ -103,7 +111,7 @@ def check_grad_scaler(device) -> dict:
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64, device=device)
     optimizer = Ano(model.parameters(), lr=1e-2, fused=True)
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler(device.type)
     x = torch.randn(8, 64, device=device)
     scaler.scale(model(x).pow(2).mean()).backward()
     scaler.step(optimizer)
@@ -185,7 +193,7 @@ def check_cuda_graph(device) -> dict:
             continue
         steps = (eager[-1].item(), replayed[-1].item())
         # Parameters: sign flips allowed on 1 %; moments (every third tensor after the first)
-        # to 1e-4, or 2 % in the mean with stochastically rounded bfloat16 state.
+        # within float32 precision, or 2 % in the mean with stochastically rounded bf16 state.
         params = list(zip(eager[0:-1:3], replayed[0:-1:3], strict=True))
         moments = [
             pair for i in (1, 2) for pair in zip(eager[i:-1:3], replayed[i:-1:3], strict=True)
@@ -202,8 +210,8 @@ def check_cuda_graph(device) -> dict:
             )
             ok_moments = err < 0.02
         else:
-            err = max(((a - b).abs() / (a.abs() + 1e-6)).max().item() for a, b in moments)
-            ok_moments = err < 1e-4
+            err = _moment_excess(moments)
+            ok_moments = err <= 1
         ok = steps == (8.0, 8.0) and ok_moments and off <= 0.01 * total
         results[label] = {"ok": ok, "steps": steps, "moment_err": err, "param_coords_off": off}
         print(f"  {label}: {json.dumps(results[label])}", flush=True)
@@ -235,10 +243,8 @@ def check_triton_kernel(device) -> dict:
     compiled = _run(params, grads, True)
     with fused._kernels(gpu="triton_multi_tensor"):
         ours = _run(params, grads, True)
-    moment_err = max(
-        ((a - b).abs() / (b.abs() + 1e-6)).max().item()
-        for i in (1, 2)
-        for a, b in zip(ours[i], compiled[i], strict=True)
+    moment_excess = _moment_excess(
+        pair for i in (1, 2) for pair in zip(ours[i], compiled[i], strict=True)
     )
     total = sum(p.numel() for p in params)
     off = sum(int(((a - b).abs() > 1e-5).sum()) for a, b in zip(ours[0], compiled[0], strict=True))
@@ -258,8 +264,8 @@ def check_triton_kernel(device) -> dict:
         # Host time matters here: time the whole step, launches included.
         times[label] = _cuda_ms(optimizer.step)
         print(f"  ResNet-50 set, {label}: {times[label]:.3f} ms", flush=True)
-    ok = moment_err < 1e-4 and off <= 0.01 * total
-    return {"ok": ok, "moment_max_rel_err": moment_err, "param_coords_off": off, "of": total,
+    ok = moment_excess <= 1 and off <= 0.01 * total
+    return {"ok": ok, "moment_excess": moment_excess, "param_coords_off": off, "of": total,
             "resnet50_ms": times}  # fmt: skip
 
 
@@ -322,30 +328,42 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--billions", type=float, default=1.0, help="parameters for bandwidth")
     parser.add_argument("--output", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: run only the checks that need no GPU, as a smoke test of this script (the "
+        "test suite does, so the script cannot rot before a GPU is lent)",
+    )
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run it on a machine with a GPU", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
-    checks = [
-        ("equivalence", check_equivalence),
-        ("recompiles", check_recompiles),
-        ("grad_scaler", check_grad_scaler),
-        ("cuda_graph", check_cuda_graph),
-        ("triton_kernel", check_triton_kernel),
-        ("bandwidth", lambda d: check_bandwidth(d, args.billions)),
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    report = {"torch": torch.__version__, "device": name}
+    checks = [  # (name, check, needs CUDA)
+        ("equivalence", check_equivalence, False),
+        ("recompiles", check_recompiles, False),
+        ("grad_scaler", check_grad_scaler, False),
+        ("cuda_graph", check_cuda_graph, True),
+        ("triton_kernel", check_triton_kernel, True),
+        ("bandwidth", lambda d: check_bandwidth(d, args.billions), True),
     ]
-    for name, check in checks:
+    for check_name, check, needs_cuda in checks:
+        if needs_cuda and device.type != "cuda":
+            report[check_name] = {"skipped": "needs CUDA"}
+            continue
         start = time.perf_counter()
         try:
-            report[name] = check(device)
+            report[check_name] = check(device)
         except Exception:
-            report[name] = {"ok": False, "error": traceback.format_exc()[-2000:]}
-        report[name]["seconds"] = time.perf_counter() - start
-        print(f"{name}: {json.dumps(report[name])}", flush=True)
-        args.output.write_text(json.dumps(report, indent=2))
-    return 0 if all(report[name]["ok"] for name, _ in checks) else 1
+            report[check_name] = {"ok": False, "error": traceback.format_exc()[-2000:]}
+        report[check_name]["seconds"] = time.perf_counter() - start
+        print(f"{check_name}: {json.dumps(report[check_name])}", flush=True)
+        args.output.write_text(json.dumps(report, indent=2))  # a crash keeps what ran
+    args.output.write_text(json.dumps(report, indent=2))
+    return 0 if all(r.get("ok", True) for r in report.values() if isinstance(r, dict)) else 1
 
 
 if __name__ == "__main__":
