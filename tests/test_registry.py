@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import re
 import subprocess
 import sys
@@ -51,6 +52,17 @@ def test_builtins_are_registered_with_lazy_references():
     assert ANO.source == ANOLOG.source == "built-in"
     assert ANO.has_betas and ANO.has_eps and not ANO.has_momentum
     assert ANO.frameworks == ("torch", "keras")
+
+
+@pytest.mark.parametrize("name", list_optimizers(framework="torch"))
+def test_declared_arguments_match_the_torch_class(name):
+    """Integrations forward betas, eps and momentum by the spec's flags: each flag must agree
+    with what the class's constructor accepts, for every registered optimizer."""
+    spec = get_optimizer_spec(name)
+    accepted = set(inspect.signature(get_optimizer_class(name, "torch")).parameters)
+    for flag, keyword in (("has_betas", "betas"), ("has_eps", "eps"), ("has_momentum", "momentum")):
+        assert getattr(spec, flag) == (keyword in accepted), (name, flag)
+    assert set(spec.defaults) <= accepted, (name, spec.defaults)
 
 
 @pytest.mark.parametrize("name", ["ANO", "Ano", "aNoLoG"])
