@@ -63,7 +63,7 @@ def mixed_precision_ano(
     the wider of the two dtypes (at least float32), run the single-tensor path's update on them,
     and write the results back (stochastic rounding into bfloat16).
     """
-    from .optimizer import _ano_update_, _lr_value, _step_count, _update_scalars  # a cycle
+    from .optimizer import _ano_update_, _stepped_tensors  # a cycle: optimizer imports us
 
     if not all(t.is_contiguous() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts):
         raise ValueError(
@@ -71,25 +71,12 @@ def mixed_precision_ano(
             "parameters) needs contiguous parameters, gradients and state; use fused=True for "
             "other memory layouts"
         )
-    compiling = torch.compiler.is_compiling()
-    lr = _lr_value(lr, compiling=compiling, capturable=capturable)
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
-    ):
-        if torch.is_complex(param):
-            param, grad, exp_avg, exp_avg_sq = (
-                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
-            )
-        step_t += 1
-        scalars = _update_scalars(
-            _step_count(step_t, compiling=compiling, capturable=capturable),
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            logarithmic_schedule=logarithmic_schedule,
-        )
+    stepped = _stepped_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, beta1=beta1,
+        beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        logarithmic_schedule=logarithmic_schedule,
+    )  # fmt: skip
+    for param, grad, exp_avg, exp_avg_sq, scalars in stepped:
         compute = torch.promote_types(
             torch.promote_types(param.dtype, exp_avg.dtype), torch.float32
         )

@@ -541,19 +541,49 @@ def _lr_value(lr, *, compiling: bool, capturable: bool):
     return lr.to(torch.float64) if capturable else lr.item()
 
 
-def _update_scalars(
-    step, *, beta1, beta2, lr, weight_decay, eps, logarithmic_schedule
-) -> dict[str, object]:
-    """The scalar keyword arguments of :func:`_ano_update_` at ``step`` (a number or a 0-d
-    tensor, which makes the scalars 0-d tensors)."""
-    return {
-        "momentum_weight": _momentum_weight(step, beta1, logarithmic_schedule),
-        "beta2": beta2,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "eps": eps,
-        "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
-    }
+def _stepped_tensors(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    state_steps,
+    *,
+    capturable,
+    beta1,
+    beta2,
+    lr,
+    weight_decay,
+    eps,
+    logarithmic_schedule,
+):
+    """For each parameter in turn: increment its step, then yield its four tensors (complex ones
+    as their real views) and the scalar keyword arguments of :func:`_ano_update_` for that step.
+    The per-tensor loop of the single-tensor and the float32-math paths."""
+    compiling = torch.compiler.is_compiling()
+    lr = _lr_value(lr, compiling=compiling, capturable=capturable)
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
+    ):
+        if torch.is_complex(param):
+            param, grad, exp_avg, exp_avg_sq = (
+                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
+            )
+        step_t += 1
+        step = _step_count(step_t, compiling=compiling, capturable=capturable)
+        yield (
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            {
+                "momentum_weight": _momentum_weight(step, beta1, logarithmic_schedule),
+                "beta2": beta2,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "eps": eps,
+                "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
+            },
+        )
 
 
 def _ano_update_(
@@ -641,26 +671,13 @@ def _single_tensor_ano(
     capturable: bool,
 ) -> None:
     compiling = torch.compiler.is_compiling()
-    lr = _lr_value(lr, compiling=compiling, capturable=capturable)
     scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
-    ):
-        if torch.is_complex(param):
-            param, grad, exp_avg, exp_avg_sq = (
-                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
-            )
-        step_t += 1
-        scalars = _update_scalars(
-            _step_count(step_t, compiling=compiling, capturable=capturable),
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            logarithmic_schedule=logarithmic_schedule,
-        )
+    stepped = _stepped_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, beta1=beta1,
+        beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        logarithmic_schedule=logarithmic_schedule,
+    )  # fmt: skip
+    for param, grad, exp_avg, exp_avg_sq, scalars in stepped:
         blocked = not compiling and all(
             t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)
         )
@@ -736,8 +753,6 @@ def _multi_tensor_ano(
             weights, corrections = _step_scalars(
                 dev_steps, beta1, beta2, logarithmic_schedule, torch.float64, device
             )
-            if not logarithmic_schedule:
-                weights = [1.0 - beta1] * len(dev_steps)
         else:
             steps = [s.item() for s in dev_steps]
             weights = [_momentum_weight(s, beta1, logarithmic_schedule) for s in steps]
