@@ -337,17 +337,7 @@ def _cpu_multi_tensor(
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
             )
             tensors = (param, grad, exp_avg, exp_avg_sq, step)
-        if (
-            param.dtype == f32
-            and grad.dtype == f32
-            and step.dtype == f32
-            and exp_avg.dtype == exp_avg_sq.dtype
-            and exp_avg.dtype in _CPU_STATE_TYPES
-            and param.is_contiguous()
-            and grad.is_contiguous()
-            and exp_avg.is_contiguous()
-            and exp_avg_sq.is_contiguous()
-        ):
+        if step.dtype == f32 and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq):
             batches.setdefault(exp_avg.dtype, []).append(tensors)
             indices.setdefault(exp_avg.dtype, []).append(i)
         else:
@@ -372,6 +362,18 @@ def _cpu_multi_tensor(
                 [t for ts in batch for t in ts if t is not ts[1]]
             )
     return sorted(left)
+
+
+def _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
+    """Whether a multi-tensor kernel (this file's CPU kernel, fused_triton's GPU one) updates
+    these tensors: float32 parameter and gradient, both moments float32 or both bfloat16, all
+    contiguous."""
+    return (
+        param.dtype == grad.dtype == torch.float32
+        and exp_avg.dtype == exp_avg_sq.dtype
+        and exp_avg.dtype in _CPU_STATE_TYPES
+        and all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -478,7 +480,7 @@ def _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device) -> Tensor:
 def _float64_vector(values: tuple, device: torch.device) -> Tensor:
     """``values`` as a float64 tensor on ``device``. Off the CPU it is filled by kernels that
     carry the values as arguments: a host-to-device copy cannot be captured in a CUDA graph."""
-    if torch.compiler.is_compiling() or device is None or device.type == "cpu":
+    if torch.compiler.is_compiling() or device.type == "cpu":
         return torch.tensor(values, dtype=torch.float64, device=device)
     vector = torch.empty(len(values), dtype=torch.float64, device=device)
     for i, value in enumerate(values):

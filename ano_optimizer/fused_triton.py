@@ -20,13 +20,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import _block_table
+from .fused import _block_table, _multi_tensor_takes
 
 __all__ = ["triton_multi_tensor"]
 
 # Elements per program; a block never spans two tensors.
 BLOCK = 1024
-_STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @triton.jit
@@ -124,13 +123,7 @@ def triton_multi_tensor(
     for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)
     ):
-        tensors = (param, grad, exp_avg, exp_avg_sq)
-        if (
-            param.dtype == grad.dtype == torch.float32
-            and exp_avg.dtype == exp_avg_sq.dtype
-            and exp_avg.dtype in _STATE_DTYPES
-            and all(t.is_contiguous() for t in tensors)
-        ):
+        if _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq):
             if param.numel():
                 batches.setdefault(exp_avg.dtype, []).append(i)
         else:
