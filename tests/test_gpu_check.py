@@ -14,15 +14,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_check_runs_its_device_independent_checks_on_cpu(tmp_path):
-    output = tmp_path / "gpu_check.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--output", str(output)],
+def _gpu_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_gpu_check_runs_its_device_independent_checks_on_cpu(tmp_path):
+    output = tmp_path / "gpu_check.json"
+    run = _gpu_check("--device", "cpu", "--output", str(output))
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(output.read_text())
     assert report["device"] == "cpu"
@@ -37,12 +41,6 @@ def test_gpu_check_runs_its_device_independent_checks_on_cpu(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the whole check would run")
 def test_gpu_check_without_a_gpu_says_so():
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _gpu_check()
     assert run.returncode == 2
     assert "no CUDA device" in run.stderr
