@@ -455,3 +455,51 @@ def test_multi_tensor_cpu_kernel_is_built_once_and_reused_by_later_processes(tmp
     first = run()
     assert first, "no kernel library in the cache directory"
     assert run() == first
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
+def test_every_path_treats_zero_and_non_finite_values_alike(state_dtype):
+    """Exact zeros, signed zeros, infinities and NaNs in gradients and moments, as after an
+    overflow without GradScaler: the multi-tensor kernel, the compiled kernel and the
+    single-tensor path give NaN in the same places, and the same finite values. sign(0) and
+    sign(NaN) are 0 as in torch.sign, so a NaN gradient makes the parameter NaN on every path
+    rather than leaving it alone on one of them."""
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, 1e-45])
+    gen = torch.Generator().manual_seed(3)
+    n = 16384 + 300
+
+    def special(size):
+        x = torch.randn(size, generator=gen)
+        pick = torch.rand(size, generator=gen) < 0.15
+        x[pick] = specials[torch.randint(len(specials), (int(pick.sum()),), generator=gen)]
+        return x
+
+    grads = [special(n) for _ in range(4)]
+    start_m, start_v = special(n), special(n).abs()
+    start_v[::9] = grads[0][::9] ** 2  # g^2 == v exactly: sign(g^2 - v) = 0
+    runs = {}
+    for path in ("multi_tensor", "per_tensor", "single_tensor"):
+        torch.manual_seed(5)  # the same stochastic-rounding seeds
+        param = torch.randn(n, generator=torch.Generator().manual_seed(4))
+        exp_avg, exp_avg_sq = (
+            t.to(state_dtype or torch.float32, copy=True) for t in (start_m, start_v)
+        )
+        step = torch.tensor(0.0)
+        for grad in grads:
+            with fused._kernels(cpu="per_tensor" if path == "per_tensor" else "multi_tensor"):
+                ano(
+                    [param], [grad], [exp_avg], [exp_avg_sq], [step],
+                    fused=path != "single_tensor", foreach=False, **HYPER,
+                )  # fmt: skip
+        runs[path] = (param, exp_avg.float(), exp_avg_sq.float())
+    assert runs["multi_tensor"][0].isnan().any() and runs["multi_tensor"][0].isfinite().any()
+    for path in ("per_tensor", "single_tensor"):
+        for ours, theirs in zip(runs["multi_tensor"], runs[path], strict=True):
+            assert torch.equal(ours.isnan(), theirs.isnan()), path
+            if state_dtype is not None and path == "single_tensor":
+                # Eager bf16 state draws its own rounding noise: after four steps the moments
+                # are a few bf16 ulps of their O(1) inputs apart, which is large next to a
+                # momentum that has cancelled to near 0.
+                torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=2.0**-5, atol=2.0**-5)
+            else:
+                torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=1e-5, atol=1e-6)
