@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import operator
 import types
 import warnings
 from importlib import resources
@@ -304,7 +306,8 @@ _GPU_KERNEL = "per_tensor"
 # Elements per unit of work in the multi-tensor kernel: 64 KiB of each float32 operand.
 _CPU_BLOCK = 1 << 14
 _CPU_ARGTYPES = [
-    "const int64_t*",  # pointers: param, grad, exp_avg, exp_avg_sq, step per tensor
+    "int64_t",  # id of (params, grads, exp_avgs, exp_avg_sqs, steps), a tuple of lists
+    "int64_t",  # address of Inductor's tensor data-pointer reader
     "const int64_t*",  # numels
     "const int64_t*",  # block -> tensor
     "const int64_t*",  # block -> first element
@@ -326,42 +329,76 @@ def _cpu_multi_tensor(
     """Step every float32 tensor (float32 or bfloat16 state, contiguous, float32 step) of a CPU
     group with one call of the multi-tensor kernel per state dtype, step counts included;
     return the indices left to the per-tensor kernel."""
-    batches: dict[torch.dtype, list] = {}
-    indices: dict[torch.dtype, list[int]] = {}
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    batches = _uniform_batch(lists)
     left = []
-    f32 = torch.float32
-    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)):
+    if batches is None:
+        batches, left = _sorted_batches(lists)
+    if batches:
+        amp = torch.stack([skip, inv_scale]).to(torch.float32)
+        for state_dtype, (indices, batch) in batches.items():
+            kernel = _cpu_kernel(state_dtype)
+            if kernel is None:
+                left += indices
+                continue
+            numels, block_tensor, block_begin = _block_table(
+                tuple(map(Tensor.numel, batch[0])), _CPU_BLOCK, params[0].device
+            )
+            # The kernel reads the tensors' addresses from these lists itself (see its header).
+            roles = tuple(map(list, batch))
+            kernel(
+                id(roles), _tensor_data_ptr(), numels, block_tensor, block_begin, hyper, amp,
+                len(batch[0]), block_tensor.numel(), _CPU_BLOCK, int(maximize), int(log), int(seed),
+            )  # fmt: skip
+            # The kernel writes through raw pointers: tell autograd, as in-place ops do.
+            torch.autograd.graph.increment_version(batch[0] + batch[2] + batch[3] + batch[4])
+    return sorted(left)
+
+
+def _uniform_batch(lists) -> dict | None:
+    """The usual group, checked a whole list at a time (no Python per tensor): every param,
+    grad and step float32, one state dtype the kernel takes, all contiguous. Then the whole
+    group is one batch; otherwise None. Saves ~0.3 ms per step on 161 tensors."""
+    params, grads, exp_avgs, exp_avg_sqs, steps = lists
+    state_dtypes = {*map(_dtype, exp_avgs), *map(_dtype, exp_avg_sqs)}
+    if len(state_dtypes) != 1 or not state_dtypes <= _CPU_STATE_TYPES.keys():
+        return None
+    if {*map(_dtype, params), *map(_dtype, grads), *map(_dtype, steps)} != {torch.float32}:
+        return None
+    if not all(map(Tensor.is_contiguous, itertools.chain(params, grads, exp_avgs, exp_avg_sqs))):
+        return None
+    return {state_dtypes.pop(): (list(range(len(params))), lists)}
+
+
+def _sorted_batches(lists) -> tuple[dict, list[int]]:
+    """Tensor by tensor: the batches the kernel takes, by state dtype, each as (indices, the
+    five role lists), and the indices it leaves. Complex tensors go in as real views."""
+    batches: dict[torch.dtype, tuple[list[int], tuple[list, ...]]] = {}
+    left = []
+    for i, tensors in enumerate(zip(*lists, strict=True)):
         param, grad, exp_avg, exp_avg_sq, step = tensors
         if param.dtype == torch.complex64 and grad.dtype == torch.complex64:
             param, grad, exp_avg, exp_avg_sq = (
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
             )
             tensors = (param, grad, exp_avg, exp_avg_sq, step)
-        if step.dtype == f32 and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq):
-            batches.setdefault(exp_avg.dtype, []).append(tensors)
-            indices.setdefault(exp_avg.dtype, []).append(i)
+        if step.dtype == torch.float32 and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq):
+            indices, roles = batches.setdefault(exp_avg.dtype, ([], ([], [], [], [], [])))
+            indices.append(i)
+            for role, t in zip(roles, tensors, strict=True):
+                role.append(t)
         else:
             left.append(i)
-    if batches:
-        amp = torch.stack([skip, inv_scale]).to(f32)
-        for state_dtype, batch in batches.items():
-            kernel = _cpu_kernel(state_dtype)
-            if kernel is None:
-                left += indices[state_dtype]
-                continue
-            numels, block_tensor, block_begin = _block_table(
-                tuple(t[0].numel() for t in batch), _CPU_BLOCK, params[0].device
-            )
-            pointers = torch.tensor([t.data_ptr() for ts in batch for t in ts], dtype=torch.int64)
-            kernel(
-                pointers, numels, block_tensor, block_begin, hyper, amp,
-                len(batch), block_tensor.numel(), _CPU_BLOCK, int(maximize), int(log), int(seed),
-            )  # fmt: skip
-            # The kernel writes through raw pointers: tell autograd, as in-place ops do.
-            torch.autograd.graph.increment_version(
-                [t for ts in batch for t in ts if t is not ts[1]]
-            )
-    return sorted(left)
+    return batches, left
+
+
+_dtype = operator.attrgetter("dtype")
+
+
+def _tensor_data_ptr() -> int:
+    """The address of the C function Inductor's Python bindings use to read a tensor's data
+    pointer; building the kernel's bindings requires it, so it exists wherever they load."""
+    return torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr
 
 
 def _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
@@ -491,11 +528,7 @@ def _float64_vector(values: tuple, device: torch.device) -> Tensor:
 def _rounding_seed(params, exp_avgs, exp_avg_sqs, device) -> Tensor:
     """A fresh seed for stochastic rounding when some state is narrower than float32 math;
     otherwise a constant, so that runs without it leave torch's random stream untouched."""
-    narrow = any(
-        t.dtype == torch.bfloat16 and p.dtype != torch.bfloat16
-        for p, m, v in zip(params, exp_avgs, exp_avg_sqs, strict=True)
-        for t in (m, v)
-    ) or any(p.dtype == torch.bfloat16 for p in params)
+    narrow = torch.bfloat16 in {t.dtype for t in itertools.chain(params, exp_avgs, exp_avg_sqs)}
     if narrow:
         return torch.randint(0, 2**16, (), device=device, dtype=torch.int64)
     return _zero_seed(device)
