@@ -1,16 +1,18 @@
 """Fused Ano against AdamW(fused=True) and the memory-bandwidth floor (fp32 params, CPU).
 
-    python -m benchmarks.fused_step [--sets resnet50 gpt2-small] [--steps 10] [--threads 2]
+    python -m benchmarks.fused_step [--sets resnet50 gpt2-small] [--rounds 30] [--threads 2]
                                     [--plot docs/assets/fused_step_time.png]
 
 For each parameter set: the first fused step in a fresh process with an empty Inductor cache
-(cold) and with the cache of that first process (warm); then the median step time of fused Ano
-with float32 and with bfloat16 state, of the default Ano path and of ``AdamW(fused=True)``, all
-in this run with timing rounds interleaved; and the bandwidth floor: the time of
-``copy_floor.cpp``, which reads four and writes three flat buffers of the same total size with
-one add per value (the bytes a fused step must move: 28 per parameter with float32 state, 20
-with bfloat16), built and blocked like the fused kernel, timed as one more row.
-``--plot`` draws step time against parameter count for the Ano and AdamW paths and the floor.
+(cold) and with the cache of that first process (warm); then, in one process, fused Ano with
+float32 and with bfloat16 state, the default Ano path, ``AdamW(fused=True)`` and the bandwidth
+floor, each stepped once per round with the rounds interleaved across rows. The floor is the
+time of ``copy_floor.cpp``, which reads four and writes three flat buffers of the same total
+size with one add per value (the bytes a fused step must move: 28 per parameter with float32
+state, 20 with bfloat16), built and blocked like the fused kernel. The table gives each row's
+median time, and its ratios to ``AdamW(fused=True)`` and to the floor as medians over rounds
+of the ratio within a round. ``--plot`` draws step time against parameter count for the Ano
+and AdamW paths and the floor.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class CopyFloor:
     """The bandwidth floor as a benchmark row: ``copy_floor.cpp`` over four flat buffers as
     large as the parameter set (three written), stepped like an optimizer. Timed in the same
     rounds as the optimizers, it sees the same memory conditions; on this machine those change
-    from process to process by tens of percent."""
+    from minute to minute by tens of percent."""
 
     def __init__(self, params, state_dtype: torch.dtype = torch.float32):
         self.numel = sum(p.numel() for p in params)
@@ -120,25 +122,34 @@ def first_step_seconds(name: str, threads: int, cache_dir: str) -> float:
     return _printed_number(_FIRST_STEP.format(name=name, threads=threads), env)
 
 
-def time_rows(shapes, steps: int, rounds: int, table: dict, out=print, tag="") -> dict:
+def time_rows(shapes, rounds: int, table: dict, out=print, tag="") -> dict[str, list[float]]:
+    """Step every row once per round, rows interleaved, for ``rounds`` rounds; return each
+    row's step times in ms, in round order. One step per row per round keeps the rows of a
+    round within a few hundred milliseconds of each other: this machine's memory bandwidth
+    changes by up to 50 % from one minute to the next, and paired ratios cancel that."""
     optimizers = {label: make(make_params(shapes)) for label, make in table.items()}
     for label, opt in optimizers.items():
         start = time.perf_counter()
         for _ in range(2):
             opt.step()
         out(f"  {tag} warm-up {label}: {time.perf_counter() - start:.1f} s")
-    times = {label: [] for label in table}
+    times: dict[str, list[float]] = {label: [] for label in table}
     for r in range(rounds):
         for label, opt in optimizers.items():
-            for _ in range(max(1, steps // rounds)):
-                start = time.perf_counter()
-                opt.step()
-                times[label].append(time.perf_counter() - start)
-        out(f"  {tag} timing round {r + 1}/{rounds}")
-    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
+            start = time.perf_counter()
+            opt.step()
+            times[label].append((time.perf_counter() - start) * 1e3)
+        if (r + 1) % max(1, rounds // 5) == 0 or r + 1 == rounds:
+            out(f"  {tag} timing round {r + 1}/{rounds}")
+    return times
 
 
-def bench_set(name: str, steps: int, rounds: int, threads: int) -> dict:
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator / denominator, both timed in the same round."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def bench_set(name: str, rounds: int, threads: int) -> dict:
     shapes = PARAMETER_SETS[name]()
     numel = sum(torch.Size(s).numel() for s in shapes)
     print(f"{name}: {len(shapes)} tensors, {numel / 1e6:.1f} M parameters", flush=True)
@@ -147,19 +158,32 @@ def bench_set(name: str, steps: int, rounds: int, threads: int) -> dict:
         print(f"  first fused step, empty Inductor cache: {cold:.1f} s", flush=True)
         warm = first_step_seconds(name, threads, cache)
         print(f"  first fused step, cache of that run: {warm:.1f} s", flush=True)
-    medians = time_rows(shapes, steps, rounds, rows(), tag=f"[{name}]")
-    floor32, floor16 = medians.pop(FLOOR), medians.pop(FLOOR_BF16)
-    print(f"  bandwidth floor: {floor32:.1f} ms (bf16 state: {floor16:.1f} ms)", flush=True)
+    times = time_rows(shapes, rounds, rows(), tag=f"[{name}]")
+    floor32, floor16 = times.pop(FLOOR), times.pop(FLOOR_BF16)
+    adamw = times["AdamW fused=True"]
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    print(
+        f"  bandwidth floor: {statistics.median(floor32):.1f} ms "
+        f"(bf16 state: {statistics.median(floor16):.1f} ms)",
+        flush=True,
+    )
     return {
         "set": name,
         "tensors": len(shapes),
         "parameters": numel,
+        "rounds": rounds,
         "first_step_cold_s": cold,
         "first_step_warm_cache_s": warm,
         "median_ms": medians,
-        "floor_ms_fp32_state": floor32,
-        "floor_ms_bf16_state": floor16,
-        "floor_gb_s": 28 * numel / floor32 / 1e6,
+        "times_ms": {**times, FLOOR: floor32, FLOOR_BF16: floor16},
+        "x_adamw_fused": {label: paired_ratio(t, adamw) for label, t in times.items()},
+        "floor_fraction": {
+            label: paired_ratio(floor16 if "bf16" in label else floor32, t)
+            for label, t in times.items()
+        },
+        "floor_ms_fp32_state": statistics.median(floor32),
+        "floor_ms_bf16_state": statistics.median(floor16),
+        "floor_gb_s": 28 * numel / statistics.median(floor32) / 1e6,
     }
 
 
@@ -167,26 +191,28 @@ def markdown(results: list[dict], threads: int) -> str:
     lines = []
     for res in results:
         med = res["median_ms"]
-        adamw = med["AdamW fused=True"]
         lines += [
             f"**{res['set']}**: {res['tensors']} tensors, {res['parameters'] / 1e6:.1f} M "
             f"parameters, {threads} threads. First fused step: {res['first_step_cold_s']:.1f} s "
             f"with an empty Inductor cache, {res['first_step_warm_cache_s']:.1f} s with a warm "
             f"one. Bandwidth floor (4-read/3-write C++ copy, copy_floor.cpp): "
             f"{res['floor_ms_fp32_state']:.1f} ms ({res['floor_gb_s']:.1f} GB/s), "
-            f"{res['floor_ms_bf16_state']:.1f} ms with bf16 state.",
+            f"{res['floor_ms_bf16_state']:.1f} ms with bf16 state. {res['rounds']} rounds; the "
+            "ratios are medians over rounds of the ratio within a round.",
             "",
             "| row | median ms/step | × AdamW fused | % of bandwidth floor |",
             "|---|---:|---:|---:|",
         ]
         for label, ms in med.items():
-            floor = res["floor_ms_bf16_state" if "bf16" in label else "floor_ms_fp32_state"]
-            lines.append(f"| {label} | {ms:.1f} | {ms / adamw:.2f} | {100 * floor / ms:.0f} % |")
+            lines.append(
+                f"| {label} | {ms:.1f} | {res['x_adamw_fused'][label]:.2f} "
+                f"| {100 * res['floor_fraction'][label]:.0f} % |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(path: Path, steps: int, threads: int) -> list[dict]:
+def plot(path: Path, rounds: int, threads: int) -> list[dict]:
     """Step time against parameter count on GPT-2-like sets of growing width."""
     import matplotlib
 
@@ -199,7 +225,8 @@ def plot(path: Path, steps: int, threads: int) -> list[dict]:
         shapes = gpt2_small_shapes(width=width)
         numel = sum(torch.Size(s).numel() for s in shapes)
         print(f"plot: width {width}, {numel / 1e6:.0f} M parameters", flush=True)
-        medians = time_rows(shapes, steps, 2, table, out=lambda _: None)
+        times = time_rows(shapes, rounds, table, out=lambda _: None)
+        medians = {label: statistics.median(t) for label, t in times.items()}
         points.append({"parameters": numel, "median_ms": medians})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in table:
@@ -228,17 +255,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--sets", nargs="+", default=list(PARAMETER_SETS), choices=list(PARAMETER_SETS)
     )
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=30, help="interleaved rounds, one timed step per row each"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=None, help="write the step-time plot here")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/fused_step.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [bench_set(name, args.steps, args.rounds, args.threads) for name in args.sets]
+    results = [bench_set(name, args.rounds, args.threads) for name in args.sets]
     report = markdown(results, args.threads)
     print(report)
-    points = plot(args.plot, max(4, args.steps // 2), args.threads) if args.plot else None
+    points = plot(args.plot, max(4, args.rounds // 3), args.threads) if args.plot else None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps({"torch": torch.__version__, "results": results, "plot": points}, indent=2)
