@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ class AnoOnKernel:
 
 FLOOR = "bandwidth floor (copy, float32 state)"
 FLOOR_BF16 = "bandwidth floor (copy, bf16 state)"
+SAME_TENSORS_FLOOR = "copy in the fused kernel, same tensors (float32 state)"
 
 
 def rows() -> dict:
@@ -63,9 +65,30 @@ def rows() -> dict:
         "Ano foreach=True": lambda ps: Ano(ps, lr=1e-4, foreach=True),
         "AdamW fused=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         "AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        SAME_TENSORS_FLOOR: SameTensorsCopy,
         FLOOR: CopyFloor,
         FLOOR_BF16: lambda ps: CopyFloor(ps, torch.bfloat16),
     }
+
+
+class SameTensorsCopy:
+    """Fused Ano with its kernel built with ``COPY_FLOOR``: the same Python, call, tensors,
+    blocks and threads as the "Ano fused=True" row, with the update replaced by one add per
+    value. Against it, that row's extra time is the cost of Ano's arithmetic alone; against the
+    flat floor, this row's extra time is the cost of a step over many tensors."""
+
+    def __init__(self, params):
+        self.optimizer = Ano(params, lr=1e-4, fused=True)
+        source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
+        self.kernel = fused._build_cpu_kernel(source, fused._CPU_ARGTYPES, COPY_FLOOR="1")
+
+    def step(self):
+        kernel_for = fused._cpu_kernel
+        fused._cpu_kernel = lambda state_dtype: self.kernel
+        try:
+            self.optimizer.step()
+        finally:
+            fused._cpu_kernel = kernel_for
 
 
 class CopyFloor:
@@ -230,7 +253,11 @@ def plot(path: Path, rounds: int, threads: int) -> list[dict]:
         points.append({"parameters": numel, "median_ms": medians})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in table:
-        style = "-o" if label.startswith("Ano") else (":" if label == FLOOR else "--s")
+        style = (
+            "-o"
+            if label.startswith("Ano")
+            else (":" if label in (FLOOR, SAME_TENSORS_FLOOR) else "--s")
+        )
         ax.plot(
             [p["parameters"] / 1e6 for p in points],
             [p["median_ms"][label] for p in points],

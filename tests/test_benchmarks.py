@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.fused_step import FLOOR, CopyFloor, paired_ratio, rows, time_rows
+from ano_optimizer import Ano
+from benchmarks.fused_step import FLOOR, CopyFloor, SameTensorsCopy, paired_ratio, rows, time_rows
 from benchmarks.step_time import make_params
 
 SHAPES = [(300,), (17, 5), (1,)]
@@ -25,6 +26,24 @@ def test_copy_floor_reads_four_buffers_and_writes_three(state_dtype):
         expected = (start.float() + before[1]).to(state_dtype)  # bf16: truncated, not rounded
         assert after.dtype == state_dtype
         assert (after.float() - expected.float()).abs().max() <= 2.0**-7
+
+
+def test_same_tensors_copy_adds_the_gradient_to_every_tensor_of_fused_ano():
+    params = make_params(SHAPES)
+    start = [p.detach().clone() for p in params]
+    floor = SameTensorsCopy(params)
+    floor.step()
+    for p, p0 in zip(params, start, strict=True):
+        state = floor.optimizer.state[p]
+        torch.testing.assert_close(p.detach(), p0 + p.grad)
+        assert torch.equal(state["exp_avg"], p.grad) and torch.equal(state["exp_avg_sq"], p.grad)
+        assert state["step"].item() == 1.0
+    # The real kernel is back in place afterwards: a fused step is Ano's step again.
+    fused_params, eager_params = make_params(SHAPES), make_params(SHAPES)
+    Ano(fused_params, lr=1e-2, fused=True).step()
+    Ano(eager_params, lr=1e-2).step()
+    for a, b in zip(fused_params, eager_params, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_every_row_steps_once_per_round():
