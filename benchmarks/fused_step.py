@@ -145,26 +145,46 @@ def first_step_seconds(name: str, threads: int, cache_dir: str) -> float:
     return _printed_number(_FIRST_STEP.format(name=name, threads=threads), env)
 
 
-def time_rows(shapes, rounds: int, table: dict, out=print, tag="") -> dict[str, list[float]]:
+def time_rows(
+    shapes, rounds: int, table: dict, out=print, tag="", draws: int = 3
+) -> dict[str, list[float]]:
     """Step every row once per round, rows interleaved, for ``rounds`` rounds; return each
-    row's step times in ms, in round order. One step per row per round keeps the rows of a
-    round within a few hundred milliseconds of each other: this machine's memory bandwidth
-    changes by up to 50 % from one minute to the next, and paired ratios cancel that."""
-    optimizers = {label: make(make_params(shapes)) for label, make in table.items()}
-    for label, opt in optimizers.items():
-        start = time.perf_counter()
-        for _ in range(2):
-            opt.step()
-        out(f"  {tag} warm-up {label}: {time.perf_counter() - start:.1f} s")
+    row's step times in ms, in round order.
+
+    One step per row per round keeps the rows of a round within a few hundred milliseconds of
+    each other: this machine's memory bandwidth changes by up to 50 % from one minute to the
+    next, and paired ratios cancel that. Every row also gets fresh tensors ``draws`` times
+    (evenly over the rounds): where an allocation lands moved one row's time by up to 10 %
+    against an identical row's in the same rounds.
+    """
     times: dict[str, list[float]] = {label: [] for label in table}
-    for r in range(rounds):
+    draw_rounds = [len(part) for part in _split(range(rounds), max(1, min(draws, rounds)))]
+    done = 0
+    for draw, count in enumerate(draw_rounds):
+        optimizers = {label: make(make_params(shapes)) for label, make in table.items()}
         for label, opt in optimizers.items():
             start = time.perf_counter()
-            opt.step()
-            times[label].append((time.perf_counter() - start) * 1e3)
-        if (r + 1) % max(1, rounds // 5) == 0 or r + 1 == rounds:
-            out(f"  {tag} timing round {r + 1}/{rounds}")
+            for _ in range(2):
+                opt.step()
+            if draw == 0:
+                out(f"  {tag} warm-up {label}: {time.perf_counter() - start:.1f} s")
+        for _ in range(count):
+            for label, opt in optimizers.items():
+                start = time.perf_counter()
+                opt.step()
+                times[label].append((time.perf_counter() - start) * 1e3)
+            done += 1
+            if done % max(1, rounds // 5) == 0 or done == rounds:
+                out(f"  {tag} timing round {done}/{rounds}")
+        del optimizers  # free this draw's tensors before the next one allocates its own
     return times
+
+
+def _split(items, parts: int) -> list:
+    items = list(items)
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:

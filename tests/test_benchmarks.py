@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ano_optimizer import Ano
+from benchmarks import fused_step
 from benchmarks.fused_step import FLOOR, CopyFloor, SameTensorsCopy, paired_ratio, rows, time_rows
 from benchmarks.step_time import make_params
 
@@ -46,11 +47,20 @@ def test_same_tensors_copy_adds_the_gradient_to_every_tensor_of_fused_ano():
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_every_row_steps_once_per_round():
+def test_every_row_steps_once_per_round_on_fresh_tensors_for_each_draw(monkeypatch):
+    made = []
+    real_make_params = fused_step.make_params
+
+    def counting_make_params(shapes):
+        made.append(shapes)
+        return real_make_params(shapes)
+
+    monkeypatch.setattr(fused_step, "make_params", counting_make_params)
     table = {label: make for label, make in rows().items() if "foreach" not in label}
-    times = time_rows(SHAPES, 3, table, out=lambda _: None)
+    times = time_rows(SHAPES, 5, table, out=lambda _: None, draws=2)
     assert set(times) == set(table) and FLOOR in times
-    assert all(len(t) == 3 and all(ms > 0 for ms in t) for t in times.values())
+    assert all(len(t) == 5 and all(ms > 0 for ms in t) for t in times.values())
+    assert len(made) == 2 * len(table)  # every row built once per draw
 
 
 def test_paired_ratio_compares_rounds_not_medians():
