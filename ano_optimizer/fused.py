@@ -358,7 +358,8 @@ def _cpu_multi_tensor(
 def _uniform_batch(lists) -> dict | None:
     """The usual group, checked a whole list at a time (no Python per tensor): every param,
     grad and step float32, one state dtype the kernel takes, all contiguous. Then the whole
-    group is one batch; otherwise None. Saves ~0.3 ms per step on 161 tensors."""
+    group is one batch; otherwise None. On 161 tensors it takes ~0.1 ms less than checking
+    tensor by tensor (``_sorted_batches``)."""
     params, grads, exp_avgs, exp_avg_sqs, steps = lists
     state_dtypes = {*map(_dtype, exp_avgs), *map(_dtype, exp_avg_sqs)}
     if len(state_dtypes) != 1 or not state_dtypes <= _CPU_STATE_TYPES.keys():
