@@ -235,7 +235,7 @@ def fused_ano(
         hyper = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
         skip, inv_scale = _amp_tensors(grad_scale, found_inf, device)
         seed = _rounding_seed(d_params, d_avgs, d_avg_sqs, device)
-        if not compiling and device.type == "cpu" and _CPU_KERNEL == "multi_tensor":
+        if not compiling and device.type == "cpu" and _CPU_KERNEL in _CPU_MULTI_TENSOR:
             left = _cpu_multi_tensor(
                 d_params, d_grads, d_avgs, d_avg_sqs, d_steps,
                 hyper, skip, inv_scale, seed, maximize, logarithmic_schedule,
@@ -298,7 +298,10 @@ def fused_ano(
 
 # Which CPU kernel runs the common case: "multi_tensor" (fused_cpu.cpp, one call per group) or
 # "per_tensor" (the torch.compile kernel above, one call per tensor). Tests run both.
+# "copy_floor" is fused_cpu.cpp built with COPY_FLOOR, for benchmarks/fused_step.py: the same
+# call over the same tensors with one add per value instead of the update.
 _CPU_KERNEL = "multi_tensor"
+_CPU_MULTI_TENSOR = ("multi_tensor", "copy_floor")
 # Which GPU kernel runs float32 tensors: "per_tensor" (the torch.compile kernel above) or
 # "triton_multi_tensor" (fused_triton.py, one launch per group). The second is unmeasured on a
 # GPU so far, hence not the default; benchmarks/gpu_check.py times both.
@@ -337,7 +340,7 @@ def _cpu_multi_tensor(
     if batches:
         amp = torch.stack([skip, inv_scale]).to(torch.float32)
         for state_dtype, (indices, batch) in batches.items():
-            kernel = _cpu_kernel(state_dtype)
+            kernel = _cpu_kernel(state_dtype, copy_floor=_CPU_KERNEL == "copy_floor")
             if kernel is None:
                 left += indices
                 continue
@@ -469,12 +472,16 @@ def _build_cpu_kernel(source: str, argtypes: list[str], **defines: str):
 
 
 @functools.cache
-def _cpu_kernel(state_dtype: torch.dtype):
-    """Build (or load from Inductor's on-disk cache) the multi-tensor kernel for one state dtype;
-    None, with a warning, where it cannot be built."""
+def _cpu_kernel(state_dtype: torch.dtype, copy_floor: bool = False):
+    """Build (or load from Inductor's on-disk cache) the multi-tensor kernel for one state dtype
+    (with ``copy_floor``, its bandwidth-floor build); None, with a warning, where it cannot be
+    built."""
     try:
         source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
-        return _build_cpu_kernel(source, _CPU_ARGTYPES, STATE_T=_CPU_STATE_TYPES[state_dtype])
+        defines = {"STATE_T": _CPU_STATE_TYPES[state_dtype]}
+        if copy_floor:
+            defines["COPY_FLOOR"] = "1"
+        return _build_cpu_kernel(source, _CPU_ARGTYPES, **defines)
     except Exception as error:  # any build or load failure: the per-tensor kernel still works
         warnings.warn(
             f"Ano fused=True: the multi-tensor CPU kernel could not be built ({error!r}); "

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -36,9 +35,12 @@ from benchmarks.step_time import make_params
 
 
 class AnoOnKernel:
-    """Fused Ano whose steps run on a chosen kernel (``fused._kernels``): the per-tensor
-    torch.compile kernel on CPU here, for comparison with the multi-tensor one that
-    ``fused=True`` uses; ``benchmarks/gpu_check.py`` picks the GPU kernel the same way."""
+    """Fused Ano whose steps run on a chosen kernel (``fused._kernels``). On CPU here: the
+    per-tensor torch.compile kernel, for comparison with the multi-tensor one that
+    ``fused=True`` uses; and "copy_floor", the multi-tensor kernel with one add per value
+    instead of the update, so that the "Ano fused=True" row's extra time over it is the cost of
+    Ano's arithmetic, and its own extra time over the flat floor the cost of a step over many
+    tensors. ``benchmarks/gpu_check.py`` picks the GPU kernel the same way."""
 
     def __init__(self, params, *, cpu=None, gpu=None, **options):
         self.optimizer = Ano(params, lr=1e-4, fused=True, **options)
@@ -65,30 +67,10 @@ def rows() -> dict:
         "Ano foreach=True": lambda ps: Ano(ps, lr=1e-4, foreach=True),
         "AdamW fused=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         "AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
-        SAME_TENSORS_FLOOR: SameTensorsCopy,
+        SAME_TENSORS_FLOOR: lambda ps: AnoOnKernel(ps, cpu="copy_floor"),
         FLOOR: CopyFloor,
         FLOOR_BF16: lambda ps: CopyFloor(ps, torch.bfloat16),
     }
-
-
-class SameTensorsCopy:
-    """Fused Ano with its kernel built with ``COPY_FLOOR``: the same Python, call, tensors,
-    blocks and threads as the "Ano fused=True" row, with the update replaced by one add per
-    value. Against it, that row's extra time is the cost of Ano's arithmetic alone; against the
-    flat floor, this row's extra time is the cost of a step over many tensors."""
-
-    def __init__(self, params):
-        self.optimizer = Ano(params, lr=1e-4, fused=True)
-        source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
-        self.kernel = fused._build_cpu_kernel(source, fused._CPU_ARGTYPES, COPY_FLOOR="1")
-
-    def step(self):
-        kernel_for = fused._cpu_kernel
-        fused._cpu_kernel = lambda state_dtype: self.kernel
-        try:
-            self.optimizer.step()
-        finally:
-            fused._cpu_kernel = kernel_for
 
 
 class CopyFloor:
@@ -158,7 +140,8 @@ def time_rows(
     against an identical row's in the same rounds.
     """
     times: dict[str, list[float]] = {label: [] for label in table}
-    draw_rounds = [len(part) for part in _split(range(rounds), max(1, min(draws, rounds)))]
+    parts = max(1, min(draws, rounds))
+    draw_rounds = [rounds // parts + (i < rounds % parts) for i in range(parts)]
     done = 0
     for draw, count in enumerate(draw_rounds):
         optimizers = {label: make(make_params(shapes)) for label, make in table.items()}
@@ -178,13 +161,6 @@ def time_rows(
                 out(f"  {tag} timing round {done}/{rounds}")
         del optimizers  # free this draw's tensors before the next one allocates its own
     return times
-
-
-def _split(items, parts: int) -> list:
-    items = list(items)
-    size, extra = divmod(len(items), parts)
-    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
-    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
