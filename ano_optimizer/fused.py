@@ -228,6 +228,18 @@ def fused_ano(
     if not params:
         return
     compiling = torch.compiler.is_compiling()
+    if not compiling and _CPU_KERNEL in _CPU_MULTI_TENSOR:
+        # The usual CPU group takes one kernel call and nothing else: no grouping, no tensors
+        # built for the hyper-parameters. Each torch call skipped here matters more than its
+        # own time suggests: between steps, forward and backward evict the code and the
+        # tensors' objects from the caches, and a cold call costs several times a warm one.
+        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        batch = _uniform_cpu_batch(lists)
+        if batch is not None and None not in map(_selected_cpu_kernel, batch):
+            scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+            seed = _fresh_seed(params[0].device) if torch.bfloat16 in batch else 0
+            _cpu_multi_tensor(batch, scalars, int(seed), maximize, logarithmic_schedule)
+            return
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
@@ -236,12 +248,12 @@ def fused_ano(
         skip, inv_scale = _amp_tensors(grad_scale, found_inf, device)
         seed = _rounding_seed(d_params, d_avgs, d_avg_sqs, device)
         if not compiling and device.type == "cpu" and _CPU_KERNEL in _CPU_MULTI_TENSOR:
-            left = _cpu_multi_tensor(
-                d_params, d_grads, d_avgs, d_avg_sqs, d_steps,
-                hyper, skip, inv_scale, seed, maximize, logarithmic_schedule,
-            )  # fmt: skip
+            batches, left = _sorted_batches((d_params, d_grads, d_avgs, d_avg_sqs, d_steps))
+            scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+            left += _cpu_multi_tensor(batches, scalars, int(seed), maximize, logarithmic_schedule)
             if not left:
                 continue
+            left.sort()
             d_params, d_grads, d_avgs, d_avg_sqs, d_steps = (
                 [tensors[i] for i in left] for tensors in (d_params, d_grads, d_avgs, d_avg_sqs, d_steps)
             )  # fmt: skip
@@ -314,8 +326,13 @@ _CPU_ARGTYPES = [
     "const int64_t*",  # numels
     "const int64_t*",  # block -> tensor
     "const int64_t*",  # block -> first element
-    "const double*",  # lr, beta1, beta2, eps, weight_decay
-    "const float*",  # found_inf, 1 / grad_scale
+    "float",  # lr
+    "float",  # 1 - beta1
+    "float",  # beta2
+    "float",  # eps
+    "float",  # weight_decay
+    "float",  # 1 / grad_scale
+    "int64_t",  # 1: skip the step (GradScaler found inf/nan)
     "int64_t",  # tensors
     "int64_t",  # blocks
     "int64_t",  # block size
@@ -326,48 +343,57 @@ _CPU_ARGTYPES = [
 _CPU_STATE_TYPES = {torch.float32: "float", torch.bfloat16: "uint16_t"}
 
 
-def _cpu_multi_tensor(
-    params, grads, exp_avgs, exp_avg_sqs, steps, hyper, skip, inv_scale, seed, maximize, log
-) -> list[int]:
-    """Step every float32 tensor (float32 or bfloat16 state, contiguous, float32 step) of a CPU
-    group with one call of the multi-tensor kernel per state dtype, step counts included;
-    return the indices left to the per-tensor kernel."""
-    lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
-    batches = _uniform_batch(lists)
+def _cpu_multi_tensor(batches: dict, scalars: tuple, seed: int, maximize, log) -> list[int]:
+    """Step each batch (see :func:`_sorted_batches`) with one call of the multi-tensor kernel
+    for its state dtype, step counts included; return the indices of the batches whose kernel
+    could not be built, left to the per-tensor kernel."""
     left = []
-    if batches is None:
-        batches, left = _sorted_batches(lists)
-    if batches:
-        amp = torch.stack([skip, inv_scale]).to(torch.float32)
-        for state_dtype, (indices, batch) in batches.items():
-            kernel = _cpu_kernel(state_dtype, copy_floor=_CPU_KERNEL == "copy_floor")
-            if kernel is None:
-                left += indices
-                continue
-            numels, block_tensor, block_begin = _block_table(
-                tuple(map(Tensor.numel, batch[0])), _CPU_BLOCK, params[0].device
-            )
-            # The kernel reads the tensors' addresses from these lists itself (see its header).
-            roles = tuple(map(list, batch))
-            kernel(
-                id(roles), _tensor_data_ptr(), numels, block_tensor, block_begin, hyper, amp,
-                len(batch[0]), block_tensor.numel(), _CPU_BLOCK, int(maximize), int(log), int(seed),
-            )  # fmt: skip
-            # The kernel writes through raw pointers: tell autograd, as in-place ops do.
-            torch.autograd.graph.increment_version(batch[0] + batch[2] + batch[3] + batch[4])
-    return sorted(left)
+    for state_dtype, (indices, batch) in batches.items():
+        kernel = _selected_cpu_kernel(state_dtype)
+        if kernel is None:
+            left += indices
+            continue
+        numels, block_tensor, block_begin = _block_table(
+            tuple(map(Tensor.numel, batch[0])), _CPU_BLOCK, batch[0][0].device
+        )
+        # The kernel writes through raw pointers: tell autograd, as in-place ops do. Before the
+        # call, while the tensors' objects are still in cache; the kernel streams them out.
+        torch.autograd.graph.increment_version(batch[0] + batch[2] + batch[3] + batch[4])
+        # The kernel reads the tensors' addresses from these lists itself (see its header).
+        roles = tuple(map(list, batch))
+        kernel(
+            id(roles), _tensor_data_ptr(), numels, block_tensor, block_begin, *scalars,
+            len(batch[0]), block_tensor.numel(), _CPU_BLOCK, int(maximize), int(log), seed,
+        )  # fmt: skip
+    return left
 
 
-def _uniform_batch(lists) -> dict | None:
-    """The usual group, checked a whole list at a time (no Python per tensor): every param,
-    grad and step float32, one state dtype the kernel takes, all contiguous. Then the whole
-    group is one batch; otherwise None. On 161 tensors it takes ~0.1 ms less than checking
-    tensor by tensor (``_sorted_batches``)."""
+def _selected_cpu_kernel(state_dtype: torch.dtype):
+    return _cpu_kernel(state_dtype, copy_floor=_CPU_KERNEL == "copy_floor")
+
+
+def _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf) -> tuple:
+    """The multi-tensor kernel's scalar arguments as Python numbers, each rounded to float32
+    by the binding exactly as :func:`_ano_math` rounds its float64 hyper-parameter tensor:
+    lr, 1 - β1, β2, ε, weight decay, 1 / grad scale, and 1 for a step to skip (inf/nan)."""
+    inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else 1.0
+    skip = int(found_inf is not None and bool(found_inf))
+    return float(lr), 1.0 - beta1, beta2, eps, weight_decay, inv_scale, skip
+
+
+def _uniform_cpu_batch(lists) -> dict | None:
+    """The usual group, checked a whole list at a time (no Python per tensor): every tensor on
+    the CPU, every param, grad and step float32, one state dtype the kernel takes, all
+    contiguous. Then the whole group is one batch, keyed by that state dtype; otherwise None.
+    On 161 tensors it takes ~0.1 ms less than checking tensor by tensor
+    (:func:`_sorted_batches`)."""
     params, grads, exp_avgs, exp_avg_sqs, steps = lists
     state_dtypes = {*map(_dtype, exp_avgs), *map(_dtype, exp_avg_sqs)}
     if len(state_dtypes) != 1 or not state_dtypes <= _CPU_STATE_TYPES.keys():
         return None
     if {*map(_dtype, params), *map(_dtype, grads), *map(_dtype, steps)} != {torch.float32}:
+        return None
+    if not all(map(_is_cpu, itertools.chain(*lists))):
         return None
     if not all(map(Tensor.is_contiguous, itertools.chain(params, grads, exp_avgs, exp_avg_sqs))):
         return None
@@ -397,6 +423,7 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
 
 
 _dtype = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
 
 
 def _tensor_data_ptr() -> int:
@@ -537,9 +564,11 @@ def _rounding_seed(params, exp_avgs, exp_avg_sqs, device) -> Tensor:
     """A fresh seed for stochastic rounding when some state is narrower than float32 math;
     otherwise a constant, so that runs without it leave torch's random stream untouched."""
     narrow = torch.bfloat16 in {t.dtype for t in itertools.chain(params, exp_avgs, exp_avg_sqs)}
-    if narrow:
-        return torch.randint(0, 2**16, (), device=device, dtype=torch.int64)
-    return _zero_seed(device)
+    return _fresh_seed(device) if narrow else _zero_seed(device)
+
+
+def _fresh_seed(device: torch.device) -> Tensor:
+    return torch.randint(0, 2**16, (), device=device, dtype=torch.int64)
 
 
 def _zero_seed(device: torch.device) -> Tensor:

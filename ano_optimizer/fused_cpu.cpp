@@ -130,7 +130,9 @@ void update_block(
 // void* (*)(PyObject*) that reads a tensor's data pointer, the one its own Python bindings use.
 // Reading the 5 n addresses here costs ~2 us for ResNet-50's 161 tensors; doing it in Python
 // and handing over an int64 tensor cost ~0.15 ms, 1 % of the step. Called with the GIL held.
-// hyper: lr, beta1, beta2, eps, weight_decay; amp: found_inf, 1 / scale. Block b covers elements
+// The scalars arrive rounded to float32 by the binding, as fused.py rounds its float64
+// hyper-parameter tensor: lr, 1 - beta1, beta2, eps, weight_decay, 1 / grad scale; skip is 1
+// when GradScaler found inf/nan. Block b covers elements
 // [block_begin[b], block_begin[b] + block_size) of tensor block_tensor[b].
 extern "C" void kernel(
     int64_t roles,
@@ -138,8 +140,13 @@ extern "C" void kernel(
     const int64_t* numels,
     const int64_t* block_tensor,
     const int64_t* block_begin,
-    const double* hyper,
-    const float* amp,
+    float lr,
+    float momentum_weight,
+    float beta2,
+    float eps,
+    float weight_decay,
+    float inv_scale,
+    int64_t skip,
     int64_t tensors,
     int64_t blocks,
     int64_t block_size,
@@ -147,13 +154,7 @@ extern "C" void kernel(
     int64_t logarithmic_schedule,
     int64_t seed) {
     // GradScaler found inf/nan: every tensor keeps its values and its step count.
-    if (amp[0] > 0.0f) return;
-    const float lr = static_cast<float>(hyper[0]);
-    const float momentum_weight = static_cast<float>(1.0 - hyper[1]);  // rounded once, as in Python
-    const float beta2 = static_cast<float>(hyper[2]);
-    const float eps = static_cast<float>(hyper[3]);
-    const float weight_decay = static_cast<float>(hyper[4]);
-    const float inv_scale = amp[1];
+    if (skip) return;
     const uint32_t offset_m = static_cast<uint32_t>(seed + 1 * 0x9E37) & 0xFFFFu;
     const uint32_t offset_v = static_cast<uint32_t>(seed + 2 * 0x9E37) & 0xFFFFu;
 
