@@ -228,6 +228,9 @@ def fused_ano(
     if not params:
         return
     compiling = torch.compiler.is_compiling()
+    if not compiling:
+        # The multi-tensor kernels take every length from the parameter.
+        _check_sizes(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if not compiling and _CPU_KERNEL in _CPU_MULTI_TENSOR:
         # The usual CPU group takes one kernel call and nothing else: no grouping, no tensors
         # built for the hyper-parameters. Each torch call skipped here matters more than its
@@ -379,6 +382,37 @@ def _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf) -> 
     inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else 1.0
     skip = int(found_inf is not None and bool(found_inf))
     return float(lr), 1.0 - beta1, beta2, eps, weight_decay, inv_scale, skip
+
+
+def _check_sizes(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+    """Raise, before any tensor changes, where a gradient or state tensor no longer has as many
+    elements as its parameter, or a step count is not one number: a parameter resized in place
+    (say through ``.data``) after its state was created. A multi-tensor kernel would read and
+    write past the end of the smaller tensor. Compares whole lists first: ~25 us on 161
+    tensors."""
+    numels = list(map(Tensor.numel, params))
+    if (
+        list(map(Tensor.numel, grads)) == numels
+        and list(map(Tensor.numel, exp_avgs)) == numels
+        and list(map(Tensor.numel, exp_avg_sqs)) == numels
+        and {*map(Tensor.numel, steps)} == {1}
+    ):
+        return
+    roles = {"grad": grads, "exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
+    for i, param in enumerate(params):
+        for role, tensors in roles.items():
+            if tensors[i].numel() != param.numel():
+                raise RuntimeError(
+                    f"Ano fused=True: parameter {i} of the group has shape {tuple(param.shape)} "
+                    f"but its {role} has shape {tuple(tensors[i].shape)}; was the parameter "
+                    "resized after its state was created (e.g. through .data)? Re-create the "
+                    "optimizer, or drop that parameter's state, after resizing it"
+                )
+        if steps[i].numel() != 1:
+            raise RuntimeError(
+                f"Ano fused=True: the step count of parameter {i} of the group must hold one "
+                f"number, got shape {tuple(steps[i].shape)}"
+            )
 
 
 def _uniform_cpu_batch(lists) -> dict | None:

@@ -426,6 +426,40 @@ def test_multi_tensor_cpu_kernel_bumps_autograd_versions():
     assert all(a > b for a, b in zip(after, versions, strict=True))
 
 
+def test_a_parameter_resized_after_its_state_was_created_is_refused_before_any_change(
+    cpu_kernel,
+):
+    """A multi-tensor kernel takes every length from the parameter, so a parameter grown
+    through ``.data`` would have it write past its old state (this crashed the process)."""
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (6, 10, 4)]
+    optimizer = Ano(params, lr=1e-2, fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    params[1].data = torch.randn(1 << 16)
+    params[1].grad = torch.randn(1 << 16)
+    before = [t.clone() for t in _every_tensor(optimizer)]
+    with pytest.raises(RuntimeError, match=r"parameter 1 of the group has shape \(65536,\) but"):
+        optimizer.step()
+    after = _every_tensor(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_a_step_count_of_other_than_one_number_is_refused():
+    p, g, m, v = torch.randn(4), torch.randn(4), torch.zeros(4), torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"step count of parameter 0 .* one number, got shape"):
+        ano([p], [g], [m], [v], [torch.zeros(0)], fused=True, **HYPER)
+
+
+def _every_tensor(optimizer) -> list[torch.Tensor]:
+    return [
+        t
+        for group in optimizer.param_groups
+        for p in group["params"]
+        for t in (p, *optimizer.state[p].values())
+    ]
+
+
 _CPU_CACHE_SCRIPT = textwrap.dedent(
     """
     import torch
