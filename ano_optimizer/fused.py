@@ -296,6 +296,13 @@ def fused_ano(
                 continue
             if param.numel() == 0:
                 continue
+            if not _own_storage({type(t) for t in args}):
+                # No storage for a flat alias (a wrapper subclass): the same math, eagerly,
+                # through the subclass's own dispatch.
+                _ano_math(
+                    *args, weight, correction, hyper, skip, inv_scale, seed, maximize=maximize
+                )
+                continue
             contiguous = all(t.is_contiguous() for t in args)
             key = (maximize, device.type, tuple(t.dtype for t in args), param.numel() == 1)
             # Only the first call of a kernel needs its length marked symbolic; later calls
@@ -431,7 +438,20 @@ def _uniform_cpu_batch(lists) -> dict | None:
         return None
     if not all(map(Tensor.is_contiguous, itertools.chain(params, grads, exp_avgs, exp_avg_sqs))):
         return None
+    if not _own_storage({*map(type, itertools.chain(*lists))}):
+        return None
     return {state_dtypes.pop(): (list(range(len(params))), lists)}
+
+
+def _own_storage(tensor_types) -> bool:
+    """Whether tensors of these types hold their own storage, which a multi-tensor kernel reads
+    and writes by address: ``torch.Tensor`` and the subclasses that leave ``__torch_dispatch__``
+    alone (``nn.Parameter``). A wrapper subclass (a FakeTensor, torchao's float8 weights under
+    FSDP2) has none: its data pointer is null, and the kernel crashed the process on it."""
+    return all(t.__torch_dispatch__ is _PLAIN_DISPATCH for t in tensor_types)
+
+
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__
 
 
 def _sorted_batches(lists) -> tuple[dict, list[int]]:
@@ -446,7 +466,11 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
             )
             tensors = (param, grad, exp_avg, exp_avg_sq, step)
-        if step.dtype == torch.float32 and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq):
+        if (
+            step.dtype == torch.float32
+            and _own_storage((type(step),))
+            and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq)
+        ):
             indices, roles = batches.setdefault(exp_avg.dtype, ([], ([], [], [], [], [])))
             indices.append(i)
             for role, t in zip(roles, tensors, strict=True):
@@ -469,12 +493,13 @@ def _tensor_data_ptr() -> int:
 def _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
     """Whether a multi-tensor kernel (this file's CPU kernel, fused_triton's GPU one) updates
     these tensors: float32 parameter and gradient, both moments float32 or both bfloat16, all
-    contiguous."""
+    contiguous, each with storage of its own."""
     return (
         param.dtype == grad.dtype == torch.float32
         and exp_avg.dtype == exp_avg_sq.dtype
         and exp_avg.dtype in _CPU_STATE_TYPES
         and all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
+        and _own_storage({type(t) for t in (param, grad, exp_avg, exp_avg_sq)})
     )
 
 

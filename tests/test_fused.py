@@ -14,6 +14,7 @@ import pytest
 import torch
 from reference import ano_reference
 from torch._dynamo.utils import counters
+from torch.utils._pytree import tree_map
 
 from ano_optimizer import Ano, Anolog, fused
 from ano_optimizer.optimizer import ano
@@ -449,6 +450,53 @@ def test_a_step_count_of_other_than_one_number_is_refused():
     p, g, m, v = torch.randn(4), torch.randn(4), torch.zeros(4), torch.zeros(4)
     with pytest.raises(RuntimeError, match=r"step count of parameter 0 .* one number, got shape"):
         ano([p], [g], [m], [v], [torch.zeros(0)], fused=True, **HYPER)
+
+
+class _WrapperTensor(torch.Tensor):
+    """A wrapper tensor subclass with no storage of its own, as torchao's float8 weights are:
+    every op runs on the inner tensor."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, inner.shape, dtype=inner.dtype, device=inner.device
+        )
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(t):
+            return t.inner if isinstance(t, _WrapperTensor) else t
+
+        def wrap(t):
+            plain = isinstance(t, torch.Tensor) and not isinstance(t, _WrapperTensor)
+            return _WrapperTensor(t) if plain else t
+
+        return tree_map(wrap, func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {})))
+
+
+def test_a_wrapper_subclass_parameter_steps_like_the_single_tensor_path(cpu_kernel):
+    """A tensor without storage of its own took the multi-tensor kernel to a null address and
+    crashed the process; it now runs the same math eagerly, beside plain parameters."""
+    torch.manual_seed(0)
+    values = [torch.randn(8), torch.randn(5)]
+    grads = [[torch.randn(8), torch.randn(5)] for _ in range(3)]
+    results = {}
+    for fused_flag in (False, True):
+        params = [
+            torch.nn.Parameter(_WrapperTensor(values[0].clone())),
+            torch.nn.Parameter(values[1].clone()),
+        ]
+        optimizer = Ano(params, lr=1e-2, weight_decay=0.1, fused=fused_flag)
+        for step_grads in grads:
+            params[0].grad = _WrapperTensor(step_grads[0].clone())
+            params[1].grad = step_grads[1].clone()
+            optimizer.step()
+        results[fused_flag] = [params[0].inner, params[1].detach()]
+    for fused_value, single_value in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(fused_value, single_value, rtol=1e-6, atol=1e-7)
 
 
 def _every_tensor(optimizer) -> list[torch.Tensor]:
