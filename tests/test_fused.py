@@ -362,8 +362,13 @@ def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"logarithmic_schedule": True, "maximize": True}, {"amp": True}],
-    ids=["ano", "anolog-maximize", "grad-scaler"],
+    [
+        {},
+        {"logarithmic_schedule": True, "maximize": True},
+        {"amp": True},
+        {"weight_decay": 0.0, "maximize": True},
+    ],
+    ids=["ano", "anolog-maximize", "grad-scaler", "no-decay-maximize"],
 )
 def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
     """fused_cpu.cpp repeats _ano_math's float32 element operations in the same order, without
