@@ -68,3 +68,21 @@ def test_paired_ratio_compares_rounds_not_medians():
     # ratio of the medians (10 / 2) would be 5.
     assert paired_ratio([1.0, 10.0, 10.0], [2.0, 20.0, 2.0]) == 0.5
     assert paired_ratio([2.0, 4.0, 3.0], [1.0, 1.0, 1.0]) == 3.0
+
+
+def test_step_overhead_times_one_cold_and_one_hot_step_per_round():
+    from benchmarks.step_overhead import ROWS, markdown, measure
+
+    class Counting(torch.optim.SGD):
+        steps = 0
+
+        def step(self, closure=None):
+            Counting.steps += 1
+            return super().step(closure)
+
+    results = measure(3, 2, rows={"counting": lambda ps: Counting(ps, lr=0.1), **ROWS})
+    # One warm-up step, then per round a timed cold step, an untimed one and a timed hot one.
+    assert Counting.steps == 1 + 3 * 2
+    assert set(results) == {"counting", *ROWS}
+    assert all(r["hot"] > 0 and r["cold"] > 0 for r in results.values())
+    assert "| Ano fused=True |" in markdown(results, 3, 2)
