@@ -19,7 +19,8 @@ and Inductor's C++ toolchain builds it (the compiler, flags, OpenMP runtime and 
 that ``torch.compile`` uses on CPU). A call per tensor costs ~45 us of Python, Dynamo guards and
 OpenMP start-up, which was a third of the step on ResNet-50's 161 tensors; one call for all of
 them costs ~0.1 ms, and the build takes ~1 s instead of a graph compile. Every other case (GPU,
-other dtypes, non-contiguous tensors, a failed build) takes the per-tensor compiled kernel.
+other dtypes, non-contiguous tensors, a failed build) takes the per-tensor compiled kernel, and
+a tensor with no storage of its own (a wrapper subclass) the same math eagerly.
 """
 
 from __future__ import annotations
