@@ -78,7 +78,8 @@ inline float sign_times(float x, float y) {
 
 // The flags are template parameters so that what they switch leaves the loop: as a run-time
 // flag GCC kept maximize's negation in the bfloat16 loop, a blend per vector; and a multiply by
-// an inv_scale or decay of exactly 1 changes no bit, so it is left out (2 to 3 % faster).
+// an inv_scale or decay of exactly 1 changes no bit, so it is left out. With data in cache:
+// +2.5 % elements/s with float32 state, +7 % with bfloat16 state.
 template <bool kMaximize, bool kScaled, bool kDecayed>
 void update_block(
     float* __restrict__ param,
