@@ -18,20 +18,23 @@ further: ``fused_cpu.cpp`` holds the same arithmetic written once over all tenso
 and Inductor's C++ toolchain builds it (the compiler, flags, OpenMP runtime and on-disk cache
 that ``torch.compile`` uses on CPU). A call per tensor costs ~45 us of Python, Dynamo guards and
 OpenMP start-up, which was a third of the step on ResNet-50's 161 tensors; one call for all of
-them costs ~0.1 ms, and the build takes ~1 s instead of a graph compile. Every other case (GPU,
-other dtypes, non-contiguous tensors, a failed build) takes the per-tensor compiled kernel, and
-a tensor with no storage of its own (a wrapper subclass) the same math eagerly.
+them costs ~0.1 ms, and the build takes ~2 s instead of a graph compile. The kernel checks the
+tensors itself, reading each tensor's TensorImpl through c10's header, and changes nothing where
+one does not fit. Every other case (GPU, other dtypes, non-contiguous tensors, a failed build)
+takes the per-tensor compiled kernel, and a tensor with no storage of its own (a wrapper
+subclass) the same math eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import itertools
-import operator
 import types
 import warnings
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -229,28 +232,34 @@ def fused_ano(
     if not params:
         return
     compiling = torch.compiler.is_compiling()
+    drawn_seed = None
+    if not compiling and _CPU_KERNEL in _CPU_MULTI_TENSOR:
+        # The usual CPU group takes one kernel call and nothing else: the kernel checks the
+        # tensors itself, and nothing is grouped or built for the hyper-parameters. Each
+        # Python or torch call skipped here matters more than its own time suggests: between
+        # steps, forward and backward evict the code and the tensors' objects from the
+        # caches, and a cold call costs several times a warm one.
+        state_dtype = exp_avgs[0].dtype
+        if state_dtype is torch.bfloat16:
+            drawn_seed = _fresh_seed(params[0].device)
+        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+        seed = 0 if drawn_seed is None else int(drawn_seed)
+        if _cpu_multi_tensor_call(
+            state_dtype, lists, scalars, seed, maximize, logarithmic_schedule
+        ):
+            return
     if not compiling:
         # The multi-tensor kernels take every length from the parameter.
         _check_sizes(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if not compiling and _CPU_KERNEL in _CPU_MULTI_TENSOR:
-        # The usual CPU group takes one kernel call and nothing else: no grouping, no tensors
-        # built for the hyper-parameters. Each torch call skipped here matters more than its
-        # own time suggests: between steps, forward and backward evict the code and the
-        # tensors' objects from the caches, and a cold call costs several times a warm one.
-        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        batch = _uniform_cpu_batch(lists)
-        if batch is not None and None not in map(_selected_cpu_kernel, batch):
-            scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-            seed = _fresh_seed(params[0].device) if torch.bfloat16 in batch else 0
-            _cpu_multi_tensor(batch, scalars, int(seed), maximize, logarithmic_schedule)
-            return
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
     for (device, _), ((d_params, d_grads, d_avgs, d_avg_sqs, d_steps), _) in grouped.items():
         hyper = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
         skip, inv_scale = _amp_tensors(grad_scale, found_inf, device)
-        seed = _rounding_seed(d_params, d_avgs, d_avg_sqs, device)
+        seed = _rounding_seed(d_params, d_avgs, d_avg_sqs, device, drawn_seed)
+        drawn_seed = None
         if not compiling and device.type == "cpu" and _CPU_KERNEL in _CPU_MULTI_TENSOR:
             batches, left = _sorted_batches((d_params, d_grads, d_avgs, d_avg_sqs, d_steps))
             scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
@@ -333,10 +342,9 @@ _GPU_KERNEL = "per_tensor"
 _CPU_BLOCK = 1 << 14
 _CPU_ARGTYPES = [
     "int64_t",  # id of (params, grads, exp_avgs, exp_avg_sqs, steps), a tuple of lists
-    "int64_t",  # address of Inductor's tensor data-pointer reader
-    "const int64_t*",  # numels
-    "const int64_t*",  # block -> tensor
-    "const int64_t*",  # block -> first element
+    "int64_t",  # id of torch.Tensor
+    "int64_t",  # id of torch.nn.Parameter
+    "int64_t",  # id of a one-item list: set to whether the kernel took the tensors
     "float",  # lr
     "float",  # 1 - beta1
     "float",  # beta2
@@ -344,8 +352,6 @@ _CPU_ARGTYPES = [
     "float",  # weight_decay
     "float",  # 1 / grad_scale
     "int64_t",  # 1: skip the step (GradScaler found inf/nan)
-    "int64_t",  # tensors
-    "int64_t",  # blocks
     "int64_t",  # block size
     "int64_t",  # maximize
     "int64_t",  # logarithmic_schedule
@@ -356,27 +362,34 @@ _CPU_STATE_TYPES = {torch.float32: "float", torch.bfloat16: "uint16_t"}
 
 def _cpu_multi_tensor(batches: dict, scalars: tuple, seed: int, maximize, log) -> list[int]:
     """Step each batch (see :func:`_sorted_batches`) with one call of the multi-tensor kernel
-    for its state dtype, step counts included; return the indices of the batches whose kernel
-    could not be built, left to the per-tensor kernel."""
+    for its state dtype, step counts included; return the indices of the batches it did not
+    take (no kernel could be built, or it refused a tensor), left to the per-tensor kernel."""
     left = []
     for state_dtype, (indices, batch) in batches.items():
-        kernel = _selected_cpu_kernel(state_dtype)
-        if kernel is None:
+        if not _cpu_multi_tensor_call(state_dtype, batch, scalars, seed, maximize, log):
             left += indices
-            continue
-        numels, block_tensor, block_begin = _block_table(
-            tuple(map(Tensor.numel, batch[0])), _CPU_BLOCK, batch[0][0].device
-        )
-        # The kernel writes through raw pointers: tell autograd, as in-place ops do. Before the
-        # call, while the tensors' objects are still in cache; the kernel streams them out.
-        torch.autograd.graph.increment_version(batch[0] + batch[2] + batch[3] + batch[4])
-        # The kernel reads the tensors' addresses from these lists itself (see its header).
-        roles = tuple(map(list, batch))
-        kernel(
-            id(roles), _tensor_data_ptr(), numels, block_tensor, block_begin, *scalars,
-            len(batch[0]), block_tensor.numel(), _CPU_BLOCK, int(maximize), int(log), seed,
-        )  # fmt: skip
     return left
+
+
+def _cpu_multi_tensor_call(state_dtype, lists, scalars: tuple, seed: int, maximize, log) -> bool:
+    """One call of the multi-tensor kernel for ``state_dtype`` over the five role lists; False,
+    with nothing changed, where the kernel cannot be built or does not take every tensor as it
+    is (see ``kernel`` in fused_cpu.cpp)."""
+    kernel = _selected_cpu_kernel(state_dtype) if state_dtype in _CPU_STATE_TYPES else None
+    if kernel is None:
+        return False
+    # The kernel reads the tensors from these lists itself and reports in `outcome`.
+    roles, outcome = tuple(lists), [False]
+    kernel(
+        id(roles), _TENSOR_TYPES[0], _TENSOR_TYPES[1], id(outcome), *scalars,
+        _CPU_BLOCK, int(maximize), int(log), seed,
+    )  # fmt: skip
+    return outcome[0]
+
+
+# The two tensor types whose objects the kernel reads directly, and their addresses.
+_KERNEL_TYPES = {torch.Tensor, torch.nn.Parameter}
+_TENSOR_TYPES = (id(torch.Tensor), id(torch.nn.Parameter))
 
 
 def _selected_cpu_kernel(state_dtype: torch.dtype):
@@ -423,27 +436,6 @@ def _check_sizes(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
             )
 
 
-def _uniform_cpu_batch(lists) -> dict | None:
-    """The usual group, checked a whole list at a time (no Python per tensor): every tensor on
-    the CPU, every param, grad and step float32, one state dtype the kernel takes, all
-    contiguous. Then the whole group is one batch, keyed by that state dtype; otherwise None.
-    On 161 tensors it takes ~0.1 ms less than checking tensor by tensor
-    (:func:`_sorted_batches`)."""
-    params, grads, exp_avgs, exp_avg_sqs, steps = lists
-    state_dtypes = {*map(_dtype, exp_avgs), *map(_dtype, exp_avg_sqs)}
-    if len(state_dtypes) != 1 or not state_dtypes <= _CPU_STATE_TYPES.keys():
-        return None
-    if {*map(_dtype, params), *map(_dtype, grads), *map(_dtype, steps)} != {torch.float32}:
-        return None
-    if not all(map(_is_cpu, itertools.chain(*lists))):
-        return None
-    if not all(map(Tensor.is_contiguous, itertools.chain(params, grads, exp_avgs, exp_avg_sqs))):
-        return None
-    if not _own_storage({*map(type, itertools.chain(*lists))}):
-        return None
-    return {state_dtypes.pop(): (list(range(len(params))), lists)}
-
-
 def _own_storage(tensor_types) -> bool:
     """Whether tensors of these types hold their own storage, which a multi-tensor kernel reads
     and writes by address: ``torch.Tensor`` and the subclasses that leave ``__torch_dispatch__``
@@ -469,7 +461,8 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
             tensors = (param, grad, exp_avg, exp_avg_sq, step)
         if (
             step.dtype == torch.float32
-            and _own_storage((type(step),))
+            # The kernel reads the objects of these two types only (see fused_cpu.cpp).
+            and {*map(type, tensors)} <= _KERNEL_TYPES
             and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq)
         ):
             indices, roles = batches.setdefault(exp_avg.dtype, ([], ([], [], [], [], [])))
@@ -479,16 +472,6 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
         else:
             left.append(i)
     return batches, left
-
-
-_dtype = operator.attrgetter("dtype")
-_is_cpu = operator.attrgetter("is_cpu")
-
-
-def _tensor_data_ptr() -> int:
-    """The address of the C function Inductor's Python bindings use to read a tensor's data
-    pointer; building the kernel's bindings requires it, so it exists wherever they load."""
-    return torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr
 
 
 def _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
@@ -545,16 +528,25 @@ def _build_cpu_kernel(source: str, argtypes: list[str], **defines: str):
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     header = "".join(f"#define {name} {value}\n" for name, value in defines.items())
-    # The kernels include no torch header, so the precompiled one would only cost time.
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    # The kernels include only c10's headers, which the precompiled one would not cover.
     with config.patch(cpp_cache_precompile_headers=False):
         return CppPythonBindingsCodeCache.load_pybinding(
             argtypes,
             header + source,
             "cpu",
             needs_vec_isa=False,
-            # Inductor vectorises by hand and turns GCC's vectoriser off; these loops rely on
-            # it. Without errno, sqrt vectorises; no result changes.
-            extra_flags=("-ftree-loop-vectorize", "-fno-math-errno"),
+            extra_flags=(
+                # Inductor vectorises by hand and turns GCC's vectoriser off; these loops rely
+                # on it. Without errno, sqrt vectorises; no result changes.
+                "-ftree-loop-vectorize",
+                "-fno-math-errno",
+                # c10's out-of-line functions (error paths, copy-on-write materialization):
+                # Inductor links its Python bindings against no torch library.
+                f"-L{torch_lib}",
+                "-lc10",
+                f"-Wl,-rpath,{torch_lib}",
+            ),
         )
 
 
@@ -564,6 +556,8 @@ def _cpu_kernel(state_dtype: torch.dtype, copy_floor: bool = False):
     (with ``copy_floor``, its bandwidth-floor build); None, with a warning, where it cannot be
     built."""
     try:
+        if not _tensor_objects_lead_with_their_impl():
+            raise RuntimeError("this torch's tensor objects do not hold their TensorImpl first")
         source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
         defines = {"STATE_T": _CPU_STATE_TYPES[state_dtype]}
         if copy_floor:
@@ -577,6 +571,14 @@ def _cpu_kernel(state_dtype: torch.dtype, copy_floor: bool = False):
             stacklevel=3,
         )
         return None
+
+
+def _tensor_objects_lead_with_their_impl() -> bool:
+    """Whether a tensor's Python object holds its TensorImpl's address right after the object
+    header, as the kernel reads it (torch's THPVariable layout), for both types it reads."""
+    probes = (torch.zeros(1), torch.nn.Parameter(torch.zeros(1)))
+    offset = object.__basicsize__
+    return all(ctypes.c_size_t.from_address(id(t) + offset).value == t._cdata for t in probes)
 
 
 def _step_scalars(steps, beta1, beta2, logarithmic_schedule, dtype, device):
@@ -620,11 +622,14 @@ def _float64_vector(values: tuple, device: torch.device) -> Tensor:
     return vector
 
 
-def _rounding_seed(params, exp_avgs, exp_avg_sqs, device) -> Tensor:
-    """A fresh seed for stochastic rounding when some state is narrower than float32 math;
-    otherwise a constant, so that runs without it leave torch's random stream untouched."""
+def _rounding_seed(params, exp_avgs, exp_avg_sqs, device, drawn: Tensor | None = None) -> Tensor:
+    """A fresh seed for stochastic rounding when some state is narrower than float32 math
+    (``drawn`` if one was drawn for this group already); otherwise a constant, so that runs
+    without it leave torch's random stream untouched."""
     narrow = torch.bfloat16 in {t.dtype for t in itertools.chain(params, exp_avgs, exp_avg_sqs)}
-    return _fresh_seed(device) if narrow else _zero_seed(device)
+    if not narrow:
+        return _zero_seed(device)
+    return _fresh_seed(device) if drawn is None else drawn.to(device)
 
 
 def _fresh_seed(device: torch.device) -> Tensor:

@@ -14,6 +14,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <c10/core/TensorImpl.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -21,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifndef STATE_T
@@ -138,23 +141,62 @@ constexpr Update kUpdates[2][2][2] = {
      {update_block<true, true, false>, update_block<true, true, true>}},
 };
 
+// torch's THPVariable (torch/csrc/autograd/python_variable.h): a tensor's Python object holds
+// its at::Tensor, one intrusive pointer to the TensorImpl, right after the object header. That
+// header pulls in pybind11 and all of ATen (12 s to compile here); c10's TensorImpl.h takes
+// 1.5 s. fused.py checks the layout against Tensor._cdata before it uses this kernel.
+struct TensorObject {
+    PyObject_HEAD
+    c10::TensorImpl* impl;
+};
+
+// The tensors the kernel takes as they are: exactly torch.Tensor or nn.Parameter (a subclass
+// may override __torch_dispatch__ or hold no storage of its own), a dense CPU tensor of the
+// dtype, contiguous, neither a negative view nor an inference tensor where it is written.
+const c10::TensorImpl* taken(
+    PyObject* object, PyTypeObject* tensor_type, PyTypeObject* parameter_type,
+    c10::ScalarType dtype, bool written) {
+    if (Py_TYPE(object) != tensor_type && Py_TYPE(object) != parameter_type) return nullptr;
+    const c10::TensorImpl* impl = reinterpret_cast<TensorObject*>(object)->impl;
+    const bool ok = impl->device_type() == c10::DeviceType::CPU &&
+        impl->layout() == c10::kStrided && !impl->is_nested() && impl->has_storage() &&
+        impl->dtype() == dtype && !impl->is_neg() && impl->is_contiguous() &&
+        !(written && !impl->version_counter().enabled());
+    return ok ? impl : nullptr;
+}
+
+PyObject* item(PyObject* sequence, int64_t i) {
+    return PyList_Check(sequence) ? PyList_GET_ITEM(sequence, i) : PyTuple_GET_ITEM(sequence, i);
+}
+
+int64_t length(PyObject* sequence) {
+    if (PyList_Check(sequence)) return PyList_GET_SIZE(sequence);
+    return PyTuple_Check(sequence) ? PyTuple_GET_SIZE(sequence) : -1;
+}
+
 }  // namespace
 
-// roles: the address (CPython's id) of a tuple of 5 lists of n tensors: params, grads,
-// exp_avgs, exp_avg_sqs and float32 steps. tensor_data_ptr: the address of Inductor's
-// void* (*)(PyObject*) that reads a tensor's data pointer, the one its own Python bindings use.
-// Reading the 5 n addresses here costs ~2 us for ResNet-50's 161 tensors; doing it in Python
-// and handing over an int64 tensor cost ~0.15 ms, 1 % of the step. Called with the GIL held.
+// roles: the address (CPython's id) of a tuple of 5 lists (or tuples) of n tensors: params,
+// grads, exp_avgs, exp_avg_sqs and steps. tensor_type, parameter_type: the addresses of
+// torch.Tensor and torch.nn.Parameter. outcome: the address of a one-item list.
+//
+// The kernel checks every tensor itself, in one pass that reads from each tensor the memory
+// that reading its data pointer reads anyway: in Python, the same checks cost ~0.35 ms on
+// ResNet-50's 161 tensors once forward and backward have evicted their objects from the
+// caches. Where a tensor fails them (see taken(); lengths must match the parameter's, a step
+// must hold one number), nothing changes and outcome[0] becomes False; fused.py then checks in
+// Python, raises a clear error or takes the per-tensor kernel. Otherwise the kernel bumps the
+// autograd versions of the tensors it writes, as in-place ops do, updates them and sets
+// outcome[0] to True. Called with the GIL held.
+//
 // The scalars arrive rounded to float32 by the binding, as fused.py rounds its float64
 // hyper-parameter tensor: lr, 1 - beta1, beta2, eps, weight_decay, 1 / grad scale; skip is 1
-// when GradScaler found inf/nan. Block b covers elements
-// [block_begin[b], block_begin[b] + block_size) of tensor block_tensor[b].
+// when GradScaler found inf/nan.
 extern "C" void kernel(
     int64_t roles,
-    int64_t tensor_data_ptr,
-    const int64_t* numels,
-    const int64_t* block_tensor,
-    const int64_t* block_begin,
+    int64_t tensor_type,
+    int64_t parameter_type,
+    int64_t outcome,
     float lr,
     float momentum_weight,
     float beta2,
@@ -162,29 +204,61 @@ extern "C" void kernel(
     float weight_decay,
     float inv_scale,
     int64_t skip,
-    int64_t tensors,
-    int64_t blocks,
     int64_t block_size,
     int64_t maximize,
     int64_t logarithmic_schedule,
     int64_t seed) {
-    // GradScaler found inf/nan: every tensor keeps its values and its step count.
-    if (skip) return;
-    const uint32_t offset_m = static_cast<uint32_t>(seed + 1 * 0x9E37) & 0xFFFFu;
-    const uint32_t offset_v = static_cast<uint32_t>(seed + 2 * 0x9E37) & 0xFFFFu;
-
-    const auto data_ptr = reinterpret_cast<void* (*)(PyObject*)>(tensor_data_ptr);
+    PyObject* outcome_list = reinterpret_cast<PyObject*>(outcome);
     PyObject* role_lists = reinterpret_cast<PyObject*>(roles);
+    if (!PyList_Check(outcome_list) || PyList_GET_SIZE(outcome_list) != 1)
+        throw std::runtime_error("outcome must be a list of one item");
     if (!PyTuple_Check(role_lists) || PyTuple_GET_SIZE(role_lists) != 5)
         throw std::runtime_error("roles must be a tuple of 5 lists");
-    std::vector<char*> pointers(5 * tensors);
-    for (int64_t k = 0; k < 5; ++k) {
-        PyObject* role = PyTuple_GET_ITEM(role_lists, k);
-        if (!PyList_Check(role) || PyList_GET_SIZE(role) != tensors)
-            throw std::runtime_error("each role must be a list with one tensor per tensor");
-        for (int64_t t = 0; t < tensors; ++t)
-            pointers[k * tensors + t] = static_cast<char*>(data_ptr(PyList_GET_ITEM(role, t)));
+    const int64_t tensors = length(PyTuple_GET_ITEM(role_lists, 0));
+    for (int64_t k = 0; k < 5; ++k)
+        if (length(PyTuple_GET_ITEM(role_lists, k)) != tensors || tensors < 0)
+            throw std::runtime_error("roles must be 5 lists of one tensor per parameter");
+    const auto finish = [&](bool taken) {
+        PyObject* previous = PyList_GET_ITEM(outcome_list, 0);
+        PyList_SET_ITEM(outcome_list, 0, Py_NewRef(taken ? Py_True : Py_False));
+        Py_XDECREF(previous);
+    };
+
+    // Pass 1 reads and checks; nothing changes until every tensor has passed.
+    const auto types = std::make_pair(
+        reinterpret_cast<PyTypeObject*>(tensor_type), reinterpret_cast<PyTypeObject*>(parameter_type));
+    constexpr c10::ScalarType kState =
+        std::is_same_v<STATE_T, float> ? c10::ScalarType::Float : c10::ScalarType::BFloat16;
+    constexpr c10::ScalarType kDtypes[5] = {
+        c10::ScalarType::Float, c10::ScalarType::Float, kState, kState, c10::ScalarType::Float};
+    std::vector<c10::TensorImpl*> impls(5 * tensors);
+    std::vector<int64_t> numels(tensors);
+    for (int64_t t = 0; t < tensors; ++t) {
+        for (int64_t k = 0; k < 5; ++k) {
+            const c10::TensorImpl* impl = taken(
+                item(PyTuple_GET_ITEM(role_lists, k), t), types.first, types.second, kDtypes[k],
+                k != 1);
+            if (impl == nullptr) return finish(false);
+            impls[k * tensors + t] = const_cast<c10::TensorImpl*>(impl);
+        }
+        numels[t] = impls[t]->numel();
+        for (int64_t k = 1; k < 4; ++k)
+            if (impls[k * tensors + t]->numel() != numels[t]) return finish(false);
+        if (impls[4 * tensors + t]->numel() != 1) return finish(false);
     }
+    // GradScaler found inf/nan: every tensor keeps its values and its step count.
+    if (skip) return finish(true);
+
+    // Pass 2: the autograd versions, the addresses (mutable_data materializes a copy-on-write
+    // storage) and the step counts.
+    std::vector<char*> pointers(5 * tensors);
+    for (int64_t i = 0; i < 5 * tensors; ++i) {
+        if (i / tensors != 1) impls[i]->bump_version();
+        pointers[i] = static_cast<char*>(
+            i / tensors == 1 ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
+    }
+    const uint32_t offset_m = static_cast<uint32_t>(seed + 1 * 0x9E37) & 0xFFFFu;
+    const uint32_t offset_v = static_cast<uint32_t>(seed + 2 * 0x9E37) & 0xFFFFu;
 
     // Per tensor: step += 1, then 1 - beta1_k and sqrt(1 - beta2^k) as _step_scalars computes
     // them on float32 0-d tensors (pow, neg, add 1, sqrt; Anolog: 1 / log(k + 2)).
@@ -196,18 +270,24 @@ extern "C" void kernel(
         weight[t] = logarithmic_schedule ? 1.0f / std::log(*step + 2.0f) : momentum_weight;
     }
 
-    // Each thread takes a contiguous run of blocks holding an equal share of the elements. An
-    // equal share of blocks (schedule(static)) is not one: a small tensor or the tail of a large
-    // one is a short block, and they do not spread evenly. On ResNet-50's tensors the first half
-    // of the 1,667 blocks held 12.1 M elements and the second 13.4 M, so one thread worked 10 %
-    // longer than the other while it waited.
+    // The work: blocks of block_size elements (a tensor's last one shorter), each knowing its
+    // tensor. Each thread takes a contiguous run of blocks holding an equal share of the
+    // elements. An equal share of blocks (schedule(static)) is not one: a small tensor or the
+    // tail of a large one is a short block, and they do not spread evenly. On ResNet-50's
+    // tensors the first half of the 1,667 blocks held 12.1 M elements and the second 13.4 M, so
+    // one thread worked 10 % longer than the other while it waited.
+    std::vector<int64_t> block_tensor, block_begin, elements_before{0};
+    for (int64_t t = 0; t < tensors; ++t) {
+        for (int64_t begin = 0; begin < numels[t]; begin += block_size) {
+            block_tensor.push_back(t);
+            block_begin.push_back(begin);
+            elements_before.push_back(
+                elements_before.back() + std::min(block_size, numels[t] - begin));
+        }
+    }
+    const int64_t blocks = static_cast<int64_t>(block_tensor.size());
     const float decay = 1.0f - lr * weight_decay;
     const Update update = kUpdates[maximize != 0][inv_scale != 1.0f][decay != 1.0f];
-    std::vector<int64_t> elements_before(blocks + 1, 0);
-    for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t left = numels[block_tensor[b]] - block_begin[b];
-        elements_before[b + 1] = elements_before[b] + (left < block_size ? left : block_size);
-    }
 #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
@@ -221,14 +301,13 @@ extern "C" void kernel(
         for (int64_t b = first; b < last; ++b) {
             const int64_t t = block_tensor[b];
             const int64_t begin = block_begin[b];
-            const int64_t end = begin + block_size < numels[t] ? begin + block_size : numels[t];
             update(
                 reinterpret_cast<float*>(pointers[t]),
                 reinterpret_cast<const float*>(pointers[1 * tensors + t]),
                 reinterpret_cast<STATE_T*>(pointers[2 * tensors + t]),
                 reinterpret_cast<STATE_T*>(pointers[3 * tensors + t]),
                 begin,
-                end,
+                std::min(begin + block_size, numels[t]),
                 weight[t],
                 correction[t],
                 lr,
@@ -240,4 +319,5 @@ extern "C" void kernel(
                 offset_v);
         }
     }
+    finish(true);
 }

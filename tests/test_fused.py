@@ -432,6 +432,104 @@ def test_multi_tensor_cpu_kernel_bumps_autograd_versions():
     assert all(a > b for a, b in zip(after, versions, strict=True))
 
 
+def _role_lists(n=3, size=7):
+    """A usual group for the multi-tensor kernel: params, grads, exp_avgs, exp_avg_sqs, steps."""
+    gen = torch.Generator().manual_seed(5)
+    return [
+        [torch.randn(size, generator=gen) for _ in range(n)],
+        [torch.randn(size, generator=gen) for _ in range(n)],
+        [torch.randn(size, generator=gen) for _ in range(n)],
+        [torch.rand(size, generator=gen) for _ in range(n)],
+        [torch.tensor(3.0) for _ in range(n)],
+    ]
+
+
+def _inference_tensor(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+class _PlainSubclass(torch.Tensor):
+    pass
+
+
+# One tensor the kernel must not take as it is: (role index, replacement of tensor 1).
+_REFUSED = {
+    "float64 parameter": (0, lambda t: t.double()),
+    "bfloat16 gradient": (1, lambda t: t.bfloat16()),
+    "bfloat16 exp_avg_sq under the float32 kernel": (3, lambda t: t.bfloat16()),
+    "float64 step": (4, lambda t: t.double()),
+    "non-contiguous gradient": (1, lambda t: torch.stack([t, t], 1)[:, 0]),
+    "meta-device exp_avg": (2, lambda t: t.to("meta")),
+    "sparse gradient": (1, lambda t: t.to_sparse()),
+    "negative view as gradient": (1, lambda t: torch._neg_view(t)),
+    "subclass parameter": (0, lambda t: t.as_subclass(_PlainSubclass)),
+    "wrapper-subclass gradient": (1, lambda t: _WrapperTensor(t)),
+    "inference-mode parameter": (0, _inference_tensor),
+    "exp_avg of another length": (2, lambda t: torch.cat([t, t])),
+    "step of two numbers": (4, lambda t: torch.stack([t, t])),
+    "step of no number": (4, lambda t: t.reshape(1)[:0]),
+}
+
+
+@pytest.mark.parametrize("case", _REFUSED, ids=list(_REFUSED))
+def test_multi_tensor_cpu_kernel_refuses_a_tensor_it_cannot_take_before_any_change(case):
+    """fused_cpu.cpp checks every tensor itself, then changes nothing where one fails, and
+    fused.py takes the Python checks and other paths. One odd tensor among usual ones."""
+    role, replace = _REFUSED[case]
+    lists = _role_lists()
+    lists[role][1] = replace(lists[role][1])
+    tensors = [t for role_list in lists for t in role_list]
+    kept = [t for t in tensors if t.device.type != "meta"]
+    values = [_dense(t).clone() for t in kept]
+    versions = [t._version for t in tensors if not t.is_inference()]
+    taken = fused._cpu_multi_tensor_call(
+        torch.float32, lists, (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0), 0, False, False
+    )
+    assert taken is False
+    assert all(torch.equal(_dense(a), b) for a, b in zip(kept, values, strict=True))
+    assert [t._version for t in tensors if not t.is_inference()] == versions
+
+
+def _dense(t):
+    return t.to_dense() if t.is_sparse else t
+
+
+def test_multi_tensor_cpu_kernel_takes_the_usual_group_and_steps_it_like_the_compiled_one():
+    lists, compiled = _role_lists(), _role_lists()
+    scalars = (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0)
+    assert fused._cpu_multi_tensor_call(torch.float32, lists, scalars, 0, False, False) is True
+    with fused._kernels(cpu="per_tensor"):
+        ano(*compiled, fused=True, **{**HYPER, "beta2": 0.99, "weight_decay": 0.1})
+    for ours, theirs in zip(lists, compiled, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert [s.item() for s in lists[4]] == [4.0] * 3
+
+
+def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_its_twin():
+    """A lazily cloned tensor shares its storage until written: the kernel materialises its
+    own copy first, as an in-place op does, and the tensor it was cloned from keeps its
+    values."""
+    lists = _role_lists()
+    original = lists[0][1]
+    before = original.clone()
+    lists[0][1] = torch._lazy_clone(original)
+    assert fused._cpu_multi_tensor_call(
+        torch.float32, lists, (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0), 0, False, False
+    )
+    assert torch.equal(original, before)
+    assert not torch.equal(lists[0][1], before)
+
+
+def test_the_kernel_reads_tensor_objects_laid_out_as_it_expects():
+    """The kernel reads a tensor's TensorImpl from its Python object; fused.py checks that
+    layout against ``Tensor._cdata`` before building it. This torch has that layout, so the
+    multi-tensor kernel is in use here, not silently replaced by the per-tensor one."""
+    assert fused._tensor_objects_lead_with_their_impl()
+    assert fused._cpu_kernel(torch.float32) is not None
+
+
 def test_a_parameter_resized_after_its_state_was_created_is_refused_before_any_change(
     cpu_kernel,
 ):
