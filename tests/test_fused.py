@@ -4,10 +4,12 @@ cross-process caches."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import textwrap
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -399,6 +401,45 @@ def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
         # Anolog's momentum may differ by an ulp and flip sign(m) where it is ~0: a few coords.
         differ = ~torch.isclose(a, b, rtol=1e-6, atol=1e-7)
         assert int(differ.sum()) <= (0.01 * a.numel() if options.get("logarithmic_schedule") else 0)
+
+
+@functools.cache
+def _portable_cpu_kernel(state_dtype):
+    """fused_cpu.cpp built without its AVX-512 loop: the portable loop that GCC vectorises."""
+    source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
+    return fused._build_cpu_kernel(
+        source,
+        fused._CPU_ARGTYPES,
+        STATE_T=fused._CPU_STATE_TYPES[state_dtype],
+        ANO_NO_INTRINSICS="1",
+    )
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"logarithmic_schedule": True, "maximize": True},
+        {"amp": True},
+        {"weight_decay": 0.0, "maximize": True},
+    ],
+    ids=["ano", "anolog-maximize", "grad-scaler", "no-decay-maximize"],
+)
+def test_the_kernels_avx512_loop_gives_the_portable_loops_bits(state_dtype, options, monkeypatch):
+    """The kernel's element loop exists as AVX-512 intrinsics (used where the build has them, as
+    here) and as portable C++; every tensor comes out the same, bit for bit, with each template
+    flag both ways and lengths that leave a tail of fewer than 16 elements."""
+    shapes = [(5,), (33, 7), (1,), (300,), (3, 16384 + 5), (16384,), (17,)]
+    ours, _ = _kernel_runs(shapes, state_dtype, **options)
+    monkeypatch.setattr(fused, "_selected_cpu_kernel", _portable_cpu_kernel)
+    portable, _ = _kernel_runs(shapes, state_dtype, **options)
+    for a_list, b_list in zip(ours, portable, strict=True):
+        for a, b in zip(a_list, b_list, strict=True):
+            assert torch.equal(
+                a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
+                b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32),
+            )
 
 
 def test_multi_tensor_cpu_kernel_handles_complex_and_leaves_the_rest_to_the_compiled_one():
