@@ -287,8 +287,10 @@ struct TensorObject {
 };
 
 // The tensors the kernel takes as they are: exactly torch.Tensor or nn.Parameter (a subclass
-// may override __torch_dispatch__ or hold no storage of its own), a dense CPU tensor of the
-// dtype, contiguous, neither a negative view nor an inference tensor where it is written.
+// may override __torch_dispatch__ or hold no storage of its own), a strided CPU tensor of the
+// dtype whose elements fill a block of memory without gaps or overlaps (contiguous, or
+// permuted as channels_last is), neither a negative view nor an inference tensor where it is
+// written.
 const c10::TensorImpl* taken(
     PyObject* object, PyTypeObject* tensor_type, PyTypeObject* parameter_type,
     c10::ScalarType dtype, bool written) {
@@ -296,9 +298,18 @@ const c10::TensorImpl* taken(
     const c10::TensorImpl* impl = reinterpret_cast<TensorObject*>(object)->impl;
     const bool ok = impl->device_type() == c10::DeviceType::CPU &&
         impl->layout() == c10::kStrided && !impl->is_nested() && impl->has_storage() &&
-        impl->dtype() == dtype && !impl->is_neg() && impl->is_contiguous() &&
+        impl->dtype() == dtype && !impl->is_neg() && impl->is_non_overlapping_and_dense() &&
         !(written && !impl->version_counter().enabled());
     return ok ? impl : nullptr;
+}
+
+// Whether the kernel, which walks memory, meets the elements of a and b in the same order: as
+// many elements, and both contiguous or both laid out alike (a channels_last weight and its
+// gradient and state, which AccumulateGrad and zeros_like give the parameter's strides).
+bool same_order(const c10::TensorImpl* a, const c10::TensorImpl* b) {
+    if (a->numel() != b->numel()) return false;
+    if (a->is_contiguous() && b->is_contiguous()) return true;
+    return a->sizes().equals(b->sizes()) && a->strides().equals(b->strides());
 }
 
 PyObject* item(PyObject* sequence, int64_t i) {
@@ -319,7 +330,7 @@ int64_t length(PyObject* sequence) {
 // The kernel checks every tensor itself, in one pass that reads from each tensor the memory
 // that reading its data pointer reads anyway: in Python, the same checks cost ~0.35 ms on
 // ResNet-50's 161 tensors once forward and backward have evicted their objects from the
-// caches. Where a tensor fails them (see taken(); lengths must match the parameter's, a step
+// caches. Where a tensor fails them (see taken() and same_order(); a step
 // must hold one number), nothing changes and outcome[0] becomes False; fused.py then checks in
 // Python, raises a clear error or takes the per-tensor kernel. Otherwise the kernel bumps the
 // autograd versions of the tensors it writes, as in-place ops do, updates them and sets
@@ -379,7 +390,7 @@ extern "C" void kernel(
         }
         numels[t] = impls[t]->numel();
         for (int64_t k = 1; k < 4; ++k)
-            if (impls[k * tensors + t]->numel() != numels[t]) return finish(false);
+            if (!same_order(impls[t], impls[k * tensors + t])) return finish(false);
         if (impls[4 * tensors + t]->numel() != 1) return finish(false);
     }
     // GradScaler found inf/nan: every tensor keeps its values and its step count.

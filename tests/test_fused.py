@@ -473,7 +473,7 @@ def test_multi_tensor_cpu_kernel_bumps_autograd_versions():
     assert all(a > b for a, b in zip(after, versions, strict=True))
 
 
-def _role_lists(n=3, size=7):
+def _role_lists(n=3, size=6):
     """A usual group for the multi-tensor kernel: params, grads, exp_avgs, exp_avg_sqs, steps."""
     gen = torch.Generator().manual_seed(5)
     return [
@@ -500,7 +500,9 @@ _REFUSED = {
     "bfloat16 gradient": (1, lambda t: t.bfloat16()),
     "bfloat16 exp_avg_sq under the float32 kernel": (3, lambda t: t.bfloat16()),
     "float64 step": (4, lambda t: t.double()),
-    "non-contiguous gradient": (1, lambda t: torch.stack([t, t], 1)[:, 0]),
+    "gradient with gaps between its elements": (1, lambda t: torch.stack([t, t], 1)[:, 0]),
+    "gradient whose elements overlap": (1, lambda t: t[:1].expand(t.numel())),
+    "exp_avg laid out unlike its parameter": (2, lambda t: t.reshape(3, 2).t()),
     "meta-device exp_avg": (2, lambda t: t.to("meta")),
     "sparse gradient": (1, lambda t: t.to_sparse()),
     "negative view as gradient": (1, lambda t: torch._neg_view(t)),
@@ -546,6 +548,33 @@ def test_multi_tensor_cpu_kernel_takes_the_usual_group_and_steps_it_like_the_com
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert [s.item() for s in lists[4]] == [4.0] * 3
+
+
+def test_multi_tensor_cpu_kernel_takes_channels_last_tensors_and_steps_them_like_the_compiled_one():
+    """The kernel walks memory, so a channels_last weight whose gradient and state share its
+    layout (as AccumulateGrad and zeros_like make them) is elementwise the same as a
+    contiguous one; it steps such groups itself and leaves them channels_last."""
+
+    def group():
+        gen = torch.Generator().manual_seed(7)
+        lists = []
+        for role in range(4):
+            conv = torch.randn(8, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+            vector = torch.randn(9, generator=gen)
+            # exp_avg_sq (role 3) is never negative.
+            lists.append([conv.abs(), vector.abs()] if role == 3 else [conv, vector])
+        return [*lists, [torch.tensor(3.0), torch.tensor(3.0)]]
+
+    lists, compiled = group(), group()
+    assert not lists[0][0].is_contiguous()
+    scalars = (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0)
+    assert fused._cpu_multi_tensor_call(torch.float32, lists, scalars, 0, False, False) is True
+    with fused._kernels(cpu="per_tensor"):
+        ano(*compiled, fused=True, **{**HYPER, "beta2": 0.99, "weight_decay": 0.1})
+    for ours, theirs in zip(lists, compiled, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in lists[0][:1])
 
 
 def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_its_twin():
