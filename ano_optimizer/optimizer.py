@@ -349,7 +349,7 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
             and writes each value once and takes ``torch.amp.GradScaler``'s scale and inf flag
             inside the kernel. On CPU, float32 parameters (float32 or bfloat16 state) go
             through one multi-tensor C++ kernel call per group, built on first use by
-            Inductor's C++ toolchain (about a second, then cached on disk); everything else
+            Inductor's C++ toolchain (about 3 s, then cached on disk); everything else
             (GPU, other dtypes) through one ``torch.compile``-generated kernel per tensor
             (Inductor: Triton on GPU; seconds to compile, cached on disk). See
             :mod:`ano_optimizer.fused` (default: ``None``, not fused).
