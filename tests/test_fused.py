@@ -361,8 +361,11 @@ def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
     return results
 
 
-@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
-@pytest.mark.parametrize(
+_EACH_STATE_DTYPE = pytest.mark.parametrize(
+    "state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"]
+)
+# Each of the multi-tensor kernel's template flags (maximize, a gradient scale, a decay) both ways.
+_EACH_KERNEL_FLAG = pytest.mark.parametrize(
     "options",
     [
         {},
@@ -372,6 +375,10 @@ def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
     ],
     ids=["ano", "anolog-maximize", "grad-scaler", "no-decay-maximize"],
 )
+
+
+@_EACH_STATE_DTYPE
+@_EACH_KERNEL_FLAG
 def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
     """fused_cpu.cpp repeats _ano_math's float32 element operations in the same order, without
     fused multiply-adds, with the same stochastic-rounding noise. Only its per-tensor scalars
@@ -415,17 +422,8 @@ def _portable_cpu_kernel(state_dtype):
     )
 
 
-@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
-@pytest.mark.parametrize(
-    "options",
-    [
-        {},
-        {"logarithmic_schedule": True, "maximize": True},
-        {"amp": True},
-        {"weight_decay": 0.0, "maximize": True},
-    ],
-    ids=["ano", "anolog-maximize", "grad-scaler", "no-decay-maximize"],
-)
+@_EACH_STATE_DTYPE
+@_EACH_KERNEL_FLAG
 def test_the_kernels_avx512_loop_gives_the_portable_loops_bits(state_dtype, options, monkeypatch):
     """The kernel's element loop exists as AVX-512 intrinsics (used where the build has them, as
     here) and as portable C++; every tensor comes out the same, bit for bit, with each template
@@ -471,6 +469,12 @@ def test_multi_tensor_cpu_kernel_bumps_autograd_versions():
     optimizer.step()
     after = (p._version, *(optimizer.state[p][k]._version for k in ("exp_avg", "exp_avg_sq")))
     assert all(a > b for a, b in zip(after, versions, strict=True))
+
+
+# The multi-tensor kernel's scalars (lr, 1 - beta1, beta2, eps, weight decay, 1 / grad scale,
+# skip) for HYPER with these changes, which the compiled kernel gets as keywords.
+_KERNEL_SCALARS = (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0)
+_KERNEL_HYPER = {**HYPER, "beta2": 0.99, "weight_decay": 0.1}
 
 
 def _role_lists(n=3, size=6):
@@ -526,9 +530,7 @@ def test_multi_tensor_cpu_kernel_refuses_a_tensor_it_cannot_take_before_any_chan
     kept = [t for t in tensors if t.device.type != "meta"]
     values = [_dense(t).clone() for t in kept]
     versions = [t._version for t in tensors if not t.is_inference()]
-    taken = fused._cpu_multi_tensor_call(
-        torch.float32, lists, (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0), 0, False, False
-    )
+    taken = fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     assert taken is False
     assert all(torch.equal(_dense(a), b) for a, b in zip(kept, values, strict=True))
     assert [t._version for t in tensors if not t.is_inference()] == versions
@@ -538,15 +540,23 @@ def _dense(t):
     return t.to_dense() if t.is_sparse else t
 
 
-def test_multi_tensor_cpu_kernel_takes_the_usual_group_and_steps_it_like_the_compiled_one():
-    lists, compiled = _role_lists(), _role_lists()
-    scalars = (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0)
-    assert fused._cpu_multi_tensor_call(torch.float32, lists, scalars, 0, False, False) is True
+def _stepped_like_the_compiled_kernel(make_group):
+    """One step of make_group()'s five role lists on the multi-tensor kernel, which must take
+    them, checked against the same step of another make_group() on the compiled kernel."""
+    lists, compiled = make_group(), make_group()
+    assert (
+        fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False) is True
+    )
     with fused._kernels(cpu="per_tensor"):
-        ano(*compiled, fused=True, **{**HYPER, "beta2": 0.99, "weight_decay": 0.1})
+        ano(*compiled, fused=True, **_KERNEL_HYPER)
     for ours, theirs in zip(lists, compiled, strict=True):
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    return lists
+
+
+def test_multi_tensor_cpu_kernel_takes_the_usual_group_and_steps_it_like_the_compiled_one():
+    lists = _stepped_like_the_compiled_kernel(_role_lists)
     assert [s.item() for s in lists[4]] == [4.0] * 3
 
 
@@ -565,16 +575,9 @@ def test_multi_tensor_cpu_kernel_takes_channels_last_tensors_and_steps_them_like
             lists.append([conv.abs(), vector.abs()] if role == 3 else [conv, vector])
         return [*lists, [torch.tensor(3.0), torch.tensor(3.0)]]
 
-    lists, compiled = group(), group()
-    assert not lists[0][0].is_contiguous()
-    scalars = (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0)
-    assert fused._cpu_multi_tensor_call(torch.float32, lists, scalars, 0, False, False) is True
-    with fused._kernels(cpu="per_tensor"):
-        ano(*compiled, fused=True, **{**HYPER, "beta2": 0.99, "weight_decay": 0.1})
-    for ours, theirs in zip(lists, compiled, strict=True):
-        for a, b in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in lists[0][:1])
+    assert not group()[0][0].is_contiguous()
+    lists = _stepped_like_the_compiled_kernel(group)
+    assert lists[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_its_twin():
@@ -585,9 +588,7 @@ def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_
     original = lists[0][1]
     before = original.clone()
     lists[0][1] = torch._lazy_clone(original)
-    assert fused._cpu_multi_tensor_call(
-        torch.float32, lists, (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0), 0, False, False
-    )
+    assert fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     assert torch.equal(original, before)
     assert not torch.equal(lists[0][1], before)
 
