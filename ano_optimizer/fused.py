@@ -28,7 +28,6 @@ subclass) the same math eagerly.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import itertools
 import types
@@ -576,6 +575,8 @@ def _cpu_kernel(state_dtype: torch.dtype, copy_floor: bool = False):
 def _tensor_objects_lead_with_their_impl() -> bool:
     """Whether a tensor's Python object holds its TensorImpl's address right after the object
     header, as the kernel reads it (torch's THPVariable layout), for both types it reads."""
+    import ctypes  # only where the kernel is built
+
     probes = (torch.zeros(1), torch.nn.Parameter(torch.zeros(1)))
     offset = object.__basicsize__
     return all(ctypes.c_size_t.from_address(id(t) + offset).value == t._cdata for t in probes)
