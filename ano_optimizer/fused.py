@@ -18,11 +18,11 @@ further: ``fused_cpu.cpp`` holds the same arithmetic written once over all tenso
 and Inductor's C++ toolchain builds it (the compiler, flags, OpenMP runtime and on-disk cache
 that ``torch.compile`` uses on CPU). A call per tensor costs ~45 us of Python, Dynamo guards and
 OpenMP start-up, which was a third of the step on ResNet-50's 161 tensors; one call for all of
-them costs ~0.1 ms, and the build takes ~2 s instead of a graph compile. The kernel checks the
+them costs ~0.1 ms, and the build takes ~3 s instead of a graph compile. The kernel checks the
 tensors itself, reading each tensor's TensorImpl through c10's header, and changes nothing where
-one does not fit. Every other case (GPU, other dtypes, non-contiguous tensors, a failed build)
-takes the per-tensor compiled kernel, and a tensor with no storage of its own (a wrapper
-subclass) the same math eagerly.
+one does not fit. Every other case (GPU, other dtypes, tensors with gaps between their elements
+or laid out unlike their parameter, a failed build) takes the per-tensor compiled kernel, and a
+tensor with no storage of its own (a wrapper subclass) the same math eagerly.
 """
 
 from __future__ import annotations
