@@ -333,8 +333,8 @@ int64_t length(PyObject* sequence) {
 // caches. Where a tensor fails them (see taken() and same_order(); a step
 // must hold one number), nothing changes and outcome[0] becomes False; fused.py then checks in
 // Python, raises a clear error or takes the per-tensor kernel. Otherwise the kernel bumps the
-// autograd versions of the tensors it writes, as in-place ops do, updates them and sets
-// outcome[0] to True. Called with the GIL held.
+// autograd versions of the tensors it writes, as in-place ops do, updates them (without the
+// GIL) and sets outcome[0] to True. Called with the GIL held.
 //
 // The scalars arrive rounded to float32 by the binding, as fused.py rounds its float64
 // hyper-parameter tensor: lr, 1 - beta1, beta2, eps, weight_decay, 1 / grad scale; skip is 1
@@ -435,6 +435,12 @@ extern "C" void kernel(
     const int64_t blocks = static_cast<int64_t>(block_tensor.size());
     const float decay = 1.0f - lr * weight_decay;
     const Update update = kUpdates[maximize != 0][inv_scale != 1.0f][decay != 1.0f];
+
+    // The update touches no Python object, so other Python threads run meanwhile, as during a
+    // torch op; and as a torch op does, the kernel holds a reference to every TensorImpl it
+    // writes or reads until it is done.
+    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::incref(impl);
+    Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
@@ -466,5 +472,7 @@ extern "C" void kernel(
                 offset_v);
         }
     }
+    Py_END_ALLOW_THREADS
+    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::decref(impl);
     finish(true);
 }
