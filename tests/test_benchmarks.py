@@ -70,6 +70,12 @@ def test_paired_ratio_compares_rounds_not_medians():
     assert paired_ratio([2.0, 4.0, 3.0], [1.0, 1.0, 1.0]) == 3.0
 
 
+def test_fast_rounds_are_those_whose_floor_moved_at_least_the_threshold():
+    # 25 M parameters move 700 MB per step: 10 ms is 70 GB/s, 5 ms 140 GB/s, 20 ms 35 GB/s.
+    assert fused_step.fast_rounds([10.0, 5.0, 20.0, 7.0], 25_000_000, 75.0) == [1, 3]
+    assert fused_step.fast_rounds([10.0, 5.0], 25_000_000, 200.0) == []
+
+
 def test_step_overhead_times_one_cold_and_one_hot_step_per_round():
     from benchmarks.step_overhead import ROWS, markdown, measure
 
