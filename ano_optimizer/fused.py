@@ -232,12 +232,13 @@ def fused_ano(
         return
     compiling = torch.compiler.is_compiling()
     drawn_seed = None
-    if not compiling and _CPU_KERNEL in _CPU_MULTI_TENSOR:
+    if not compiling and _CPU_KERNEL in _CPU_MULTI_TENSOR and params[0].is_cpu:
         # The usual CPU group takes one kernel call and nothing else: the kernel checks the
         # tensors itself, and nothing is grouped or built for the hyper-parameters. Each
         # Python or torch call skipped here matters more than its own time suggests: between
         # steps, forward and backward evict the code and the tensors' objects from the
-        # caches, and a cold call costs several times a warm one.
+        # caches, and a cold call costs several times a warm one. (Only on the CPU: the
+        # scalars and seed below are read on the host, a sync for a GPU group.)
         state_dtype = exp_avgs[0].dtype
         if state_dtype is torch.bfloat16:
             drawn_seed = _fresh_seed(params[0].device)

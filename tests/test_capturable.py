@@ -170,6 +170,30 @@ def test_fused_step_prepares_its_scalars_on_the_device(logarithmic_schedule):
         assert traffic.events == []
 
 
+def test_a_fused_step_on_the_gpu_reads_nothing_on_the_host():
+    """The whole fused step on a CUDA group with bfloat16 state and a tensor lr: the CPU
+    multi-tensor kernel must not be tried, for trying it reads the rounding seed and lr on the
+    host (a sync, and an error inside CUDA-graph capture). Fake tensors take the eager math in
+    place of the compiled kernel. (GradScaler's tensors are left out: under fake tensors the
+    step-count increment by the inf flag, ``_foreach_add_`` with a tensor, reads the flag on
+    the host whatever the device's kernel does.)"""
+    with FakeTensorMode():
+        device = torch.device("cuda")
+        params = [torch.randn(s, device=device) for s in SHAPES]
+        grads = [torch.randn_like(p) for p in params]
+        states = [[torch.zeros_like(p, dtype=torch.bfloat16) for p in params] for _ in range(2)]
+        steps = [torch.zeros((), device=device) for _ in params]
+        fused._amp_tensors(None, None, device)  # cached per device by the first step
+        traffic = HostTraffic()
+        with traffic:
+            fused.fused_ano(
+                params, grads, *states, steps,
+                beta1=0.9, beta2=0.99, lr=torch.full((), 1e-3, device=device),
+                weight_decay=0.1, eps=1e-8, logarithmic_schedule=False, maximize=False,
+            )  # fmt: skip
+        assert traffic.events == []
+
+
 def test_a_lr_or_step_off_the_parameters_device_is_a_clear_error():
     with FakeTensorMode():
         params, optimizer = _fake_cuda_optimizer(Ano, True, {"foreach": True})
