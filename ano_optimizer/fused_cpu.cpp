@@ -291,11 +291,11 @@ struct TensorObject {
 // dtype whose elements fill a block of memory without gaps or overlaps (contiguous, or
 // permuted as channels_last is), neither a negative view nor an inference tensor where it is
 // written.
-const c10::TensorImpl* taken(
+c10::TensorImpl* taken(
     PyObject* object, PyTypeObject* tensor_type, PyTypeObject* parameter_type,
     c10::ScalarType dtype, bool written) {
     if (Py_TYPE(object) != tensor_type && Py_TYPE(object) != parameter_type) return nullptr;
-    const c10::TensorImpl* impl = reinterpret_cast<TensorObject*>(object)->impl;
+    c10::TensorImpl* impl = reinterpret_cast<TensorObject*>(object)->impl;
     const bool ok = impl->device_type() == c10::DeviceType::CPU &&
         impl->layout() == c10::kStrided && !impl->is_nested() && impl->has_storage() &&
         impl->dtype() == dtype && !impl->is_neg() && impl->is_non_overlapping_and_dense() &&
@@ -382,11 +382,10 @@ extern "C" void kernel(
     std::vector<int64_t> numels(tensors);
     for (int64_t t = 0; t < tensors; ++t) {
         for (int64_t k = 0; k < 5; ++k) {
-            const c10::TensorImpl* impl = taken(
+            impls[k * tensors + t] = taken(
                 item(PyTuple_GET_ITEM(role_lists, k), t), types.first, types.second, kDtypes[k],
                 k != 1);
-            if (impl == nullptr) return finish(false);
-            impls[k * tensors + t] = const_cast<c10::TensorImpl*>(impl);
+            if (impls[k * tensors + t] == nullptr) return finish(false);
         }
         numels[t] = impls[t]->numel();
         for (int64_t k = 1; k < 4; ++k)
