@@ -169,11 +169,17 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
+def floor_gb_s(numel: int, ms: float) -> float:
+    """The bandwidth of a float32-state floor step over ``numel`` parameters (28 bytes each)
+    that took ``ms`` milliseconds."""
+    return 28 * numel / ms / 1e6
+
+
 def fast_rounds(floor_ms: list[float], numel: int, gb_s: float) -> list[int]:
-    """The rounds whose flat floor (28 bytes per parameter) moved at least ``gb_s`` GB/s. This
-    machine's memory runs at 50 to 60 GB/s most of the time and at 80 to 98 GB/s in spells;
-    arithmetic that hides under the memory traffic at the usual speed can show in those."""
-    return [i for i, ms in enumerate(floor_ms) if 28 * numel / ms / 1e6 >= gb_s]
+    """The rounds whose flat floor moved at least ``gb_s`` GB/s. This machine's memory runs at
+    50 to 60 GB/s most of the time and at 80 to 98 GB/s in spells; arithmetic that hides under
+    the memory traffic at the usual speed can show in those."""
+    return [i for i, ms in enumerate(floor_ms) if floor_gb_s(numel, ms) >= gb_s]
 
 
 def bench_set(name: str, rounds: int, threads: int, fast_gb_s: float = 75.0) -> dict:
@@ -217,7 +223,7 @@ def bench_set(name: str, rounds: int, threads: int, fast_gb_s: float = 75.0) -> 
         },
         "floor_ms_fp32_state": statistics.median(floor32),
         "floor_ms_bf16_state": statistics.median(floor16),
-        "floor_gb_s": 28 * numel / statistics.median(floor32) / 1e6,
+        "floor_gb_s": floor_gb_s(numel, statistics.median(floor32)),
     }
 
 
