@@ -551,10 +551,10 @@ def _build_cpu_kernel(source: str, argtypes: list[str], **defines: str):
 
 
 @functools.cache
-def _cpu_kernel(state_dtype: torch.dtype, copy_floor: bool = False):
+def _cpu_kernel(state_dtype: torch.dtype, copy_floor: bool = False, intrinsics: bool = True):
     """Build (or load from Inductor's on-disk cache) the multi-tensor kernel for one state dtype
-    (with ``copy_floor``, its bandwidth-floor build); None, with a warning, where it cannot be
-    built."""
+    (with ``copy_floor``, its bandwidth-floor build; without ``intrinsics``, its portable loop
+    alone, for tests); None, with a warning, where it cannot be built."""
     try:
         if not _tensor_objects_lead_with_their_impl():
             raise RuntimeError("this torch's tensor objects do not hold their TensorImpl first")
@@ -562,6 +562,8 @@ def _cpu_kernel(state_dtype: torch.dtype, copy_floor: bool = False):
         defines = {"STATE_T": _CPU_STATE_TYPES[state_dtype]}
         if copy_floor:
             defines["COPY_FLOOR"] = "1"
+        if not intrinsics:
+            defines["ANO_NO_INTRINSICS"] = "1"
         return _build_cpu_kernel(source, _CPU_ARGTYPES, **defines)
     except Exception as error:  # any build or load failure: the per-tensor kernel still works
         warnings.warn(

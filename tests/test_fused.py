@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from importlib import resources
 
 import numpy as np
 import pytest
@@ -412,18 +411,6 @@ def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
         assert int(differ.sum()) <= (0.01 * a.numel() if options.get("logarithmic_schedule") else 0)
 
 
-@functools.cache
-def _portable_cpu_kernel(state_dtype):
-    """fused_cpu.cpp built without its AVX-512 loop: the portable loop that GCC vectorises."""
-    source = (resources.files("ano_optimizer") / "fused_cpu.cpp").read_text()
-    return fused._build_cpu_kernel(
-        source,
-        fused._CPU_ARGTYPES,
-        STATE_T=fused._CPU_STATE_TYPES[state_dtype],
-        ANO_NO_INTRINSICS="1",
-    )
-
-
 @_EACH_STATE_DTYPE
 @_EACH_KERNEL_FLAG
 def test_the_kernels_avx512_loop_gives_the_portable_loops_bits(state_dtype, options, monkeypatch):
@@ -432,7 +419,8 @@ def test_the_kernels_avx512_loop_gives_the_portable_loops_bits(state_dtype, opti
     flag both ways and lengths that leave a tail of fewer than 16 elements."""
     shapes = [(5,), (33, 7), (1,), (300,), (3, 16384 + 5), (16384,), (17,)]
     ours, _ = _kernel_runs(shapes, state_dtype, **options)
-    monkeypatch.setattr(fused, "_selected_cpu_kernel", _portable_cpu_kernel)
+    portable_kernel = functools.partial(fused._cpu_kernel, intrinsics=False)
+    monkeypatch.setattr(fused, "_selected_cpu_kernel", portable_kernel)
     portable, _ = _kernel_runs(shapes, state_dtype, **options)
     for a_list, b_list in zip(ours, portable, strict=True):
         for a, b in zip(a_list, b_list, strict=True):
