@@ -29,26 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import types
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_fused", "fused_ano", "stochastic_round_to_bfloat16", "unscale_or_skip"]
+from . import rounding
+from .tensor_checks import check_step_tensors
 
-# Order of the hyper-parameters in the 1-D tensor handed to the kernel.
-_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
-
-
-def check_fused(fused, foreach, owner: str = "Ano") -> None:
-    if fused not in (None, True, False):
-        raise ValueError(f"{owner}: fused must be None, True or False, got {fused!r}")
-    if fused and foreach:
-        raise ValueError(f"{owner}: fused=True and foreach=True are exclusive; pass one of them")
+__all__ = ["cpu_kernel_takes", "fused_ano", "unscale_or_skip"]
 
 
 def unscale_or_skip(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None):
@@ -61,38 +54,6 @@ def unscale_or_skip(grads: list[Tensor], grad_scale: Tensor | None, found_inf: T
     return False
 
 
-def stochastic_round_to_bfloat16(x: Tensor) -> Tensor:
-    """Round float32 ``x`` to bfloat16, up or down at random with probability proportional to
-    the distance, so the rounded value is unbiased: ``E[round(x)] = x``.
-
-    bfloat16 is the upper half of a float32; adding 16 random low bits to the (sign-magnitude)
-    bit pattern and truncating rounds the magnitude up with probability equal to the discarded
-    fraction. With round-to-nearest, a small decrease of ``exp_avg_sq`` (``β2 = 0.999`` removes
-    0.1 % of it per step, less than half a bfloat16 ulp) would be absorbed every time.
-    """
-    return _round_with_noise(x, (torch.rand_like(x) * 65536.0).to(torch.int32))
-
-
-def _round_with_noise(x: Tensor, noise: Tensor) -> Tensor:
-    bits = x.view(torch.int32)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
-
-
-def _hashed_noise(like: Tensor, seed: Tensor, stream: int) -> Tensor:
-    """16 random bits per element for stochastic rounding: ``(index * A + seed) mod 2**16``.
-
-    Rounding only needs each element's noise to be uniform and independent from one step to
-    the next: ``seed`` is drawn uniformly from [0, 2**16) afresh every step, so each element's
-    noise is uniform and independent across steps (neighbouring elements are correlated, which
-    rounding does not mind). This is three int32 operations per element with no memory
-    traffic: ``torch.rand_like`` (Philox per element) made the CPU kernel 14x slower, an int64
-    hash 2x. Operands are masked to 16 bits so nothing overflows int32.
-    """
-    index = torch.arange(like.numel(), device=like.device, dtype=torch.int32).view(like.shape)
-    offset = (seed + stream * 0x9E37).to(torch.int32) & 0xFFFF
-    return ((index & 0xFFFF) * 0x6A09 + offset) & 0xFFFF
-
-
 def _ano_math(
     param: Tensor,
     grad: Tensor,
@@ -103,9 +64,10 @@ def _ano_math(
     hyper: Tensor,
     found_inf: Tensor,
     inv_scale: Tensor,
-    seed: Tensor,
+    noise: Tensor,
     *,
     maximize: bool,
+    start: int = 0,
 ) -> None:
     """The Ano update on equal-shaped tensors, in place; math in float32 (float64 for float64).
 
@@ -114,7 +76,10 @@ def _ano_math(
     :func:`_step_scalars`: computed in here, Inductor would re-evaluate the scalar ``pow`` in
     every iteration of the vector loop, which made the kernel 2-3x slower than memory.
     ``found_inf`` (0 or 1) and ``inv_scale`` come from ``torch.amp.GradScaler``: a step with
-    ``found_inf = 1`` leaves every tensor as it was.
+    ``found_inf = 1`` leaves every tensor as it was. ``noise`` holds the tensor's rounding noise
+    parameters ``(A, B)`` for ``exp_avg``, then for ``exp_avg_sq``, this step
+    (:mod:`ano_optimizer.rounding`), and ``start`` the index of the first element given, where a
+    tensor is stepped in blocks.
     """
     compute = torch.float64 if param.dtype == torch.float64 else torch.float32
     hyper = hyper.to(compute)
@@ -138,13 +103,13 @@ def _ano_math(
 
     skip = found_inf.to(compute) > 0
     param.copy_(torch.where(skip, p, p_new))
-    exp_avg.copy_(_store(torch.where(skip, m, m_new), exp_avg.dtype, seed, 1))
-    exp_avg_sq.copy_(_store(torch.where(skip, v, v_new), exp_avg_sq.dtype, seed, 2))
+    exp_avg.copy_(_store(torch.where(skip, m, m_new), exp_avg.dtype, noise[:2], start))
+    exp_avg_sq.copy_(_store(torch.where(skip, v, v_new), exp_avg_sq.dtype, noise[2:], start))
 
 
-def _store(x: Tensor, dtype: torch.dtype, seed: Tensor, stream: int) -> Tensor:
+def _store(x: Tensor, dtype: torch.dtype, parameters: Tensor, start: int) -> Tensor:
     if dtype == torch.bfloat16 and x.dtype == torch.float32:
-        return _round_with_noise(x, _hashed_noise(x, seed, stream))
+        return rounding.round_with_noise(x, rounding.hashed_noise(x, parameters, start))
     return x.to(dtype)
 
 
@@ -163,7 +128,9 @@ def _kernel(
     other and a mixed-precision model cannot exhaust the limit.
     """
 
-    def kernel(param, grad, exp_avg, exp_avg_sq, weight, correction, hyper, found_inf, scale, seed):
+    def kernel(
+        param, grad, exp_avg, exp_avg_sq, weight, correction, hyper, found_inf, scale, noise
+    ):
         _ano_math(
             param,
             grad,
@@ -174,7 +141,7 @@ def _kernel(
             hyper,
             found_inf,
             scale,
-            seed,
+            noise,
             maximize=maximize,
         )
 
@@ -193,8 +160,38 @@ def _kernel(
     return torch.compile(unique, fullgraph=True)
 
 
-# Kernel keys that have compiled their graph in this process.
-_COMPILED: set = set()
+_KernelKey = tuple[bool, str, tuple[torch.dtype, ...], bool]
+
+
+@functools.cache
+def _proven_kernel(key: _KernelKey, device: torch.device) -> Callable | None:
+    """The compiled kernel for ``key``, first run on tiny tensors of its dtypes on ``device``:
+    compiling happens on that first call, so a failure (no C++ compiler, an Inductor error)
+    surfaces here, before a step has changed anything. None, with one warning, where it fails;
+    the tensors of that kind then run the same math eagerly."""
+    _, _, dtypes, single_element = key
+    n = 1 if single_element else 2
+    try:
+        tensors = [_flat(torch.zeros(n, dtype=d, device=device), n > 1) for d in dtypes]
+        # Distinct tensors, as a step passes: Dynamo would guard on arguments that alias.
+        weight, correction, skip, inv_scale = (
+            torch.full((), v, device=device) for v in (0.0, 1.0, 0.0, 1.0)
+        )
+        hyper = torch.zeros(5, dtype=torch.float64, device=device)
+        noise = torch.zeros(4, dtype=torch.int64, device=device)
+        kernel = _kernel(*key)
+        kernel(*tensors, weight, correction, hyper, skip, inv_scale, noise)
+        return kernel
+    except Exception as error:  # any compile or run failure: the eager math still works
+        warnings.warn(
+            f"Ano fused=True: torch.compile could not build the fused kernel for "
+            f"{[str(d).removeprefix('torch.') for d in dtypes]} tensors on {device} "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0][:300]}); those "
+            "tensors are stepped with the same math run eagerly (slower)",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+        return None
 
 
 def _flat(t: Tensor, mark_dynamic: bool) -> Tensor:
@@ -206,6 +203,53 @@ def _flat(t: Tensor, mark_dynamic: bool) -> Tensor:
         # anyway, so 1-element tensors (rare) share a second, static graph.
         torch._dynamo.mark_dynamic(flat, 0)
     return flat
+
+
+def _addressable(tensors) -> bool:
+    """Whether a flat alias of each tensor's storage can be handed to a compiled kernel: plain
+    tensors (and subclasses that leave ``__torch_dispatch__`` alone, such as ``nn.Parameter``)
+    with data of their own. Wrapper subclasses (torchao's float8 weights, DTensor pieces
+    under FSDP2), zero tensors and meta tensors have none: they run the eager math."""
+    return all(
+        type(t).__torch_dispatch__ is _PLAIN_DISPATCH
+        and not t._is_zerotensor()
+        and t.device.type != "meta"
+        for t in tensors
+    )
+
+
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__
+# Elements per block where a tensor runs the eager math: its float32 temporaries stay small.
+_EAGER_BLOCK = 1 << 16
+
+
+def _eager_ano_math(args, weight, correction, hyper, skip, inv_scale, noise, maximize) -> None:
+    """:func:`_ano_math` run eagerly, in blocks where the tensors allow it."""
+    if not (_addressable(args) and all(t.is_contiguous() for t in args)):
+        _ano_math(*args, weight, correction, hyper, skip, inv_scale, noise, maximize=maximize)
+        return
+    blocks = zip(*(t.view(-1).split(_EAGER_BLOCK) for t in args), strict=True)
+    for index, block in enumerate(blocks):
+        _ano_math(
+            *block, weight, correction, hyper, skip, inv_scale, noise,
+            maximize=maximize, start=index * _EAGER_BLOCK,
+        )  # fmt: skip
+
+
+def _tensor_index(i: int) -> str:
+    return f"tensor {i}"
+
+
+def cpu_kernel_takes(lists, maximize: bool, logarithmic_schedule: bool) -> bool:
+    """Whether the multi-tensor CPU kernel takes the five role lists (params, grads, exp_avgs,
+    exp_avg_sqs, steps) of one group whole, as they are; nothing changes. A step over several
+    fused groups asks this of every group before it updates any."""
+    if not (lists[0] and lists[0][0].is_cpu and _CPU_KERNEL in _CPU_MULTI_TENSOR):
+        return False
+    scalars = (0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0)
+    return _cpu_multi_tensor_call(
+        lists[2][0].dtype, lists, scalars, maximize, logarithmic_schedule, check_only=True
+    )
 
 
 def fused_ano(
@@ -224,108 +268,146 @@ def fused_ano(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    checked: bool = False,
+    owner: str = "ano",
+    where: Callable[[int], str] = _tensor_index,
 ) -> None:
     """Run the fused update over lists of tensors, in place (the ``fused=True`` path of
     :func:`ano_optimizer.ano`). ``state_steps`` are incremented here, except on a step that
-    ``found_inf`` marks as skipped."""
+    ``found_inf`` marks as skipped.
+
+    Every tensor is checked before any changes (:mod:`ano_optimizer.tensor_checks`; ``checked``
+    says the caller has done so); a tensor that no kernel can take as it is runs the same
+    math eagerly."""
     if not params:
         return
     compiling = torch.compiler.is_compiling()
-    drawn_seed = None
-    if not compiling and _CPU_KERNEL in _CPU_MULTI_TENSOR and params[0].is_cpu:
+    if not compiling and params[0].is_cpu and _CPU_KERNEL in _CPU_MULTI_TENSOR:
         # The usual CPU group takes one kernel call and nothing else: the kernel checks the
         # tensors itself, and nothing is grouped or built for the hyper-parameters. Each
         # Python or torch call skipped here matters more than its own time suggests: between
         # steps, forward and backward evict the code and the tensors' objects from the
         # caches, and a cold call costs several times a warm one. (Only on the CPU: the
-        # scalars and seed below are read on the host, a sync for a GPU group.)
-        state_dtype = exp_avgs[0].dtype
-        if state_dtype is torch.bfloat16:
-            drawn_seed = _fresh_seed(params[0].device)
+        # scalars are read on the host, a sync for a GPU group.)
         lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
         scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        seed = 0 if drawn_seed is None else int(drawn_seed)
         if _cpu_multi_tensor_call(
-            state_dtype, lists, scalars, seed, maximize, logarithmic_schedule
+            exp_avgs[0].dtype, lists, scalars, maximize, logarithmic_schedule
         ):
             return
-    if not compiling:
-        # The multi-tensor kernels take every length from the parameter.
-        _check_sizes(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if not compiling and not checked:
+        grads = check_step_tensors(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner, where=where
+        )
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
-    for (device, _), ((d_params, d_grads, d_avgs, d_avg_sqs, d_steps), _) in grouped.items():
-        hyper = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
-        skip, inv_scale = _amp_tensors(grad_scale, found_inf, device)
-        seed = _rounding_seed(d_params, d_avgs, d_avg_sqs, device, drawn_seed)
-        drawn_seed = None
-        if not compiling and device.type == "cpu" and _CPU_KERNEL in _CPU_MULTI_TENSOR:
-            batches, left = _sorted_batches((d_params, d_grads, d_avgs, d_avg_sqs, d_steps))
-            scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-            left += _cpu_multi_tensor(batches, scalars, int(seed), maximize, logarithmic_schedule)
-            if not left:
-                continue
-            left.sort()
-            d_params, d_grads, d_avgs, d_avg_sqs, d_steps = (
-                [tensors[i] for i in left] for tensors in (d_params, d_grads, d_avgs, d_avg_sqs, d_steps)
-            )  # fmt: skip
-        # One increment for the whole list; a skipped step (found_inf = 1) adds 0.
-        increment = 1.0 - skip.to(d_steps[0].device) if found_inf is not None else 1.0
-        torch._foreach_add_(d_steps, increment)
-        weights, corrections = _step_scalars(
-            d_steps, beta1, beta2, logarithmic_schedule, d_params[0].dtype, device
-        )
-        per_tensor = range(len(d_params))
-        if (
-            not compiling
-            and device.type == "cuda"
-            and _GPU_KERNEL == "triton_multi_tensor"
-            # Its table of addresses is copied from the host each step: not capturable.
-            and not torch.cuda.is_current_stream_capturing()
-        ):
-            from .fused_triton import triton_multi_tensor
+    # Every route is settled (and every kernel built) for every device's tensors before the
+    # first of them changes.
+    plans = [
+        _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf,
+              maximize, logarithmic_schedule, compiling)
+        for (device, _), (tensors, _) in grouped.items()
+    ]  # fmt: skip
+    for plan in plans:
+        _run(plan, beta1, beta2, logarithmic_schedule, maximize, found_inf, compiling)
 
-            per_tensor = triton_multi_tensor(
-                d_params, d_grads, d_avgs, d_avg_sqs, weights, corrections,
-                hyper, skip, inv_scale, seed, maximize,
-            )  # fmt: skip
-        for i in per_tensor:
-            param, grad, exp_avg, exp_avg_sq = d_params[i], d_grads[i], d_avgs[i], d_avg_sqs[i]
-            weight, correction = weights[i], corrections[i]
-            if torch.is_complex(param):
-                param, grad, exp_avg, exp_avg_sq = (
-                    torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
-                )
-            args = (param, grad, exp_avg, exp_avg_sq)
-            if compiling:
-                # Inside the user's own torch.compile the update is traced and fused with it.
-                _ano_math(
-                    *args, weight, correction, hyper, skip, inv_scale, seed, maximize=maximize
-                )
-                continue
-            if param.numel() == 0:
-                continue
-            if not _own_storage({type(t) for t in args}):
-                # No storage for a flat alias (a wrapper subclass): the same math, eagerly,
-                # through the subclass's own dispatch.
-                _ano_math(
-                    *args, weight, correction, hyper, skip, inv_scale, seed, maximize=maximize
-                )
-                continue
-            contiguous = all(t.is_contiguous() for t in args)
-            key = (maximize, device.type, tuple(t.dtype for t in args), param.numel() == 1)
-            # Only the first call of a kernel needs its length marked symbolic; later calls
-            # match the symbolic graph's guards anyway, and marking costs ~4 us per tensor.
-            mark = key not in _COMPILED
-            flat = [_flat(t if contiguous else t.contiguous(), mark) for t in args]
-            _kernel(*key)(*flat, weight, correction, hyper, skip, inv_scale, seed)
-            _COMPILED.add(key)
-            if not contiguous:
-                for target, result in zip(
-                    (param, exp_avg, exp_avg_sq), flat[:1] + flat[2:], strict=True
-                ):
-                    target.copy_(result.view_as(target))
+
+def _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, maximize,
+          log, compiling) -> dict:  # fmt: skip
+    """The routes of one device's tensors: the multi-tensor CPU kernel's batches, and for each
+    other tensor its compiled kernel (None: the eager math)."""
+    d_params, d_grads, d_avgs, d_avg_sqs, d_steps = (list(t) for t in tensors)
+    plan = {"device": device, "batches": {}, "tensors": None, "kernels": {}}
+    left = list(range(len(d_params)))
+    if not compiling and device.type == "cpu" and _CPU_KERNEL in _CPU_MULTI_TENSOR:
+        plan["scalars"] = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+        batches, left = _sorted_batches((d_params, d_grads, d_avgs, d_avg_sqs, d_steps))
+        for state_dtype, (indices, batch) in batches.items():
+            if _cpu_multi_tensor_call(state_dtype, batch, plan["scalars"], maximize, log, True):
+                plan["batches"][state_dtype] = batch
+            else:
+                left += indices
+        left.sort()
+    plan["tensors"] = [
+        [t[i] for i in left] for t in (d_params, d_grads, d_avgs, d_avg_sqs, d_steps)
+    ]
+    if plan["tensors"][0]:
+        plan["hyper"] = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
+        plan["amp"] = _amp_tensors(grad_scale, found_inf, device)
+    if not compiling:
+        for i, args in enumerate(zip(*plan["tensors"][:4], strict=True)):
+            args = _real_views(args)
+            if args[0].numel() and _addressable(args):
+                key = (maximize, device.type, tuple(t.dtype for t in args), args[0].numel() == 1)
+                plan["kernels"][i] = _proven_kernel(key, device)
+    return plan
+
+
+def _run(plan, beta1, beta2, log, maximize, found_inf, compiling) -> None:
+    device = plan["device"]
+    for batch in plan["batches"].values():
+        if not _cpu_multi_tensor_call(batch[2][0].dtype, batch, plan["scalars"], maximize, log):
+            raise RuntimeError(
+                "the multi-tensor CPU kernel refused tensors it had accepted a moment before "
+                "(did another thread change them during the step?)"
+            )
+    d_params, d_grads, d_avgs, d_avg_sqs, d_steps = plan["tensors"]
+    if not d_params:
+        return
+    hyper, (skip, inv_scale) = plan["hyper"], plan["amp"]
+    # One increment for the whole list; a skipped step (found_inf = 1) adds 0.
+    increment = 1.0 - skip.to(d_steps[0].device) if found_inf is not None else 1.0
+    torch._foreach_add_(d_steps, increment)
+    wide = d_params[0].dtype in (torch.float64, torch.complex128)
+    weights, corrections = _step_scalars(
+        d_steps, beta1, beta2, log, torch.float64 if wide else torch.float32, device
+    )
+    noise = _noise_parameters(d_steps, d_avgs, d_avg_sqs, device)
+    per_tensor = range(len(d_params))
+    if (
+        not compiling
+        and device.type == "cuda"
+        and _GPU_KERNEL == "triton_multi_tensor"
+        # Its table of addresses is copied from the host each step: not capturable.
+        and not torch.cuda.is_current_stream_capturing()
+    ):
+        from .fused_triton import triton_multi_tensor
+
+        per_tensor = triton_multi_tensor(
+            d_params, d_grads, d_avgs, d_avg_sqs, weights, corrections,
+            hyper, skip, inv_scale, noise, maximize,
+        )  # fmt: skip
+    for i in per_tensor:
+        args = _real_views((d_params[i], d_grads[i], d_avgs[i], d_avg_sqs[i]))
+        scalars = (weights[i], corrections[i], hyper, skip, inv_scale, noise[i])
+        if compiling:
+            # Inside the user's own torch.compile the update is traced and fused with it.
+            _ano_math(*args, *scalars, maximize=maximize)
+            continue
+        if args[0].numel() == 0:
+            continue
+        kernel = plan["kernels"].get(i)
+        if kernel is None:
+            _eager_ano_math(args, *scalars, maximize)
+            continue
+        param, _, exp_avg, exp_avg_sq = args
+        contiguous = all(t.is_contiguous() for t in args)
+        # Only the first call of a kernel needs its length marked symbolic (the proving call
+        # did); later calls match the symbolic graph's guards anyway.
+        flat = [_flat(t if contiguous else t.contiguous(), False) for t in args]
+        kernel(*flat, *scalars)
+        if not contiguous:
+            for target, result in zip(
+                (param, exp_avg, exp_avg_sq), flat[:1] + flat[2:], strict=True
+            ):
+                target.copy_(result.view_as(target))
+
+
+def _real_views(tensors):
+    """Complex tensors as their real views (a real state tensor of a complex parameter is kept
+    as that view already)."""
+    return tuple(torch.view_as_real(t) if t.is_complex() else t for t in tensors)
 
 
 # Which CPU kernel runs the common case: "multi_tensor" (fused_cpu.cpp, one call per group) or
@@ -355,26 +437,18 @@ _CPU_ARGTYPES = [
     "int64_t",  # block size
     "int64_t",  # maximize
     "int64_t",  # logarithmic_schedule
-    "int64_t",  # rounding seed
+    "int64_t",  # 1: check only, change nothing
 ]
 _CPU_STATE_TYPES = {torch.float32: "float", torch.bfloat16: "uint16_t"}
 
 
-def _cpu_multi_tensor(batches: dict, scalars: tuple, seed: int, maximize, log) -> list[int]:
-    """Step each batch (see :func:`_sorted_batches`) with one call of the multi-tensor kernel
-    for its state dtype, step counts included; return the indices of the batches it did not
-    take (no kernel could be built, or it refused a tensor), left to the per-tensor kernel."""
-    left = []
-    for state_dtype, (indices, batch) in batches.items():
-        if not _cpu_multi_tensor_call(state_dtype, batch, scalars, seed, maximize, log):
-            left += indices
-    return left
-
-
-def _cpu_multi_tensor_call(state_dtype, lists, scalars: tuple, seed: int, maximize, log) -> bool:
+def _cpu_multi_tensor_call(
+    state_dtype, lists, scalars: tuple, maximize, log, check_only: bool = False
+) -> bool:
     """One call of the multi-tensor kernel for ``state_dtype`` over the five role lists; False,
     with nothing changed, where the kernel cannot be built or does not take every tensor as it
-    is (see ``kernel`` in fused_cpu.cpp)."""
+    is (see ``kernel`` in fused_cpu.cpp). With ``check_only`` it only reports whether it would
+    take them."""
     kernel = _selected_cpu_kernel(state_dtype) if state_dtype in _CPU_STATE_TYPES else None
     if kernel is None:
         return False
@@ -382,7 +456,7 @@ def _cpu_multi_tensor_call(state_dtype, lists, scalars: tuple, seed: int, maximi
     roles, outcome = tuple(lists), [False]
     kernel(
         id(roles), _TENSOR_TYPES[0], _TENSOR_TYPES[1], id(outcome), *scalars,
-        _CPU_BLOCK, int(maximize), int(log), seed,
+        _CPU_BLOCK, int(maximize), int(log), int(check_only),
     )  # fmt: skip
     return outcome[0]
 
@@ -405,48 +479,6 @@ def _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf) -> 
     return float(lr), 1.0 - beta1, beta2, eps, weight_decay, inv_scale, skip
 
 
-def _check_sizes(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
-    """Raise, before any tensor changes, where a gradient or state tensor no longer has as many
-    elements as its parameter, or a step count is not one number: a parameter resized in place
-    (say through ``.data``) after its state was created. A multi-tensor kernel would read and
-    write past the end of the smaller tensor. Compares whole lists first: ~25 us on 161
-    tensors."""
-    numels = list(map(Tensor.numel, params))
-    if (
-        list(map(Tensor.numel, grads)) == numels
-        and list(map(Tensor.numel, exp_avgs)) == numels
-        and list(map(Tensor.numel, exp_avg_sqs)) == numels
-        and {*map(Tensor.numel, steps)} == {1}
-    ):
-        return
-    roles = {"grad": grads, "exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
-    for i, param in enumerate(params):
-        for role, tensors in roles.items():
-            if tensors[i].numel() != param.numel():
-                raise RuntimeError(
-                    f"Ano fused=True: parameter {i} of the group has shape {tuple(param.shape)} "
-                    f"but its {role} has shape {tuple(tensors[i].shape)}; was the parameter "
-                    "resized after its state was created (e.g. through .data)? Re-create the "
-                    "optimizer, or drop that parameter's state, after resizing it"
-                )
-        if steps[i].numel() != 1:
-            raise RuntimeError(
-                f"Ano fused=True: the step count of parameter {i} of the group must hold one "
-                f"number, got shape {tuple(steps[i].shape)}"
-            )
-
-
-def _own_storage(tensor_types) -> bool:
-    """Whether tensors of these types hold their own storage, which a multi-tensor kernel reads
-    and writes by address: ``torch.Tensor`` and the subclasses that leave ``__torch_dispatch__``
-    alone (``nn.Parameter``). A wrapper subclass (a FakeTensor, torchao's float8 weights under
-    FSDP2) has none: its data pointer is null, and the kernel crashed the process on it."""
-    return all(t.__torch_dispatch__ is _PLAIN_DISPATCH for t in tensor_types)
-
-
-_PLAIN_DISPATCH = Tensor.__torch_dispatch__
-
-
 def _sorted_batches(lists) -> tuple[dict, list[int]]:
     """Tensor by tensor: the batches the kernel takes, by state dtype, each as (indices, the
     five role lists), and the indices it leaves. Complex tensors go in as real views."""
@@ -455,9 +487,7 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
     for i, tensors in enumerate(zip(*lists, strict=True)):
         param, grad, exp_avg, exp_avg_sq, step = tensors
         if param.dtype == torch.complex64 and grad.dtype == torch.complex64:
-            param, grad, exp_avg, exp_avg_sq = (
-                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
-            )
+            param, grad, exp_avg, exp_avg_sq = _real_views((param, grad, exp_avg, exp_avg_sq))
             tensors = (param, grad, exp_avg, exp_avg_sq, step)
         if (
             step.dtype == torch.float32
@@ -483,7 +513,7 @@ def _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
         and exp_avg.dtype == exp_avg_sq.dtype
         and exp_avg.dtype in _CPU_STATE_TYPES
         and all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
-        and _own_storage({type(t) for t in (param, grad, exp_avg, exp_avg_sq)})
+        and _addressable((param, grad, exp_avg, exp_avg_sq))
     )
 
 
@@ -626,29 +656,33 @@ def _float64_vector(values: tuple, device: torch.device) -> Tensor:
     return vector
 
 
-def _rounding_seed(params, exp_avgs, exp_avg_sqs, device, drawn: Tensor | None = None) -> Tensor:
-    """A fresh seed for stochastic rounding when some state is narrower than float32 math
-    (``drawn`` if one was drawn for this group already); otherwise a constant, so that runs
-    without it leave torch's random stream untouched."""
-    narrow = torch.bfloat16 in {t.dtype for t in itertools.chain(params, exp_avgs, exp_avg_sqs)}
-    if not narrow:
-        return _zero_seed(device)
-    return _fresh_seed(device) if drawn is None else drawn.to(device)
+def _noise_parameters(steps, exp_avgs, exp_avg_sqs, device) -> list[Tensor]:
+    """Per tensor: its two moments' rounding noise parameters for this step (``A``, ``B`` for
+    exp_avg, then for exp_avg_sq) as a 4-element int64 tensor on ``device``, from the (already
+    incremented) step counts with a handful of kernels for the whole list and no host read.
+    Zeros where no state is bfloat16 (no rounding)."""
+    if torch.bfloat16 not in {t.dtype for t in (*exp_avgs, *exp_avg_sqs)}:
+        return [_no_noise(device)] * len(steps)
+    counts = torch.stack([s.reshape(()).to(device) for s in steps])
+    table = torch.cat(
+        [
+            rounding.noise_parameter_tensor(counts, rounding.EXP_AVG_STREAM),
+            rounding.noise_parameter_tensor(counts, rounding.EXP_AVG_SQ_STREAM),
+        ],
+        dim=1,
+    )
+    return list(table.unbind(0))
 
 
-def _fresh_seed(device: torch.device) -> Tensor:
-    return torch.randint(0, 2**16, (), device=device, dtype=torch.int64)
-
-
-def _zero_seed(device: torch.device) -> Tensor:
+def _no_noise(device: torch.device) -> Tensor:
     if torch.compiler.is_compiling():
-        return torch.zeros((), device=device, dtype=torch.int64)
-    return _cached_zero_seed(device)
+        return torch.zeros(4, device=device, dtype=torch.int64)
+    return _cached_no_noise(device)
 
 
 @functools.cache
-def _cached_zero_seed(device: torch.device) -> Tensor:
-    return torch.zeros((), device=device, dtype=torch.int64)
+def _cached_no_noise(device: torch.device) -> Tensor:
+    return torch.zeros(4, device=device, dtype=torch.int64)
 
 
 @functools.cache

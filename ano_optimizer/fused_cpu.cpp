@@ -66,12 +66,33 @@ inline void store(uint16_t* p, int64_t i, float x, uint32_t noise) {
     p[i] = static_cast<uint16_t>((bits_of(x) + noise) >> 16);
 }
 
-// fused.py's _hashed_noise is (index * A + seed) mod 2**16, a fresh seed every step. Only the
-// low 16 bits of index * A matter, so a uint32 counter that starts at begin * A + offset and
-// adds A per element gives the same noise with one vector add, where a product of the int64
-// index took a conversion and a 32-bit multiply per vector (a quarter of the bf16 kernel).
-constexpr uint32_t kNoiseMultiplier = 0x6A09u;
+// rounding.py's noise: (index * A + B) mod 2**16, with the odd multiplier A and the offset B
+// hashes of the tensor's step count and the stream (noise_parameters below, the same bits as
+// rounding.noise_parameters). Only the low 16 bits of index * A matter, so a uint32 counter that
+// starts at begin * A + B and adds A per element gives the same noise with one vector add, where
+// a product of the int64 index took a conversion and a 32-bit multiply per vector (a quarter of
+// the bf16 kernel).
+struct Noise {
+    uint32_t multiplier;
+    uint32_t offset;
+};
+
 constexpr uint32_t kSignBit = 0x80000000u;
+constexpr uint64_t kMask32 = 0xFFFFFFFFu;
+
+uint64_t noise_hash(uint64_t step, uint64_t key) {
+    uint64_t x = (step * 0x1E3779B1u + key * 0x05EBCA77u) & kMask32;
+    x ^= x >> 16;
+    x = (x * 0x7FEB352Du) & kMask32;
+    x ^= x >> 15;
+    x = (x * 0x2C1B3C6Du) & kMask32;
+    return x ^ (x >> 16);
+}
+
+Noise noise_parameters(uint64_t step, uint64_t stream) {
+    return {static_cast<uint32_t>((noise_hash(step, 2 * stream + 1) & 0x7FFFu) | 1u),
+            static_cast<uint32_t>(noise_hash(step, 2 * stream) & 0xFFFFu)};
+}
 
 // torch.sign(x) * y, with torch.sign's sign(0) = sign(NaN) = 0 (so 0 * y: NaN for an infinite
 // or NaN y, as in the other paths): 1 with x's sign bit, zeroed unless x < 0 or x > 0, times y.
@@ -140,14 +161,19 @@ inline __m512 sign_times(__m512 x, __m512 y) {
     return _mm512_mul_ps(_mm512_castsi512_ps(signed_one), y);
 }
 
-// The noise of elements i .. i + 15, (index * A + offset) mod 2**16, one per 32-bit lane.
-inline __m512i noise_at(int64_t i, uint32_t offset) {
+// The noise of elements i .. i + 15, (index * A + B) mod 2**16, one per 32-bit lane.
+inline __m512i noise_at(int64_t i, Noise noise) {
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i first = _mm512_set1_epi32(
-        static_cast<int>(static_cast<uint32_t>(i) * kNoiseMultiplier + offset));
-    const __m512i noise = _mm512_add_epi32(
-        first, _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(kNoiseMultiplier))));
-    return _mm512_and_si512(noise, _mm512_set1_epi32(0xFFFF));
+        static_cast<int>(static_cast<uint32_t>(i) * noise.multiplier + noise.offset));
+    const __m512i lane_noise = _mm512_add_epi32(
+        first, _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(noise.multiplier))));
+    return _mm512_and_si512(lane_noise, _mm512_set1_epi32(0xFFFF));
+}
+
+// What 16 elements add to a lane's noise, mod 2**16.
+inline __m512i noise_step(Noise noise) {
+    return _mm512_set1_epi32(static_cast<int>((16u * noise.multiplier) & 0xFFFFu));
 }
 
 // Updates elements begin .. end in steps of 16 and returns the first it left.
@@ -165,8 +191,8 @@ int64_t update_vectors(
     float step_size,
     float decay,
     float inv_scale,
-    uint32_t offset_m,
-    uint32_t offset_v) {
+    Noise rounding_m,
+    Noise rounding_v) {
     const __m512 weight_v = _mm512_set1_ps(momentum_weight);
     const __m512 one_minus_beta2_v = _mm512_set1_ps(one_minus_beta2);
     const __m512 eps_c_v = _mm512_set1_ps(eps_c);
@@ -175,9 +201,10 @@ int64_t update_vectors(
     const __m512 inv_scale_v = _mm512_set1_ps(inv_scale);
     const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(kSignBit));
     // The upper halves of the lanes stay 0, so a 16-bit add steps each lane's noise mod 2**16.
-    const __m512i noise_step = _mm512_set1_epi32(static_cast<int>((16 * kNoiseMultiplier) & 0xFFFFu));
-    __m512i noise_m = noise_at(begin, offset_m);
-    __m512i noise_v = noise_at(begin, offset_v);
+    const __m512i step_m = noise_step(rounding_m);
+    const __m512i step_v = noise_step(rounding_v);
+    __m512i noise_m = noise_at(begin, rounding_m);
+    __m512i noise_v = noise_at(begin, rounding_v);
     int64_t i = begin;
     for (; i + 16 <= end; i += 16) {
         __m512 g = _mm512_loadu_ps(grad + i);
@@ -199,8 +226,8 @@ int64_t update_vectors(
             param + i, _mm512_sub_ps(kept, sign_times(m_new, _mm512_mul_ps(step_size_v, ratio))));
         store(exp_avg + i, m_new, noise_m);
         store(exp_avg_sq + i, v_new, noise_v);
-        noise_m = _mm512_add_epi16(noise_m, noise_step);
-        noise_v = _mm512_add_epi16(noise_v, noise_step);
+        noise_m = _mm512_add_epi16(noise_m, step_m);
+        noise_v = _mm512_add_epi16(noise_v, step_v);
     }
     return i;
 }
@@ -227,8 +254,8 @@ void update_block(
     float eps,
     float decay,
     float inv_scale,
-    uint32_t offset_m,
-    uint32_t offset_v) {
+    Noise rounding_m,
+    Noise rounding_v) {
     const float one_minus_beta2 = 1.0f - beta2;
     const float eps_c = eps * correction;
     const float step_size = lr * correction;
@@ -237,10 +264,10 @@ void update_block(
     if constexpr (!kCopyFloor)
         i = avx512::update_vectors<kMaximize, kScaled, kDecayed>(
             param, grad, exp_avg, exp_avg_sq, begin, end, momentum_weight, one_minus_beta2,
-            eps_c, step_size, decay, inv_scale, offset_m, offset_v);
+            eps_c, step_size, decay, inv_scale, rounding_m, rounding_v);
 #endif
-    uint32_t noise_m = static_cast<uint32_t>(i) * kNoiseMultiplier + offset_m;
-    uint32_t noise_v = static_cast<uint32_t>(i) * kNoiseMultiplier + offset_v;
+    uint32_t noise_m = static_cast<uint32_t>(i) * rounding_m.multiplier + rounding_m.offset;
+    uint32_t noise_v = static_cast<uint32_t>(i) * rounding_v.multiplier + rounding_v.offset;
     for (; i < end; ++i) {
         float g = grad[i];
         if constexpr (kScaled) g = g * inv_scale;
@@ -262,8 +289,8 @@ void update_block(
         param[i] = kept - sign_times(m_new, step_size * ratio);
         store(exp_avg, i, m_new, noise_m & 0xFFFFu);
         store(exp_avg_sq, i, v_new, noise_v & 0xFFFFu);
-        noise_m += kNoiseMultiplier;
-        noise_v += kNoiseMultiplier;
+        noise_m += rounding_m.multiplier;
+        noise_v += rounding_v.multiplier;
     }
 }
 
@@ -289,8 +316,9 @@ struct TensorObject {
 // The tensors the kernel takes as they are: exactly torch.Tensor or nn.Parameter (a subclass
 // may override __torch_dispatch__ or hold no storage of its own), a strided CPU tensor of the
 // dtype whose elements fill a block of memory without gaps or overlaps (contiguous, or
-// permuted as channels_last is), neither a negative view nor an inference tensor where it is
-// written.
+// permuted as channels_last is), neither a zero tensor nor a negative or conjugate view, nor an
+// inference tensor where it is written, and whose storage is allocated and holds every element
+// (a storage freed or shrunk with untyped_storage().resize_() keeps its tensors' sizes).
 c10::TensorImpl* taken(
     PyObject* object, PyTypeObject* tensor_type, PyTypeObject* parameter_type,
     c10::ScalarType dtype, bool written) {
@@ -298,18 +326,27 @@ c10::TensorImpl* taken(
     c10::TensorImpl* impl = reinterpret_cast<TensorObject*>(object)->impl;
     const bool ok = impl->device_type() == c10::DeviceType::CPU &&
         impl->layout() == c10::kStrided && !impl->is_nested() && impl->has_storage() &&
-        impl->dtype() == dtype && !impl->is_neg() && impl->is_non_overlapping_and_dense() &&
+        impl->dtype() == dtype && !impl->is_neg() && !impl->is_conj() &&
+        !impl->key_set().has(c10::DispatchKey::ZeroTensor) &&
+        impl->is_non_overlapping_and_dense() &&
         !(written && !impl->version_counter().enabled());
-    return ok ? impl : nullptr;
+    if (!ok) return nullptr;
+    // Dense and non-overlapping: the elements fill the numel() slots after the storage offset.
+    const int64_t numel = impl->numel();
+    const c10::Storage& storage = impl->storage();
+    const bool held = numel == 0 ||
+        (storage.data() != nullptr &&
+         storage.nbytes() >= static_cast<size_t>(impl->storage_offset() + numel) * impl->itemsize());
+    return held ? impl : nullptr;
 }
 
-// Whether the kernel, which walks memory, meets the elements of a and b in the same order: as
-// many elements, and both contiguous or both laid out alike (a channels_last weight and its
+// Whether the kernel, which walks memory, meets the elements of a and b in the same order: the
+// same sizes, and both contiguous or both laid out alike (a channels_last weight and its
 // gradient and state, which AccumulateGrad and zeros_like give the parameter's strides).
 bool same_order(const c10::TensorImpl* a, const c10::TensorImpl* b) {
-    if (a->numel() != b->numel()) return false;
+    if (!a->sizes().equals(b->sizes())) return false;
     if (a->is_contiguous() && b->is_contiguous()) return true;
-    return a->sizes().equals(b->sizes()) && a->strides().equals(b->strides());
+    return a->strides().equals(b->strides());
 }
 
 PyObject* item(PyObject* sequence, int64_t i) {
@@ -325,7 +362,9 @@ int64_t length(PyObject* sequence) {
 
 // roles: the address (CPython's id) of a tuple of 5 lists (or tuples) of n tensors: params,
 // grads, exp_avgs, exp_avg_sqs and steps. tensor_type, parameter_type: the addresses of
-// torch.Tensor and torch.nn.Parameter. outcome: the address of a one-item list.
+// torch.Tensor and torch.nn.Parameter. outcome: the address of a one-item list. check_only: 1
+// to check the tensors and report whether the kernel takes them, changing nothing (a step over
+// several groups checks every group before it updates any).
 //
 // The kernel checks every tensor itself, in one pass that reads from each tensor the memory
 // that reading its data pointer reads anyway: in Python, the same checks cost ~0.35 ms on
@@ -354,7 +393,7 @@ extern "C" void kernel(
     int64_t block_size,
     int64_t maximize,
     int64_t logarithmic_schedule,
-    int64_t seed) {
+    int64_t check_only) {
     PyObject* outcome_list = reinterpret_cast<PyObject*>(outcome);
     PyObject* role_lists = reinterpret_cast<PyObject*>(roles);
     if (!PyList_Check(outcome_list) || PyList_GET_SIZE(outcome_list) != 1)
@@ -393,7 +432,7 @@ extern "C" void kernel(
         if (impls[4 * tensors + t]->numel() != 1) return finish(false);
     }
     // GradScaler found inf/nan: every tensor keeps its values and its step count.
-    if (skip) return finish(true);
+    if (skip || check_only) return finish(true);
 
     // Pass 2: the autograd versions, the addresses (mutable_data materializes a copy-on-write
     // storage) and the step counts.
@@ -403,17 +442,22 @@ extern "C" void kernel(
         pointers[i] = static_cast<char*>(
             i / tensors == 1 ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
     }
-    const uint32_t offset_m = static_cast<uint32_t>(seed + 1 * 0x9E37) & 0xFFFFu;
-    const uint32_t offset_v = static_cast<uint32_t>(seed + 2 * 0x9E37) & 0xFFFFu;
-
     // Per tensor: step += 1, then 1 - beta1_k and sqrt(1 - beta2^k) as _step_scalars computes
-    // them on float32 0-d tensors (pow, neg, add 1, sqrt; Anolog: 1 / log(k + 2)).
+    // them on float32 0-d tensors (pow, neg, add 1, sqrt; Anolog: 1 / log(k + 2)), and the
+    // rounding noise parameters of its two moments for this step.
     std::vector<float> weight(tensors), correction(tensors);
+    std::vector<Noise> rounding_m(tensors), rounding_v(tensors);
     for (int64_t t = 0; t < tensors; ++t) {
         float* step = reinterpret_cast<float*>(pointers[4 * tensors + t]);
         *step = *step + 1.0f;
         correction[t] = std::sqrt(-std::pow(beta2, *step) + 1.0f);
         weight[t] = logarithmic_schedule ? 1.0f / std::log(*step + 2.0f) : momentum_weight;
+        // A whole number in any real run; a non-finite or huge one (a corrupted state) must not
+        // reach an undefined float-to-integer conversion.
+        const bool countable = std::isfinite(*step) && std::fabs(*step) < 9.0e18f;
+        const uint64_t count = countable ? static_cast<uint64_t>(static_cast<int64_t>(*step)) : 0;
+        rounding_m[t] = noise_parameters(count, 1);
+        rounding_v[t] = noise_parameters(count, 2);
     }
 
     // The work: blocks of block_size elements (a tensor's last one shorter), each knowing its
@@ -467,8 +511,8 @@ extern "C" void kernel(
                 eps,
                 decay,
                 inv_scale,
-                offset_m,
-                offset_v);
+                rounding_m[t],
+                rounding_v[t]);
         }
     }
     Py_END_ALLOW_THREADS

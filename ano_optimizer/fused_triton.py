@@ -34,9 +34,9 @@ def _sign(x):
 
 
 @triton.jit
-def _noise(index, offset):
-    # fused._hashed_noise: (index * A + seed) mod 2**16, a fresh seed every step.
-    return ((index & 0xFFFF) * 0x6A09 + offset) & 0xFFFF
+def _noise(index, multiplier, offset):
+    # rounding.hashed_noise: (index * A + B) mod 2**16, A and B hashes of the step count.
+    return ((index & 0xFFFF) * multiplier + offset) & 0xFFFF
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _ano_multi_tensor_kernel(
     scalars,  # float32, n x 2: 1 - beta1_k, sqrt(1 - beta2^k)
     hyper,  # float64: lr, beta1, beta2, eps, weight_decay
     amp,  # float32: found_inf, 1 / grad_scale
-    seed,  # int64, 0-d
+    noise,  # int64, n x 4: rounding noise A, B of exp_avg, then of exp_avg_sq
     MAXIMIZE: tl.constexpr,
     STATE_BF16: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -90,11 +90,12 @@ def _ano_multi_tensor_kernel(
     p_new = p * (1.0 - lr * weight_decay) - (lr * correction) * ratio * _sign(m_new)
     tl.store(param + offs, tl.where(skip, p, p_new), mask=mask)
     if STATE_BF16:
-        offset = tl.load(seed)
         m_bits = tl.where(skip, m, m_new).to(tl.int32, bitcast=True)
         v_bits = tl.where(skip, v, v_new).to(tl.int32, bitcast=True)
-        m_round = (m_bits + _noise(offs, (offset + 0x9E37) & 0xFFFF).to(tl.int32)) >> 16
-        v_round = (v_bits + _noise(offs, (offset + 2 * 0x9E37) & 0xFFFF).to(tl.int32)) >> 16
+        m_noise = _noise(offs, tl.load(noise + 4 * t), tl.load(noise + 4 * t + 1))
+        v_noise = _noise(offs, tl.load(noise + 4 * t + 2), tl.load(noise + 4 * t + 3))
+        m_round = (m_bits + m_noise.to(tl.int32)) >> 16
+        v_round = (v_bits + v_noise.to(tl.int32)) >> 16
         tl.store(exp_avg + offs, m_round.to(tl.int16), mask=mask)
         tl.store(exp_avg_sq + offs, v_round.to(tl.int16), mask=mask)
     else:
@@ -112,7 +113,7 @@ def triton_multi_tensor(
     hyper: Tensor,
     skip: Tensor,
     inv_scale: Tensor,
-    seed: Tensor,
+    noise: list[Tensor],
     maximize: bool,
 ) -> list[int]:
     """Update every float32 tensor (float32 or bfloat16 state, contiguous) of one device's
@@ -132,7 +133,6 @@ def triton_multi_tensor(
         return left
     device = params[0].device
     amp = torch.stack([skip, inv_scale]).to(device=device, dtype=torch.float32)
-    seed = seed.to(device=device, dtype=torch.int64)
     for state_dtype, indices in batches.items():
         numels, block_tensor, block_begin = _block_table(
             tuple(params[i].numel() for i in indices), BLOCK, device
@@ -147,8 +147,9 @@ def triton_multi_tensor(
             [torch.stack([weights[i] for i in indices]), torch.stack([corrections[i] for i in indices])],
             dim=1,
         ).to(device=device, dtype=torch.float32)  # fmt: skip
+        table = torch.stack([noise[i] for i in indices]).to(device=device, dtype=torch.int64)
         _ano_multi_tensor_kernel[(block_tensor.numel(),)](
-            pointers, numels, block_tensor, block_begin, scalars, hyper, amp, seed,
+            pointers, numels, block_tensor, block_begin, scalars, hyper, amp, table,
             MAXIMIZE=bool(maximize), STATE_BF16=state_dtype == torch.bfloat16, BLOCK_SIZE=BLOCK,
         )  # fmt: skip
     return left

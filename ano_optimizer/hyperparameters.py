@@ -18,15 +18,21 @@ def _is_real_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_lr(lr, owner: str = "Ano") -> None:
-    """``lr`` must be a finite number >= 0; a 1-element tensor is checked by value."""
+def check_lr(lr, owner: str = "Ano", *, read_tensor: bool = True) -> None:
+    """``lr`` must be a finite number >= 0; a 1-element real floating-point tensor is checked by
+    value, unless ``read_tensor`` is False (its value would be read on the host: a sync, and an
+    error inside CUDA-graph capture)."""
     if hasattr(lr, "numel") and hasattr(lr, "item"):  # torch.Tensor, without importing torch
         if lr.numel() != 1:
             raise ValueError(
-                f"{owner}: a tensor lr must have exactly 1 element, got shape {tuple(lr.shape)}"
+                f"{owner}: Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}"
             )
+        if lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"{owner}: a tensor lr must be real floating-point, got {lr.dtype}")
         if lr.requires_grad:
             raise ValueError(f"{owner}: a tensor lr must not require grad")
+        if not read_tensor:
+            return
         value = float(lr.detach().item())
     elif _is_real_number(lr):
         value = float(lr)
@@ -73,3 +79,38 @@ def check_weight_decay(weight_decay, owner: str = "Ano") -> None:
 def check_flag(name: str, value, owner: str = "Ano") -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def check_optional_flag(name: str, value, owner: str = "Ano") -> None:
+    """``value`` must be None, True or False itself: 1, 0.0 or "yes" are errors, not flags."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be None, True or False, got {value!r}")
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` differ by exactly one inserted, deleted or replaced character,
+    or by two neighbouring characters swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diff) == 1 or (
+            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+        )
+    short, long = sorted((a, b), key=len)
+    i = next((i for i, (x, y) in enumerate(zip(short, long, strict=False)) if x != y), len(short))
+    return short[i:] == long[i + 1 :]
+
+
+def near_misses(keys, options) -> dict[str, str]:
+    """``{key: option}`` for each key that is not an option but one edit from one (a typo such
+    as ``weight_decy``). Other keys (``initial_lr``, ``param_names``, ``lr_scale``, ...) are
+    what frameworks add to parameter groups and are not reported."""
+    options = tuple(options)
+    return {
+        key: option
+        for key in keys
+        if isinstance(key, str) and key not in options
+        for option in options
+        if one_edit_apart(key, option)
+    }

@@ -23,13 +23,13 @@ from torch.optim.optimizer import (
 )
 
 from . import hyperparameters as hp
-from .fused import _step_scalars, check_fused, fused_ano, unscale_or_skip
-from .low_memory import check_state_dtype, keep_state_dtype_on_load, mixed_precision_ano
+from .fused import _step_scalars, cpu_kernel_takes, fused_ano, unscale_or_skip
+from .group_options import check_group_options, warn_near_misses
+from .low_memory import keep_state_dtype_on_load, mixed_precision_ano
+from .saved_state import checked_state_dict
+from .tensor_checks import check_step_tensors
 
 __all__ = ["Ano", "Anolog", "ano"]
-
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
-_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "logarithmic_schedule")
 
 # The single-tensor path streams each contiguous tensor through small scratch buffers in
 # chunks of this many elements: the ~10 elementwise passes of one update then hit L2 cache
@@ -38,24 +38,6 @@ _CHUNK_NUMEL = 1 << 17
 # The foreach path allocates its temporaries per bucket of tensors of at most this many
 # elements (a larger tensor forms a bucket of its own), which bounds its peak extra memory.
 _FOREACH_BUCKET_NUMEL = 1 << 22
-
-
-def _is_release_1_0_0_group(saved_group: dict) -> bool:
-    """The 1.0.0 release saved exactly these group keys (its schedule was an attribute)."""
-    return set(saved_group) == {"lr", "betas", "weight_decay", "eps", "params"}
-
-
-def _validate_group(group: dict, owner: str) -> None:
-    hp.check_lr(group["lr"], owner)
-    group["betas"] = hp.check_betas(group["betas"], owner)
-    hp.check_eps(group["eps"], owner)
-    hp.check_weight_decay(group["weight_decay"], owner)
-    for flag in ("logarithmic_schedule", "maximize", "capturable"):
-        hp.check_flag(flag, group[flag], owner)
-    if group["foreach"] not in (None, True, False):
-        raise ValueError(f"{owner}: foreach must be None, True or False, got {group['foreach']!r}")
-    check_fused(group.get("fused"), group["foreach"], owner)
-    check_state_dtype(group.get("state_dtype"), owner)
 
 
 class Ano(Optimizer):
@@ -94,23 +76,53 @@ class Ano(Optimizer):
             "state_dtype": state_dtype,
         }
         # Validate the defaults before the base class touches any parameter group.
-        _validate_group(dict(defaults), type(self).__name__)
-        defaults["betas"] = tuple(float(b) for b in betas)
-        super().__init__(params, defaults)
+        defaults["betas"] = check_group_options(defaults, type(self).__name__)
+        if isinstance(params, Tensor):
+            # The base class's own error, before this class takes the iterable apart.
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or "
+                f"dicts, but got {torch.typename(params)}"
+            )
+        params = list(params)
+        given_groups = params if params and isinstance(params[0], dict) else []
+        # The base class fills the options into each group dict as it adds it: it gets copies,
+        # so that a group refused later leaves every caller's dict as it was.
+        super().__init__([dict(g) for g in given_groups] or params, defaults)
+        # Every group was accepted: as with torch.optim, the caller's dicts become the groups.
+        for index, given in enumerate(given_groups):
+            if isinstance(given, dict):
+                given.clear()
+                given.update(self.param_groups[index])
+                self.param_groups[index] = given
         if fused:
             # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling.
             self._step_supports_amp_scaling = True
         keep_state_dtype_on_load(self)
 
     def add_param_group(self, param_group: dict) -> None:
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        _validate_group(merged, type(self).__name__)
-        if "betas" in param_group:
-            param_group = {**param_group, "betas": merged["betas"]}
-        super().add_param_group(param_group)
+        """Add a parameter group; its options are checked first, and a refused group changes
+        neither the optimizer nor ``param_group``."""
+        owner = type(self).__name__
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {torch.typename(param_group)}")
+        options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        betas = check_group_options({**self.defaults, **options}, owner)
+        warn_near_misses(param_group, owner, stacklevel=4)
+        group = dict(param_group)
+        if "betas" in group:
+            group["betas"] = betas
+        super().add_param_group(group)
+        # Accepted: the caller's dict becomes the group, completed, as in torch.optim.
+        param_group.clear()
+        param_group.update(group)
+        self.param_groups[-1] = param_group
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # torch's base class gives its defaults `differentiable` here (on unpickling, deepcopy
+        # and every load): Ano has no such option, and copied into the groups below it made
+        # state_dict() gain a key across load_state_dict and deepcopy.
+        self.defaults.pop("differentiable", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -125,65 +137,30 @@ class Ano(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by :class:`Ano`, :class:`Anolog` or the 1.0.0 release.
 
-        Unlike the base class, this checks the whole state dict before changing anything: a
-        state dict from another optimizer, or whose moments do not match the parameters' shapes,
-        raises ``ValueError`` and leaves this optimizer untouched. A 1.0.0 state dict (groups of
-        exactly ``lr``, ``betas``, ``weight_decay``, ``eps``; integer steps) has no
-        ``logarithmic_schedule``: each group keeps this optimizer's setting.
+        Unlike the base class, this checks the whole state dict before changing anything: the
+        groups' options and keys (a state dict of another optimizer is refused, even with Ano's
+        keys added), every step count (a whole number >= 0) and every moment (shape, dtype,
+        finite values, ``exp_avg_sq >= 0``). A refused state dict raises ``ValueError`` and
+        leaves this optimizer exactly as it was, and still steppable; ``state_dict`` itself is
+        never changed. A 1.0.0 state dict (groups of exactly ``lr``, ``betas``,
+        ``weight_decay``, ``eps``; integer steps) has no ``logarithmic_schedule``: each group
+        keeps this optimizer's setting.
         """
-        self._check_loadable(state_dict)
-        if any(_is_release_1_0_0_group(g) for g in state_dict["param_groups"]):
-            state_dict = {
-                **state_dict,
-                "param_groups": [
-                    {"logarithmic_schedule": group["logarithmic_schedule"], **saved}
-                    for saved, group in zip(
-                        state_dict["param_groups"], self.param_groups, strict=True
-                    )
-                ],
-            }
-        super().load_state_dict(state_dict)
+        self._load_checked(self._checked_state_dict(state_dict))
 
-    def _check_loadable(self, state_dict: dict) -> None:
-        owner = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(f"{owner}: expected a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"{owner}: the state dict has {len(saved_groups)} parameter groups, "
-                f"this optimizer has {len(self.param_groups)}"
-            )
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            required = _GROUP_KEYS[:-1] if _is_release_1_0_0_group(saved) else _GROUP_KEYS
-            missing = [key for key in required if key not in saved]
-            if missing:
-                raise ValueError(
-                    f"{owner}: parameter group {index} has no {missing}: this state dict was not "
-                    f"saved by Ano/Anolog (its group keys are {sorted(k for k in saved if k != 'params')})"
-                )
-            _validate_group({**self.defaults, **group, **saved}, owner)
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"{owner}: parameter group {index} holds {len(saved['params'])} parameters "
-                    f"in the state dict and {len(group['params'])} in this optimizer"
-                )
-            for saved_id, param in zip(saved["params"], group["params"], strict=True):
-                entry = state_dict["state"].get(saved_id)
-                if entry is None:
-                    continue
-                # Wrappers such as timm's Lookahead keep their own buffers beside Ano's state.
-                if not set(_STATE_KEYS) <= set(entry):
-                    raise ValueError(
-                        f"{owner}: state of parameter {saved_id} has keys {sorted(entry)}, "
-                        f"expected at least {list(_STATE_KEYS)}: not an Ano/Anolog state dict"
-                    )
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if tuple(entry[key].shape) != tuple(param.shape):
-                        raise ValueError(
-                            f"{owner}: state '{key}' of parameter {saved_id} has shape "
-                            f"{tuple(entry[key].shape)}, but the parameter has shape {tuple(param.shape)}"
-                        )
+    def _checked_state_dict(self, state_dict: dict) -> dict:
+        return checked_state_dict(self, state_dict, f"{type(self).__name__}.load_state_dict")
+
+    def _load_checked(self, state_dict: dict) -> None:
+        """Load a state dict that :meth:`_checked_state_dict` returned. Should torch's loader or
+        a hook fail all the same, the optimizer is put back as it was before the call."""
+        before = {**self.__dict__, "defaults": dict(self.defaults)}
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps) -> bool:
         """Append the parameters of ``group`` that have a gradient, and their gradients and
@@ -204,13 +181,8 @@ class Ano(Optimizer):
                 # (no host sync); torch's loader puts a saved step there for such groups too.
                 step_device = p.device if group["fused"] or group["capturable"] else None
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=step_device)
-                state_dtype = group["state_dtype"]
-                state["exp_avg"] = torch.zeros_like(
-                    p, dtype=state_dtype, memory_format=torch.preserve_format
-                )
-                state["exp_avg_sq"] = torch.zeros_like(
-                    p, dtype=state_dtype, memory_format=torch.preserve_format
-                )
+                state["exp_avg"] = _new_moment(p, group["state_dtype"])
+                state["exp_avg_sq"] = _new_moment(p, group["state_dtype"])
         params += stepped
         grads += [grad for grad in grads_or_none if grad is not None]
         exp_avgs += [state["exp_avg"] for state in states]
@@ -218,25 +190,14 @@ class Ano(Optimizer):
         state_steps += [state["step"] for state in states]
         return any(p.is_complex() for p in stepped)
 
-    def _check_before_update(self) -> None:
-        """Reject what the update cannot handle before any tensor changes."""
-        owner = type(self).__name__
-        check_capturable = not torch.compiler.is_compiling()
-        for group in self.param_groups:
-            grads = [p.grad for p in group["params"]]
-            if any(grad is not None and grad.is_sparse for grad in grads):
-                raise RuntimeError(
-                    f"{owner} does not support sparse gradients; "
-                    "use a dense embedding or torch.optim.SparseAdam for that parameter"
-                )
-            if group["capturable"] and check_capturable:
-                for p, grad in zip(group["params"], grads, strict=True):
-                    if grad is not None:
-                        _check_capturable(p, group["lr"], self.state.get(p, {}).get("step"), owner)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step.
+
+        Every group's options and every tensor the step reads or writes are checked first: a
+        step either runs whole or raises with nothing changed. Should a kernel fail once tensors
+        have begun to change (memory running out, say), its error is raised with a note saying
+        which groups were updated.
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss; it is
@@ -248,46 +209,141 @@ class Ano(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_before_update()
-
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
-            if not params:
-                continue
-            grad_scale = getattr(self, "grad_scale", None)
-            found_inf = getattr(self, "found_inf", None)
-            if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
-                continue
-            beta1, beta2 = group["betas"]
-            ano(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
-                foreach=group["foreach"],
-                fused=group["fused"],
-                grad_scale=grad_scale if group["fused"] else None,
-                found_inf=found_inf if group["fused"] else None,
-                has_complex=has_complex,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                logarithmic_schedule=group["logarithmic_schedule"],
-                maximize=group["maximize"],
-                capturable=group["capturable"],
-            )
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
+        owner = type(self).__name__
+        # Options may have been changed since construction (a scheduler, a user, a loaded
+        # group); all of them are checked before anything changes.
+        betas = [check_group_options(g, owner, read_tensor_lr=False) for g in self.param_groups]
+        for group, pair in zip(self.param_groups, betas, strict=True):
+            if group["betas"] != pair:
+                group["betas"] = pair
+        created = [
+            p
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and not self.state.get(p)
+        ]
+        try:
+            batches = self._checked_batches(owner)
+        except BaseException:
+            for p in created:  # the state this call created: nothing else has changed
+                self.state.pop(p, None)
+            raise
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for done, (index, group, lists, has_complex) in enumerate(batches):
+            try:
+                self._update_group(index, group, lists, has_complex, grad_scale, found_inf)
+            except Exception as error:
+                # The error keeps its type (torch.OutOfMemoryError stays catchable as such)
+                # and says what had changed.
+                note = (
+                    f"{owner}.step() failed in parameter group {index} after changing tensors: "
+                    f"{_progress(batches, done)}; load the last checkpoint before training on"
+                )
+                if not hasattr(error, "add_note"):  # Python 3.10
+                    raise RuntimeError(note) from error
+                error.add_note(note)
+                raise
         return loss
 
+    def _checked_batches(self, owner: str) -> list:
+        """Each group's tensors (local shards of DTensors), checked: ``(group index, group,
+        (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex)`` for each group with a
+        gradient. Fused CPU groups are checked by their kernel (in C++, a fraction of the
+        Python checks' time) where it takes them all."""
+        batches = []
+        for index, group in enumerate(self.param_groups):
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            if params:
+                lists = (*_local_shard_lists(params, grads, exp_avgs, exp_avg_sqs), steps)
+                batches.append([index, group, lists, has_complex])
+        if all(
+            group["fused"]
+            and not group["capturable"]
+            and cpu_kernel_takes(lists, group["maximize"], group["logarithmic_schedule"])
+            for _, group, lists, _ in batches
+        ):
+            return batches
+        for batch in batches:
+            index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _ = batch
+            grads = check_step_tensors(
+                params, grads, exp_avgs, exp_avg_sqs, steps, owner=owner,
+                where=_describer(index, group, params),
+            )  # fmt: skip
+            if group["capturable"]:
+                for position, (p, step) in enumerate(zip(params, steps, strict=True)):
+                    _check_capturable(
+                        p, group["lr"], step, owner, _describer(index, group, params)(position)
+                    )
+            batch[2] = (params, grads, exp_avgs, exp_avg_sqs, steps)
+        return batches
 
-def _check_capturable(param: Tensor, lr, step: Tensor | None, owner: str) -> None:
+    def _update_group(self, index, group, lists, has_complex, grad_scale, found_inf) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = lists
+        if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
+            return
+        beta1, beta2 = group["betas"]
+        _ano_group(
+            params, grads, exp_avgs, exp_avg_sqs, steps,
+            foreach=group["foreach"], fused=group["fused"],
+            grad_scale=grad_scale if group["fused"] else None,
+            found_inf=found_inf if group["fused"] else None,
+            has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"],
+            logarithmic_schedule=group["logarithmic_schedule"], maximize=group["maximize"],
+            capturable=group["capturable"], checked=True, owner=type(self).__name__,
+            where=_describer(index, group, params),
+        )  # fmt: skip
+
+    def _traced_step(self) -> None:
+        """The step as ``torch.compile`` traces it: the same updates without the checks, which
+        Dynamo's guards on the tensors' metadata stand in for."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group in enumerate(self.param_groups):
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            if params:
+                lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+                self._update_group(index, group, lists, has_complex, grad_scale, found_inf)
+
+
+def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
+    """A zero moment for ``param``: like it, or in ``state_dtype``; a complex parameter's moment
+    in a real ``state_dtype`` is kept as its real view (there is no complex bfloat16)."""
+    if param.is_complex() and state_dtype is not None:
+        param = torch.view_as_real(param)
+    return torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
+
+def _describer(index: int, group: dict, params: list[Tensor]) -> Callable[[int], str]:
+    """How errors name the ``i``-th stepped parameter of group ``index``."""
+
+    def describe(i: int) -> str:
+        param = params[i]
+        position = next(k for k, p in enumerate(group["params"]) if p is param)
+        names = group.get("param_names")
+        name = f"{names[position]!r}, " if names and position < len(names) else ""
+        return f"parameter {position} of parameter group {index} ({name}shape {tuple(param.shape)})"
+
+    return describe
+
+
+def _progress(batches: list, failed: int) -> str:
+    """What a step that failed in ``batches[failed]`` had changed."""
+    done = [batch[0] for batch in batches[:failed]]
+    untouched = [batch[0] for batch in batches[failed + 1 :]]
+    return (
+        f"groups {done or 'none'} were updated, group {batches[failed][0]} may be partly updated "
+        f"(step counts, parameters or moments), groups {untouched or 'none'} were not changed"
+    )
+
+
+def _check_capturable(param: Tensor, lr, step: Tensor | None, owner: str, where: str = "") -> None:
     """A captured CUDA graph replays device work only: a value read on the host during capture
     (a CPU learning rate or step) would be frozen into the graph, so both must live on the
     parameter's device."""
@@ -295,8 +351,9 @@ def _check_capturable(param: Tensor, lr, step: Tensor | None, owner: str) -> Non
         if isinstance(value, Tensor) and value.device != param.device:
             raise ValueError(
                 f"{owner}: capturable=True needs {name} on the parameters' device "
-                f"({param.device}), got one on {value.device}; move it there (lr) or load the "
-                "state dict into an optimizer created with capturable=True (step)"
+                f"({param.device}), got one on {value.device}{f' ({where})' if where else ''}; "
+                "move it there (lr) or load the state dict into an optimizer created with "
+                "capturable=True (step)"
             )
 
 
@@ -455,9 +512,76 @@ def ano(
 ) -> None:
     r"""Functional API that performs the Ano/Anolog update in place; see :class:`Ano`.
 
-    With ``capturable=True`` the ``state_steps`` must be on their parameters' devices and a
-    tensor ``lr`` too; the fused path reads them there always.
+    The hyper-parameters and every tensor are checked before any of them changes, with the
+    errors :class:`Ano` raises (a tensor is named by its index in the lists). With
+    ``capturable=True`` the ``state_steps`` must be on their parameters' devices and a tensor
+    ``lr`` too; the fused path reads them there always.
     """
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        owner = "ano"
+        check_group_options(
+            {
+                "lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay,
+                "logarithmic_schedule": logarithmic_schedule, "maximize": maximize,
+                "foreach": foreach, "fused": fused, "capturable": capturable,
+                "state_dtype": None,
+            },
+            owner,
+            read_tensor_lr=False,
+        )  # fmt: skip
+        if not fused and (grad_scale is not None or found_inf is not None):
+            raise ValueError("ano: grad_scale and found_inf are only supported with fused=True")
+        # FSDP2 and tensor parallel hand in DTensors: every path runs on their local shards.
+        params, grads, exp_avgs, exp_avg_sqs = _local_shard_lists(
+            params, grads, exp_avgs, exp_avg_sqs
+        )
+        if not fused:
+            # (The fused path lets its CPU kernel check the tensors, and checks the rest.)
+            grads = check_step_tensors(
+                params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner, where=_tensor
+            )
+            if capturable:
+                for i, (p, step) in enumerate(zip(params, state_steps, strict=True)):
+                    _check_capturable(p, lr, step, owner, _tensor(i))
+    _ano_group(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, foreach=foreach, fused=fused,
+        grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex, beta1=beta1,
+        beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        logarithmic_schedule=logarithmic_schedule, maximize=maximize, capturable=capturable,
+        checked=not fused, owner="ano", where=_tensor,
+    )  # fmt: skip
+
+
+def _tensor(i: int) -> str:
+    return f"tensor {i}"
+
+
+def _ano_group(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    logarithmic_schedule: bool,
+    maximize: bool,
+    capturable: bool,
+    checked: bool,
+    owner: str,
+    where: Callable[[int], str],
+) -> None:
+    """Pick the execution path for one group's (checked) tensors and run it."""
     scalars = {
         "beta1": beta1,
         "beta2": beta2,
@@ -467,25 +591,12 @@ def ano(
         "logarithmic_schedule": logarithmic_schedule,
         "maximize": maximize,
     }
-    if not torch.compiler.is_compiling():
-        # FSDP2 and tensor parallel hand in DTensors: every path runs on their local shards.
-        params, grads, exp_avgs, exp_avg_sqs = _local_shard_lists(
-            params, grads, exp_avgs, exp_avg_sqs
-        )
     if fused:
         fused_ano(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            state_steps,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            **scalars,
-        )
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale=grad_scale,
+            found_inf=found_inf, checked=checked, owner=owner, where=where, **scalars,
+        )  # fmt: skip
         return
-    if grad_scale is not None or found_inf is not None:
-        raise ValueError("ano: grad_scale and found_inf are only supported with fused=True")
     if any(m.dtype != p.dtype for p, m in zip(params, exp_avgs, strict=True)) or (
         # A capturable step's scalars are device tensors, which bfloat16/float16 arithmetic
         # would round to 8 or 11 bits (1 - lr·λ = 0.999 becomes 1): compute in float32 instead.
@@ -541,8 +652,13 @@ def _step_count(step_t: Tensor, *, compiling: bool, capturable: bool):
 def _lr_value(lr, *, compiling: bool, capturable: bool):
     """The learning rate as the update uses it, following :func:`_step_count`: a tensor ``lr``
     becomes a Python number, stays traced under ``torch.compile``, and with ``capturable`` is
-    widened to float64 on its own device (the same arithmetic as the number, no host read)."""
-    if compiling or not isinstance(lr, Tensor):
+    widened to float64 on its own device (the same arithmetic as the number, no host read).
+    A tensor of any 1-element shape acts as its 0-d view, which a scheduler's in-place updates
+    still reach."""
+    if not isinstance(lr, Tensor):
+        return lr
+    lr = lr.reshape(())
+    if compiling:
         return lr
     return lr.to(torch.float64) if capturable else lr.item()
 
@@ -563,16 +679,19 @@ def _stepped_tensors(
     logarithmic_schedule,
 ):
     """For each parameter in turn: increment its step, then yield its four tensors (complex ones
-    as their real views) and the scalar keyword arguments of :func:`_ano_update_` for that step.
-    The per-tensor loop of the single-tensor and the float32-math paths."""
+    as their real views), the scalar keyword arguments of :func:`_ano_update_` for that step,
+    and the step count (a number, or a tensor under ``capturable`` or ``torch.compile``). The
+    per-tensor loop of the single-tensor and the float32-math paths."""
     compiling = torch.compiler.is_compiling()
     lr = _lr_value(lr, compiling=compiling, capturable=capturable)
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
     ):
         if torch.is_complex(param):
+            # A real state (state_dtype) of a complex parameter is its real view already.
             param, grad, exp_avg, exp_avg_sq = (
-                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq)
+                torch.view_as_real(t) if t.is_complex() else t
+                for t in (param, grad, exp_avg, exp_avg_sq)
             )
         step_t += 1
         step = _step_count(step_t, compiling=compiling, capturable=capturable)
@@ -589,6 +708,7 @@ def _stepped_tensors(
                 "eps": eps,
                 "bias_correction2_sqrt": (1.0 - beta2**step) ** 0.5,
             },
+            step,
         )
 
 
@@ -683,7 +803,7 @@ def _single_tensor_ano(
         beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
         logarithmic_schedule=logarithmic_schedule,
     )  # fmt: skip
-    for param, grad, exp_avg, exp_avg_sq, scalars in stepped:
+    for param, grad, exp_avg, exp_avg_sq, scalars, _ in stepped:
         blocked = not compiling and all(
             t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)
         )

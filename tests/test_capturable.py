@@ -156,7 +156,7 @@ def test_fused_step_prepares_its_scalars_on_the_device(logarithmic_schedule):
         states = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
         steps = [torch.zeros((), device=device) for _ in params]
         fused._amp_tensors(None, None, device)  # cached per device by the first step
-        fused._rounding_seed(params, states, states, device)
+        fused._noise_parameters(steps, states, states, device)
         traffic = HostTraffic()
         with traffic:
             fused._hyper_tensor(1e-3, 0.9, 0.99, 1e-8, 0.1, device)
@@ -164,8 +164,8 @@ def test_fused_step_prepares_its_scalars_on_the_device(logarithmic_schedule):
             fused._amp_tensors(
                 torch.full((), 2.0**16, device=device), torch.zeros((), device=device), device
             )
-            fused._rounding_seed(params, states, states, device)
             torch._foreach_add_(steps, 1.0)
+            fused._noise_parameters(steps, states, states, device)
             fused._step_scalars(steps, 0.9, 0.99, logarithmic_schedule, torch.float32, device)
         assert traffic.events == []
 

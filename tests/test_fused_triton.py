@@ -38,7 +38,6 @@ _SCRIPT = textwrap.dedent(
             grads = [torch.randn(s) for s in SHAPES]
             found_inf = torch.tensor(float(amp and k == 2))
             scale = torch.tensor(4.0 if amp else 1.0)
-            torch.manual_seed(100 + k)  # the same rounding seed for both kernels
             if not use_triton:
                 with fused._kernels(cpu="per_tensor"):
                     ano(params, grads, avgs, avg_sqs, steps, fused=True,
@@ -49,12 +48,12 @@ _SCRIPT = textwrap.dedent(
             hyper = fused._hyper_tensor(HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
                                         HYPER["eps"], HYPER["weight_decay"], torch.device("cpu"))
             skip, inv_scale = fused._amp_tensors(scale, found_inf, torch.device("cpu"))
-            seed = fused._rounding_seed(params, avgs, avg_sqs, torch.device("cpu"))
             torch._foreach_add_(steps, 1.0 - skip)
+            noise = fused._noise_parameters(steps, avgs, avg_sqs, torch.device("cpu"))
             weights, corrections = fused._step_scalars(
                 steps, HYPER["beta1"], HYPER["beta2"], log, torch.float32, torch.device("cpu"))
             left = triton_multi_tensor(params, grads, avgs, avg_sqs, weights, corrections,
-                                       hyper, skip, inv_scale, seed, maximize)
+                                       hyper, skip, inv_scale, noise, maximize)
             assert left == [], left
         return params, avgs, avg_sqs, steps
 

@@ -9,22 +9,52 @@ import pytest
 import torch
 
 from ano_optimizer import Ano
-from ano_optimizer.fused import stochastic_round_to_bfloat16
+from ano_optimizer.rounding import (
+    EXP_AVG_SQ_STREAM,
+    EXP_AVG_STREAM,
+    noise_parameter_tensor,
+    noise_parameters,
+    stochastic_round_to_bfloat16,
+)
 
 
-def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
-    torch.manual_seed(0)
+def test_stochastic_rounding_is_unbiased_over_steps_and_picks_a_neighbour():
+    """The noise is a hash of the step count: one element rounded at steps 1..20000 goes up in
+    the fraction of steps that its position between the two neighbours asks for."""
     lo = torch.tensor([1.0, -3.0, 1e-20, 7.5e3], dtype=torch.bfloat16)
     hi = (lo.view(torch.int16) + 1).view(torch.bfloat16)  # next bfloat16 away from zero
     frac = torch.tensor([0.25, 0.7, 0.5, 0.01])
     x = lo.float() + frac * (hi.float() - lo.float())
-    rounded = stochastic_round_to_bfloat16(x.expand(20000, 4).contiguous())
+    rounded = torch.stack(
+        [stochastic_round_to_bfloat16(x, step, EXP_AVG_SQ_STREAM) for step in range(1, 20001)]
+    )
     assert ((rounded == lo) | (rounded == hi)).all()
     up = (rounded == hi).float().mean(0)
-    # Binomial standard deviation <= 0.0036 at 20000 draws: 5 sigma.
+    # A binomial draw of 20000 would stay within 0.018 (5 sigma); the hash must do as well.
     torch.testing.assert_close(up, frac, rtol=0, atol=0.018)
     exact = torch.tensor([0.5, -2.0], dtype=torch.float32)
-    assert torch.equal(stochastic_round_to_bfloat16(exact), exact.bfloat16())
+    assert torch.equal(stochastic_round_to_bfloat16(exact, 7, EXP_AVG_STREAM), exact.bfloat16())
+
+
+def test_stochastic_rounding_across_elements_is_exactly_unbiased():
+    """Within one step the noise of 65536 consecutive elements is a permutation of 0..65535, so
+    a block of equal values rounds up in exactly the right proportion."""
+    lo = torch.tensor(1.0, dtype=torch.bfloat16)
+    hi = (lo.view(torch.int16) + 1).view(torch.bfloat16)
+    x = (lo.float() + 0.375 * (hi.float() - lo.float())).expand(1 << 16).contiguous()
+    for step in (1, 2, 12345):
+        up = (stochastic_round_to_bfloat16(x, step, EXP_AVG_STREAM) == hi).sum()
+        assert int(up) == int(0.375 * (1 << 16))
+
+
+def test_noise_parameters_agree_between_numbers_and_tensors():
+    steps = [0, 1, 2, 3, 1000, 2**24 - 1, 2**24]
+    for stream in (EXP_AVG_STREAM, EXP_AVG_SQ_STREAM):
+        table = noise_parameter_tensor(torch.tensor(steps, dtype=torch.float32), stream)
+        assert table.tolist() == [list(noise_parameters(k, stream)) for k in steps]
+    parameters = [noise_parameters(k, EXP_AVG_STREAM) for k in range(1, 1001)]
+    assert all(a % 2 == 1 and 0 < a < 2**15 and 0 <= b < 2**16 for a, b in parameters)
+    assert len(set(parameters)) == 1000
 
 
 def _second_moment_after_shrinking_gradients(state_dtype, fused, steps=400):

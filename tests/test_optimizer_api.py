@@ -60,7 +60,7 @@ def test_positional_order_of_release_1_0_0():
         ({"lr": -1e-3}, "lr=-0.001"),
         ({"lr": float("nan")}, "lr=nan"),
         ({"lr": float("inf")}, "lr=inf"),
-        ({"lr": torch.tensor([1e-3, 1e-3])}, "1 element"),
+        ({"lr": torch.tensor([1e-3, 1e-3])}, "Tensor lr must be 1-element"),
         ({"betas": (1.0, 0.99)}, "beta1=1.0"),
         ({"betas": (-0.1, 0.99)}, "beta1=-0.1"),
         ({"betas": (0.9, 0.4)}, "beta2=0.4"),

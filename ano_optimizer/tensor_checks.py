@@ -1,0 +1,188 @@
+"""What a step may read and write: the checks every execution path runs on its tensors before
+any of them changes.
+
+torch's elementwise kernels trust the tensors they are given: on a tensor whose storage was
+freed or shrunk (``t.untyped_storage().resize_(0)``) they read and write unowned memory and
+crash the process, and in-place ops on overlapping, inference or negative-bit tensors raise only
+once earlier tensors of the step have changed. So before a step touches anything, every
+parameter, gradient, moment and step count is checked here, for every group; a step either runs
+whole or raises with nothing changed. The fused CPU kernel (``fused_cpu.cpp``) makes the same
+checks in C++ for the tensors it takes, and takes only tensors these checks accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["STATE_DTYPES", "check_step_tensors", "storage_holds", "written_problem"]
+
+# The dtypes ``exp_avg`` / ``exp_avg_sq`` may have (for a complex parameter: its own dtype, or
+# one of these for state kept as the parameter's real view).
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STEP_DTYPES = (torch.float32, torch.float64)
+# Subclasses that override it (FakeTensor, DTensor, wrapper subclasses) serve their data
+# through their own dispatch.
+_PLAIN = Tensor.__torch_dispatch__
+
+
+def storage_holds(t: Tensor) -> bool:
+    """Whether ``t``'s storage is allocated and large enough for every element ``t`` addresses.
+
+    Tensors whose data cannot be reached here (subclasses with their own dispatch, such as
+    wrapper subclasses and fake tensors; meta and zero tensors) pass: their dispatch checks
+    every access they make.
+    """
+    if t.numel() == 0 or t.device.type == "meta" or type(t).__torch_dispatch__ is not _PLAIN:
+        return True
+    try:
+        storage = t.untyped_storage()
+        nbytes, pointer = storage.nbytes(), storage.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return True
+    if t.is_contiguous():
+        extent = t.numel()
+    else:
+        extent = 1 + sum(
+            (size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)
+        )
+    return pointer != 0 and nbytes >= (t.storage_offset() + extent) * t.element_size()
+
+
+def written_problem(t: Tensor) -> str | None:
+    """Why ``t`` cannot be updated in place, or None."""
+    if t.layout != torch.strided or t.is_nested:
+        return f"is a {t.layout} tensor; only dense (strided) tensors can be updated"
+    if t._is_zerotensor():
+        return "is an immutable zero tensor"
+    if t.is_neg() or t.is_conj():
+        kind = "negative" if t.is_neg() else "conjugate"
+        return (
+            f"is a {kind}-bit view; pass a materialized tensor (.resolve_neg() / .resolve_conj())"
+        )
+    if t.is_inference() and not torch.is_inference_mode_enabled() and not _has_version(t):
+        return (
+            "is an inference tensor (created under torch.inference_mode()), which cannot be "
+            "updated in place outside inference mode; clone it first"
+        )
+    if not storage_holds(t):
+        return _freed(t)
+    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+        return "has elements that share memory (e.g. made by expand()); clone it first"
+    return None
+
+
+def _has_version(t: Tensor) -> bool:
+    """Whether ``t`` counts its in-place changes, as torch requires of a tensor updated in place
+    outside inference mode (a parameter whose ``.data`` is an inference tensor still does)."""
+    try:
+        t._version  # noqa: B018
+    except RuntimeError:
+        return False
+    return True
+
+
+def _freed(t: Tensor) -> str:
+    return (
+        f"has storage of {t.untyped_storage().nbytes()} bytes, too small for its "
+        f"{t.numel()} elements (was it freed or resized with untyped_storage().resize_()?)"
+    )
+
+
+def _read_problem(t: Tensor) -> str | None:
+    """Why a tensor that is only read (a gradient) cannot be used, or None."""
+    if t.layout != torch.strided or t.is_nested:
+        return None  # a sparse or nested gradient gets its own message
+    if not t._is_zerotensor() and not storage_holds(t):
+        return _freed(t)
+    return None
+
+
+def check_step_tensors(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    owner: str,
+    where: Callable[[int], str],
+) -> list[Tensor]:
+    """Raise ``RuntimeError`` naming the parameter (``where(i)``) and the problem where a tensor
+    cannot be stepped; change nothing. Return the gradients, with negative- and conjugate-bit
+    views resolved into plain tensors (the paths hand gradients to kernels by address)."""
+    checked = list(grads)
+    for i, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)
+    ):
+
+        def fail(message: str, i=i) -> None:
+            raise RuntimeError(f"{owner}: {where(i)}: {message}")
+
+        problem = written_problem(param)
+        if problem is not None:
+            fail(f"the parameter {problem}")
+        if not isinstance(grad, Tensor):
+            fail(f"its gradient is {type(grad).__name__}, not a tensor")
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise RuntimeError(
+                f"{owner} does not support sparse gradients ({where(i)} has a {grad.layout} "
+                "gradient); use a dense embedding or torch.optim.SparseAdam for that parameter"
+            )
+        for what, ours, theirs in (
+            ("shape", tuple(grad.shape), tuple(param.shape)),
+            ("dtype", grad.dtype, param.dtype),
+            ("device", grad.device, param.device),
+        ):
+            if ours != theirs:
+                fail(
+                    f"its gradient has {what} {ours} but the parameter has {what} {theirs}; "
+                    "was the parameter changed through .data after its gradient was computed?"
+                )
+        problem = _read_problem(grad)
+        if problem is not None:
+            fail(f"its gradient {problem}")
+        if grad.is_neg() or grad.is_conj():
+            checked[i] = grad.resolve_neg().resolve_conj()
+        for role, state in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            _check_moment(param, state, role, fail)
+        _check_step(param, step, fail)
+    return checked
+
+
+def _check_moment(param: Tensor, state, role: str, fail) -> None:
+    if not isinstance(state, Tensor):
+        fail(f"state[{role!r}] is {type(state).__name__}, not a tensor")
+    real_view = param.is_complex() and not state.is_complex()
+    expected = (*param.shape, 2) if real_view else tuple(param.shape)
+    if tuple(state.shape) != expected:
+        fail(
+            f"state[{role!r}] has shape {tuple(state.shape)}, but the parameter has shape "
+            f"{tuple(param.shape)}; was the parameter resized (e.g. through .data) after its "
+            "state was created? Re-create the optimizer, or drop that parameter's state"
+        )
+    allowed = (param.dtype, *STATE_DTYPES) if param.is_complex() else STATE_DTYPES
+    if state.dtype not in allowed:
+        fail(f"state[{role!r}] has dtype {state.dtype}; expected one of {list(allowed)}")
+    if state.device != param.device:
+        fail(f"state[{role!r}] is on {state.device}, the parameter on {param.device}")
+    problem = written_problem(state)
+    if problem is not None:
+        fail(f"state[{role!r}] {problem}")
+
+
+def _check_step(param: Tensor, step, fail) -> None:
+    if not isinstance(step, Tensor) or step.numel() != 1 or step.dtype not in _STEP_DTYPES:
+        shown = (
+            f"a {step.dtype} tensor of shape {tuple(step.shape)}"
+            if isinstance(step, Tensor)
+            else repr(step)
+        )
+        fail(f"state['step'] must be a float32 or float64 tensor of one element, got {shown}")
+    if step.device.type != "cpu" and step.device != param.device:
+        fail(f"state['step'] is on {step.device}; expected the CPU or {param.device}")
+    problem = written_problem(step)
+    if problem is not None:
+        fail(f"state['step'] {problem}")
