@@ -6,15 +6,18 @@ A distribution plugs an optimizer in by declaring, in its ``pyproject.toml``::
     myopt = "my_package.specs:MYOPT"       # an ano_optimizer.OptimizerSpec named "myopt"
 
 This project declares ``ano`` and ``anolog`` the same way. The registry calls :func:`load_into`
-once, on its first lookup. A broken plugin costs one :class:`OptimizerPluginWarning` and is
-skipped; it never takes other names down. Set ``ANO_OPTIMIZER_DISABLE_PLUGINS=1`` to load the
-built-ins only.
+on its first lookup (again on the next one, should that discovery be interrupted). The built-ins
+are the spec objects of :mod:`ano_optimizer.specs`, registered first whatever the metadata says:
+an entry point that resolves to one of them is the built-in itself (this project's own, or a
+stale copy of its metadata), and any other spec that claims a built-in's name is refused. A
+broken plugin, whatever it raises on import (``SystemExit`` included; ``KeyboardInterrupt`` is
+let through), costs one :class:`OptimizerPluginWarning` and is skipped; it never takes other
+names down. Set ``ANO_OPTIMIZER_DISABLE_PLUGINS=1`` to load the built-ins only.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from importlib.metadata import EntryPoint, entry_points
 
@@ -30,7 +33,6 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "ano_optimizer.optimizers"
 DISABLE_PLUGINS_ENV = "ANO_OPTIMIZER_DISABLE_PLUGINS"
-PROJECT_DISTRIBUTION = "ano-optimizer"
 
 
 class OptimizerPluginWarning(UserWarning):
@@ -43,19 +45,21 @@ def plugins_disabled() -> bool:
     return value not in ("", "0", "false", "no", "off")
 
 
-def _normalize(distribution: str) -> str:
-    return re.sub(r"[-_.]+", "-", distribution).lower()
-
-
 def _distribution(entry: EntryPoint) -> str:
     dist = getattr(entry, "dist", None)
     return dist.name if dist is not None and dist.name else "<unknown distribution>"
 
 
+def _shown(text: str) -> str:
+    """``text`` as a warning may print it: escaped where it holds control characters."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _warn(entry: EntryPoint, distribution: str, problem: str) -> None:
     warnings.warn(
-        f"ano_optimizer: skipped optimizer plugin entry point '{entry.name} = {entry.value}' "
-        f"of distribution '{distribution}': {problem}",
+        f"ano_optimizer: skipped optimizer plugin entry point "
+        f"'{_shown(entry.name)} = {_shown(entry.value)}' of distribution "
+        f"'{_shown(distribution)}': {_shown(problem)}",
         OptimizerPluginWarning,
         stacklevel=5,
     )
@@ -64,7 +68,9 @@ def _warn(entry: EntryPoint, distribution: str, problem: str) -> None:
 def _load(entry: EntryPoint, distribution: str) -> OptimizerSpec | None:
     try:
         spec = entry.load()
-    except Exception as exc:  # a plugin may fail in any way; it must not take the registry down
+    # A plugin may fail in any way, sys.exit() at import included; it must not take the
+    # registry, or the program that looked a name up, down. Ctrl-C still interrupts.
+    except (Exception, SystemExit) as exc:
         _warn(entry, distribution, f"{type(exc).__name__}: {exc}")
         return None
     if not isinstance(spec, OptimizerSpec):
@@ -84,41 +90,28 @@ def load_into(specs: dict[str, OptimizerSpec]) -> None:
     """Add the built-ins, then every third-party plugin, to ``specs`` (name -> spec)."""
     from .specs import BUILTIN_SPECS
 
-    own: list[EntryPoint] = []
-    third_party: list[tuple[str, EntryPoint]] = []
-    if not plugins_disabled():
-        try:
-            entries = entry_points(group=ENTRY_POINT_GROUP)
-        except Exception as exc:  # unreadable metadata of some distribution: built-ins only
-            warnings.warn(
-                f"ano_optimizer: cannot read the {ENTRY_POINT_GROUP!r} entry points, so no "
-                f"optimizer plugin is loaded: {type(exc).__name__}: {exc}",
-                OptimizerPluginWarning,
-                stacklevel=4,
-            )
-            entries = ()
-        for entry in entries:
-            distribution = _distribution(entry)
-            if _normalize(distribution) == PROJECT_DISTRIBUTION:
-                own.append(entry)
-            else:
-                third_party.append((distribution, entry))
-
-    for entry in own:
-        spec = _load(entry, PROJECT_DISTRIBUTION)
-        if spec is not None:
-            specs[spec.name] = _spec_with_source(spec, "built-in")
-    # Without this project's metadata (a source checkout never installed, or plugins disabled)
-    # the built-ins come straight from their module.
     for spec in BUILTIN_SPECS:
-        specs.setdefault(spec.name, spec)
-
+        specs[spec.name] = spec
+    if plugins_disabled():
+        return
+    try:
+        entries = list(entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as exc:  # unreadable metadata of some distribution: built-ins only
+        warnings.warn(
+            f"ano_optimizer: cannot read the {ENTRY_POINT_GROUP!r} entry points, so no "
+            f"optimizer plugin is loaded: {type(exc).__name__}: {exc}",
+            OptimizerPluginWarning,
+            stacklevel=4,
+        )
+        return
     # Sorted, so which of two clashing plugins wins does not depend on sys.path order.
-    for distribution, entry in sorted(
-        third_party, key=lambda item: (item[0].lower(), item[1].name)
-    ):
+    candidates = sorted(
+        ((_distribution(entry), entry) for entry in entries),
+        key=lambda item: (item[0].lower(), item[1].name),
+    )
+    for distribution, entry in candidates:
         spec = _load(entry, distribution)
-        if spec is None:
+        if spec is None or any(spec is builtin for builtin in BUILTIN_SPECS):
             continue
         existing = specs.get(spec.name)
         if existing is not None:
@@ -129,4 +122,7 @@ def load_into(specs: dict[str, OptimizerSpec]) -> None:
                 "keeping the optimizer registered first",
             )
             continue
-        specs[spec.name] = _spec_with_source(spec, distribution)
+        try:
+            specs[spec.name] = _spec_with_source(spec, distribution)
+        except ValueError as exc:  # a distribution name that cannot be shown as a source
+            _warn(entry, distribution, str(exc))

@@ -73,8 +73,11 @@ class OptimizerSpec:
             )
         if not isinstance(self.description, str) or not self.description.strip():
             raise ValueError(f"OptimizerSpec {self.name!r}: description must be a non-empty string")
-        if "\n" in self.description:
-            raise ValueError(f"OptimizerSpec {self.name!r}: description must be one line")
+        if not self.description.isprintable():
+            raise ValueError(
+                f"OptimizerSpec {self.name!r}: description must be one line of printable text, "
+                f"without control characters, got {self.description!r}"
+            )
         for attribute in ("torch_class", "keras_class"):
             reference = getattr(self, attribute)
             if reference is not None and (
@@ -102,8 +105,11 @@ class OptimizerSpec:
                     f"OptimizerSpec {self.name!r}: {flag} must be True or False, "
                     f"got {getattr(self, flag)!r}"
                 )
-        if not isinstance(self.source, str) or not self.source:
-            raise ValueError(f"OptimizerSpec {self.name!r}: source must be a non-empty string")
+        if not isinstance(self.source, str) or not self.source or not self.source.isprintable():
+            raise ValueError(
+                f"OptimizerSpec {self.name!r}: source must be a non-empty string of printable "
+                f"text, got {self.source!r}"
+            )
         # A read-only copy: a spec is shared by every caller and must not change under them.
         object.__setattr__(self, "defaults", types.MappingProxyType(dict(self.defaults)))
 
@@ -140,12 +146,18 @@ class _Registry:
             if self._loaded or self._loading:
                 return
             self._loading = True
+            # A plugin that registers while it is being loaded writes into this dict too; an
+            # interrupted discovery (Ctrl-C) is thrown away whole and redone on the next lookup.
+            self._specs = {}
             try:
                 from . import plugins
 
                 plugins.load_into(self._specs)
-            finally:
                 self._loaded = True
+            except BaseException:
+                self._specs = {}
+                raise
+            finally:
                 self._loading = False
 
     def register(self, spec: OptimizerSpec) -> None:

@@ -201,3 +201,123 @@ def test_builtins_without_project_metadata(tmp_path):
 def test_disable_env_var_values(monkeypatch, value, disabled):
     monkeypatch.setenv(DISABLE_PLUGINS_ENV, value)
     assert plugins_disabled() is disabled
+
+
+def test_a_plugin_that_exits_on_import_costs_one_warning(tmp_path):
+    """sys.exit() in a plugin's module once ended the program on its first lookup."""
+    directory = tmp_path / "plugins"
+    write_plugin(directory)
+    write_distribution(
+        directory,
+        "exiting-plugin",
+        {"exitopt": "exiting_plugin:SPEC"},
+        {"exiting_plugin/__init__.py": "import sys\nsys.exit('no GPU here')\n"},
+    )
+    report = probe(directory)
+    messages = [message for _, message in report["warnings"]]
+    assert len(messages) == 1 and "SystemExit: no GPU here" in messages[0]
+    assert {"ano", "anolog", PLUGIN_NAME} <= set(report["names"])
+    assert "exitopt" not in report["names"]
+
+
+_INTERRUPTED = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from ano_optimizer import list_optimizers
+try:
+    list_optimizers()
+except KeyboardInterrupt:
+    first = "interrupted"
+print(json.dumps({"first": first, "second": list_optimizers()}))
+"""
+
+
+def test_an_interrupted_discovery_is_retried_on_the_next_lookup(tmp_path):
+    """Ctrl-C while a plugin imports: the registry once stayed marked as loaded with whatever
+    it had read so far, and later plugins were silently missing."""
+    directory = tmp_path / "plugins"
+    write_plugin(directory)
+    marker = tmp_path / "imported-once"
+    write_distribution(
+        directory,
+        "aaa-slow-plugin",  # sorts first: the interrupt comes before the others are read
+        {"slowopt": "aaa_slow_plugin:SPEC"},
+        {
+            "aaa_slow_plugin/__init__.py": f"""
+                import pathlib
+                from ano_optimizer import OptimizerSpec
+                marker = pathlib.Path({str(marker)!r})
+                if not marker.exists():
+                    marker.touch()
+                    raise KeyboardInterrupt
+                SPEC = OptimizerSpec("slowopt", "imported on the second try", "torch.optim:SGD", None)
+            """
+        },
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env_with_path(directory),
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["first"] == "interrupted"
+    assert {"ano", "anolog", "slowopt", PLUGIN_NAME} <= set(report["second"])
+
+
+def test_builtins_are_known_by_their_objects_not_by_a_distribution_name(tmp_path):
+    """A distribution whose name normalises to this project's ("Ano.Optimizer") once replaced
+    the built-in 'ano', reported as built-in. The built-ins are their spec objects: any other
+    spec claiming a built-in name is refused with a warning, and an entry point resolving to one
+    of them (a stale copy of this project's metadata) is the built-in itself. (importlib keeps
+    one distribution per normalised name, so each case gets its own directory, and runs outside
+    the checkout, whose egg-info would be found first.)"""
+    impostor = tmp_path / "impostor"
+    write_distribution(
+        impostor,
+        "Ano.Optimizer",
+        {"ano": "impostor_plugin:SPEC"},
+        {
+            "impostor_plugin/__init__.py": """
+                from ano_optimizer import OptimizerSpec
+                SPEC = OptimizerSpec("ano", "not the real Ano", "torch.optim:SGD", None)
+            """
+        },
+    )
+    report = probe(impostor, cwd=tmp_path)
+    assert report["sources"]["ano"] == "built-in"
+    assert report["ano_class"] == "ano_optimizer.optimizer:Ano"
+    (message,) = [message for _, message in report["warnings"]]
+    assert "'ano = impostor_plugin:SPEC' of distribution 'Ano.Optimizer'" in message
+    assert "the name 'ano' is already taken (source: built-in)" in message
+
+    stale = tmp_path / "stale"
+    write_distribution(stale, "ano_optimizer", {"anolog": "ano_optimizer.specs:ANOLOG"})
+    report = probe(stale, cwd=tmp_path)
+    assert report["own_entry_points"] == [] and report["warnings"] == []
+    assert report["names"] == ["ano", "anolog"]
+    assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
+
+
+def test_descriptions_with_control_characters_are_refused(tmp_path):
+    directory = tmp_path / "plugins"
+    write_plugin(directory)
+    write_distribution(
+        directory,
+        "escape-plugin",
+        {"escapeopt": "escape_plugin:SPEC"},
+        {
+            "escape_plugin/__init__.py": """
+                from ano_optimizer import OptimizerSpec
+                SPEC = OptimizerSpec(
+                    "escapeopt", "looks fine\\r\\x1b[31mTOTALLY SAFE", "torch.optim:SGD", None
+                )
+            """
+        },
+    )
+    report = probe(directory)
+    assert "escapeopt" not in report["names"] and PLUGIN_NAME in report["names"]
+    (message,) = [message for _, message in report["warnings"]]
+    assert "printable" in message and "\x1b" not in message and "\r" not in message
