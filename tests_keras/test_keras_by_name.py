@@ -134,3 +134,84 @@ def test_a_name_that_keras_already_has_is_not_hijacked():
         if w.category is KerasRegistrationWarning
     )
     assert type(keras.optimizers.get("lion")) is keras.optimizers.Lion
+
+
+def _register_keras_spec(name: str) -> list[str]:
+    register_optimizer(
+        OptimizerSpec(
+            name=name,
+            description=f"Ano under a name Keras has elsewhere ({name}, Keras by-name test)",
+            torch_class=None,
+            keras_class="ano_optimizer.keras:Ano",
+        )
+    )
+    return register()
+
+
+def test_a_registry_name_resolves_as_an_optimizer_only(tmp_path):
+    """An optimizer plugin named "mse" once made every model compiled with loss="mse" fail to
+    load: its name went into Keras's global custom objects, which every lookup consults. Now
+    it is an optimizer name only: the loss, the activation and load_model are untouched."""
+    assert {"mse", "relu"} <= set(_register_keras_spec("mse")) | set(_register_keras_spec("relu"))
+    assert type(keras.optimizers.get("mse")) is ano_optimizer.keras.Ano
+    assert keras.activations.get("relu") is keras.activations.relu
+    assert "mse" not in keras.saving.get_custom_objects()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5]])).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="relu")])
+    model.compile(optimizer="anolog", loss="mse")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.optimizer) is ano_optimizer.keras.Anolog
+    expected = float(np.mean((model.predict(x, verbose=0) - y) ** 2))
+    assert np.isclose(loaded.evaluate(x, y, verbose=0), expected, rtol=1e-5)
+
+
+def test_without_keras_s_optimizer_table_no_global_name_shadows_another(monkeypatch):
+    """Keras's table of optimizer names is private: where it is gone, names go into the global
+    custom objects, but only names that Keras and the user do not already resolve."""
+    from ano_optimizer.integrations import keras as adapter
+
+    monkeypatch.setattr(adapter, "_optimizer_names", lambda: None)
+    custom = keras.saving.get_custom_objects()
+    kept = dict(custom)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            registered = _register_keras_spec("mae")
+        assert "mae" not in registered and "mae" not in custom
+        assert any("'mae'" in str(w.message) and "a Keras loss" in str(w.message) for w in caught)
+        assert "ano" in registered and custom["ano"].cls is ano_optimizer.keras.Ano
+        assert type(keras.optimizers.get("ano")) is ano_optimizer.keras.Ano
+    finally:
+        custom.clear()
+        custom.update(kept)
+
+
+def test_an_undecorated_plugin_class_is_saved_under_a_qualified_name(tmp_path):
+    """A plugin's Keras class that its author did not register gets a name qualified by its
+    module, so a .keras file resolves it without a bare name that could collide."""
+    module = tmp_path / "undecorated_keras_plugin.py"
+    module.write_text("import keras\nclass Plain(keras.optimizers.SGD):\n    pass\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        register_optimizer(
+            OptimizerSpec(
+                name="plainsgd",
+                description="an undecorated Keras class (Keras by-name test)",
+                torch_class=None,
+                keras_class="undecorated_keras_plugin:Plain",
+            )
+        )
+        assert "plainsgd" in register()
+        optimizer = keras.optimizers.get("plainsgd")
+        name = keras.saving.get_registered_name(type(optimizer))
+        assert name == "undecorated_keras_plugin>Plain"
+        assert "Plain" not in keras.saving.get_custom_objects()
+    finally:
+        sys.path.remove(str(tmp_path))
