@@ -183,6 +183,9 @@ def _proven_kernel(key: _KernelKey, device: torch.device) -> Callable | None:
         kernel(*tensors, weight, correction, hyper, skip, inv_scale, noise)
         return kernel
     except Exception as error:  # any compile or run failure: the eager math still works
+        if (device, dtypes) in _WARNED:
+            return None
+        _WARNED.add((device, dtypes))
         warnings.warn(
             f"Ano fused=True: torch.compile could not build the fused kernel for "
             f"{[str(d).removeprefix('torch.') for d in dtypes]} tensors on {device} "
@@ -192,6 +195,10 @@ def _proven_kernel(key: _KernelKey, device: torch.device) -> Callable | None:
             stacklevel=6,
         )
         return None
+
+
+# (device, dtypes) whose kernel failed to build: one warning for both of its variants.
+_WARNED: set = set()
 
 
 def _flat(t: Tensor, mark_dynamic: bool) -> Tensor:

@@ -78,21 +78,37 @@ class StepInBackward:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers.values()]}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load every per-parameter optimizer's state, or none: each entry is checked before any
+        loads (Ano/Anolog check theirs whole), and should a load fail all the same, every
+        optimizer is put back as it was."""
         saved = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
-        if saved is None or len(saved) != len(self.optimizers):
-            count = "no 'optimizers' list" if saved is None else f"{len(saved)} optimizers"
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.optimizers):
+            count = (
+                f"{len(saved)} optimizers"
+                if isinstance(saved, (list, tuple))
+                else "no 'optimizers' list"
+            )
             raise ValueError(
                 f"StepInBackward.load_state_dict: the state dict has {count}, "
                 f"expected {len(self.optimizers)} (one per parameter)"
             )
-        pairs = list(zip(self.optimizers.values(), saved, strict=True))
-        for optimizer, entry in pairs:
-            # Check every entry before loading any, so a bad state dict changes nothing.
-            check = getattr(optimizer, "_check_loadable", None)
-            if check is not None:
-                check(entry)
-        for optimizer, entry in pairs:
-            optimizer.load_state_dict(entry)
+        optimizers = list(self.optimizers.values())
+        checked = [
+            optimizer._checked_state_dict(entry) if isinstance(optimizer, Ano) else entry
+            for optimizer, entry in zip(optimizers, saved, strict=True)
+        ]
+        before = [{**opt.__dict__, "defaults": dict(opt.defaults)} for opt in optimizers]
+        try:
+            for optimizer, entry in zip(optimizers, checked, strict=True):
+                if isinstance(optimizer, Ano):
+                    optimizer._load_checked(entry)
+                else:
+                    optimizer.load_state_dict(entry)
+        except BaseException:
+            for optimizer, attributes in zip(optimizers, before, strict=True):
+                optimizer.__dict__.clear()
+                optimizer.__dict__.update(attributes)
+            raise
 
     def remove(self) -> None:
         """Remove the hooks: later ``backward()`` calls only accumulate gradients again."""
