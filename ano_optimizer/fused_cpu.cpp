@@ -329,7 +329,7 @@ c10::TensorImpl* taken(
         impl->dtype() == dtype && !impl->is_neg() && !impl->is_conj() &&
         !impl->key_set().has(c10::DispatchKey::ZeroTensor) &&
         impl->is_non_overlapping_and_dense() &&
-        !(written && !impl->version_counter().enabled());
+        !(written && (impl->is_inference() || !impl->version_counter().enabled()));
     if (!ok) return nullptr;
     // Dense and non-overlapping: the elements fill the numel() slots after the storage offset.
     const int64_t numel = impl->numel();

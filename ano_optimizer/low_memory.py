@@ -58,7 +58,7 @@ def mixed_precision_ano(
     bfloat16/float16 parameters with ``capturable``.
 
     Per block of at most ``_BLOCK_NUMEL`` elements (per tensor where the tensors are not all
-    contiguous): widen the parameter, gradient and moments to the wider of the two dtypes (at
+    contiguous): widen the parameter, gradient and moments to the widest of their dtypes (at
     least float32), run the single-tensor path's update on them, and write the results back
     (stochastic rounding into bfloat16).
     """
@@ -70,9 +70,9 @@ def mixed_precision_ano(
         logarithmic_schedule=logarithmic_schedule,
     )  # fmt: skip
     for param, grad, exp_avg, exp_avg_sq, scalars, step in stepped:
-        compute = torch.promote_types(
-            torch.promote_types(param.dtype, exp_avg.dtype), torch.float32
-        )
+        compute = torch.float32
+        for t in (param, exp_avg, exp_avg_sq):
+            compute = torch.promote_types(compute, t.dtype)
         tensors = (param, grad, exp_avg, exp_avg_sq)
         if all(t.is_contiguous() for t in tensors):
             blocks = zip(*(t.view(-1).split(_BLOCK_NUMEL) for t in tensors), strict=True)

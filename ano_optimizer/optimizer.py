@@ -597,7 +597,10 @@ def _ano_group(
             found_inf=found_inf, checked=checked, owner=owner, where=where, **scalars,
         )  # fmt: skip
         return
-    if any(m.dtype != p.dtype for p, m in zip(params, exp_avgs, strict=True)) or (
+    if any(
+        m.dtype != p.dtype or v.dtype != p.dtype
+        for p, m, v in zip(params, exp_avgs, exp_avg_sqs, strict=True)
+    ) or (
         # A capturable step's scalars are device tensors, which bfloat16/float16 arithmetic
         # would round to 8 or 11 bits (1 - lr·λ = 0.999 becomes 1): compute in float32 instead.
         capturable and any(p.dtype in (torch.bfloat16, torch.float16) for p in params)

@@ -12,6 +12,7 @@ checks in C++ for the tensors it takes, and takes only tensors these checks acce
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -62,26 +63,32 @@ def written_problem(t: Tensor) -> str | None:
         return (
             f"is a {kind}-bit view; pass a materialized tensor (.resolve_neg() / .resolve_conj())"
         )
-    if t.is_inference() and not torch.is_inference_mode_enabled() and not _has_version(t):
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        # Also a parameter whose .data was made in inference mode: torch lets the parameter
+        # itself change, but not the views of it that the blocked paths update.
         return (
-            "is an inference tensor (created under torch.inference_mode()), which cannot be "
-            "updated in place outside inference mode; clone it first"
+            "is an inference tensor (created under torch.inference_mode(), or given such .data), "
+            "which cannot be updated in place outside inference mode; clone it first"
         )
     if not storage_holds(t):
         return _freed(t)
     if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
         return "has elements that share memory (e.g. made by expand()); clone it first"
+    if type(t).__torch_dispatch__ is not _PLAIN and not _is_dtensor(t):
+        # A subclass with its own dispatch (a wrapper) hides its data from these checks: an
+        # in-place multiply by 1 (exact for every value) asks its own dispatch instead, before
+        # anything else changes. Only its version counter moves.
+        try:
+            with torch.no_grad():
+                t.mul_(1)
+        except Exception as error:
+            return f"cannot be updated in place ({type(error).__name__}: {error})"
     return None
 
 
-def _has_version(t: Tensor) -> bool:
-    """Whether ``t`` counts its in-place changes, as torch requires of a tensor updated in place
-    outside inference mode (a parameter whose ``.data`` is an inference tensor still does)."""
-    try:
-        t._version  # noqa: B018
-    except RuntimeError:
-        return False
-    return True
+def _is_dtensor(t: Tensor) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def _freed(t: Tensor) -> str:
