@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import json
 import math
@@ -621,3 +622,143 @@ def test_train_py_through_the_launcher_with_an_installed_plugin(tmp_path):
     assert out["weight_decays"] == [0.0, 0.01]
     assert "betas" not in out["group"] and "eps" not in out["group"]
     assert out["losses"][-1] < out["losses"][0], out["losses"]
+
+
+# timm's own optimizer tests (tests/test_optim.py: test_optim_factory, test_optimizer_convergence)
+# state what every optimizer in its factory must do; the same checks, for the registry's names.
+def _timm_quadratic(optimizer, weight, bias, x):
+    optimizer.zero_grad()
+    loss = (weight.mv(x) + bias).pow(2).sum()
+    loss.backward()
+    return loss
+
+
+def _timm_state_dict_contract(make):
+    torch.manual_seed(0)
+    weight, bias, x = (torch.nn.Parameter(torch.randn(*s)) for s in ((10, 5), (10,), (5,)))
+    optimizer = make(weight, bias)
+    step = functools.partial(_timm_quadratic, optimizer, weight, bias, x)
+    for _ in range(20):
+        optimizer.step(step)
+    with torch.no_grad():
+        weight_c, bias_c = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())
+    optimizer_c = make(weight_c, bias_c)
+    step_c = functools.partial(_timm_quadratic, optimizer_c, weight_c, bias_c, x)
+    optimizer_c.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for _ in range(20):
+        optimizer.step(step)
+        optimizer_c.step(step_c)
+        assert torch.equal(weight, weight_c) and torch.equal(bias, bias_c)
+    ours, theirs = optimizer.state_dict(), optimizer_c.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]  # deterministic, keys included
+    torch.testing.assert_close(ours["state"], theirs["state"])
+    optimizer_c.param_groups.extend(optimizer_c.param_groups)
+    assert (
+        optimizer.state_dict()["param_groups"][-1] == optimizer_c.state_dict()["param_groups"][-1]
+    )
+
+    def public(obj):
+        return {k for k in obj.__dict__ if not k.startswith("_")}
+
+    assert public(optimizer) == public(copy.deepcopy(optimizer))
+    # Loaded into float64 parameters: the state follows the parameters, values intact, and the
+    # updates point the same way.
+    with torch.no_grad():
+        params64 = [torch.nn.Parameter(p.double()) for p in (weight, bias, x)]
+    optimizer64 = make(*params64[:2])
+    saved = copy.deepcopy(optimizer.state_dict())
+    given = copy.deepcopy(saved)
+    optimizer64.load_state_dict(given)
+    assert given["param_groups"] == saved["param_groups"]
+    torch.testing.assert_close(given["state"], saved["state"])
+    index = {p: i for i, p in enumerate(p for g in optimizer64.param_groups for p in g["params"])}
+    for param, state in optimizer64.state.items():
+        for key, value in state.items():
+            source = saved["state"][index[param]][key]
+            if value.dim() and value.is_floating_point():
+                assert value.dtype in (param.dtype, source.dtype), key
+            assert torch.equal(value.to("cpu", source.dtype), source), key
+    start, start64 = [p.clone() for p in (weight, bias)], [p.clone() for p in params64[:2]]
+    step64 = functools.partial(_timm_quadratic, optimizer64, *params64)
+    for _ in range(5):
+        optimizer.step(step)
+        optimizer64.step(step64)
+    with torch.no_grad():
+        delta = torch.cat([(p - s).flatten() for p, s in zip((weight, bias), start, strict=True)])
+        delta64 = torch.cat([(p - s).flatten() for p, s in zip(params64[:2], start64, strict=True)])
+    assert torch.nn.functional.cosine_similarity(delta, delta64.float(), dim=0) > 0.9
+
+
+def _timm_lowers_the_loss(make, non_contiguous):
+    torch.manual_seed(1)
+    if non_contiguous:
+        weight = torch.nn.Parameter(torch.randn(10, 5, 2)[..., 0])
+        bias = torch.nn.Parameter(torch.randn(10, 2)[..., 0])
+    else:
+        weight, bias = torch.nn.Parameter(torch.randn(10, 5)), torch.nn.Parameter(torch.randn(10))
+    x = torch.nn.Parameter(torch.randn(5))
+    optimizer = make(weight, bias)
+    repr(optimizer)
+    step = functools.partial(_timm_quadratic, optimizer, weight, bias, x)
+    initial = step().item()
+    for _ in range(200):
+        optimizer.step(step)
+    assert step().item() < initial
+
+
+@pytest.mark.parametrize("name", ["ano", "anolog", "lookahead_ano"])
+def test_timm_optim_factory_contract(name):
+    ano_timm.register()
+    if not name.startswith("lookahead_"):  # timm resolves lookahead_* in its factory only
+        cls = timm.optim.get_optimizer_class(name, bind_defaults=False)
+        assert issubclass(cls, torch.optim.Optimizer)
+        assert isinstance(timm.optim.get_optimizer_info(name), timm.optim.OptimInfo)
+    lr = 1e-2
+    makers = [
+        lambda w, b: create_optimizer_v2([w, b], name, lr=lr),
+        lambda w, b: create_optimizer_v2(
+            [{"params": [w]}, {"params": [b], "lr": lr}], name, lr=lr / 10
+        ),
+        lambda w, b: create_optimizer_v2([{"params": b, "lr": lr}], name, lr=lr / 10),
+        lambda w, b: create_optimizer_v2([{"params": b, "lr": lr}], name),
+    ]
+    for make in makers:
+        _timm_state_dict_contract(make)
+        _timm_lowers_the_loss(make, non_contiguous=False)
+        _timm_lowers_the_loss(make, non_contiguous=True)
+
+
+def _rosenbrock(p):
+    x, y = p
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+
+@pytest.mark.parametrize("name", ["ano", "anolog"])
+def test_timm_convergence_contract(name):
+    """Cyclic coordinate descent on Rosenbrock (2000 steps, one coordinate's gradient each)
+    ends no farther from the optimum, and a small model's loss falls at every step."""
+    ano_timm.register()
+    param = torch.nn.Parameter(torch.tensor([1.5, 1.5]))
+    optimizer = create_optimizer_v2([param], name, lr=1e-3)
+    start = param.detach().dist(torch.tensor([1.0, 1.0]))
+    for i in range(2000):
+        optimizer.zero_grad()
+        _rosenbrock(param).backward()
+        with torch.no_grad():
+            param.grad[1 - i % 2] = 0.0
+        optimizer.step()
+    assert param.detach().dist(torch.tensor([1.0, 1.0])) <= start
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 3), torch.nn.Sigmoid(), torch.nn.Linear(3, 1), torch.nn.Sigmoid()
+    )
+    optimizer = create_optimizer_v2(model, opt=name, lr=5e-2)
+    x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]).reshape(3, 2)
+    previous = math.inf
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = model(x).sum()
+        loss.backward()
+        assert loss.item() < previous
+        previous = loss.item()
+        optimizer.step()
