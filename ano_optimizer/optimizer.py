@@ -162,6 +162,9 @@ class Ano(Optimizer):
             self.__dict__.update(before)
             raise
 
+    # Set by an eager step() while it gathers tensors: where _init_group lists new state.
+    _new_state: list | None = None
+
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps) -> bool:
         """Append the parameters of ``group`` that have a gradient, and their gradients and
         state, to the lists; create the state on a parameter's first step. Return whether any
@@ -175,6 +178,8 @@ class Ano(Optimizer):
         states = [self.state[p] for p in stepped]
         for p, state in zip(stepped, states, strict=True):
             if not state:
+                if self._new_state is not None:
+                    self._new_state.append(p)
                 # Lazy creation, keyed by the parameter: an engine may swap or reshard parameters
                 # before the first step, and a zero-gradient lr=0 step stays a no-op.
                 # The fused kernel and capturable steps read the step on the parameter's device
@@ -219,18 +224,16 @@ class Ano(Optimizer):
         for group, pair in zip(self.param_groups, betas, strict=True):
             if group["betas"] != pair:
                 group["betas"] = pair
-        created = [
-            p
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None and not self.state.get(p)
-        ]
+        # _init_group notes the parameters whose state it creates (a first step).
+        self._new_state = []
         try:
             batches = self._checked_batches(owner)
         except BaseException:
-            for p in created:  # the state this call created: nothing else has changed
+            for p in self._new_state:  # the state this call created: nothing else has changed
                 self.state.pop(p, None)
             raise
+        finally:
+            self._new_state = None
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for done, (index, group, lists, has_complex) in enumerate(batches):
@@ -776,8 +779,10 @@ def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
 def _local_shard_lists(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
     """:func:`_local_shards` applied to each parameter's tensors across parallel lists."""
     dtensor_module = sys.modules.get("torch.distributed.tensor")
-    if dtensor_module is None or not any(isinstance(p, dtensor_module.DTensor) for p in lists[0]):
-        return lists  # the common case costs one pass of isinstance checks
+    if dtensor_module is None or not any(
+        issubclass(kind, dtensor_module.DTensor) for kind in set(map(type, lists[0]))
+    ):
+        return lists  # the common case costs one pass over the types
     columns = [_local_shards(*tensors) for tensors in zip(*lists, strict=True)]
     return tuple(list(column) for column in zip(*columns, strict=True))
 

@@ -19,12 +19,25 @@ import torch
 
 from ano_optimizer import Ano
 
+
+def _two_groups(ps):
+    """The decay / no-decay split that create_optimizer and the frameworks build."""
+    half = len(ps) // 2
+    return [{"params": ps[:half], "weight_decay": 0.05}, {"params": ps[half:], "weight_decay": 0}]
+
+
 ROWS = {
     "Ano fused=True": lambda ps: Ano(ps, lr=1e-4, fused=True),
     "Ano fused=True, bf16 state": lambda ps: Ano(
         ps, lr=1e-4, fused=True, state_dtype=torch.bfloat16
     ),
     "AdamW fused=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    "Ano fused=True, 2 groups": lambda ps: Ano(_two_groups(ps), lr=1e-4, fused=True),
+    "AdamW fused=True, 2 groups": lambda ps: torch.optim.AdamW(
+        _two_groups(ps), lr=1e-4, fused=True
+    ),
+    "Ano default (foreach=None)": lambda ps: Ano(ps, lr=1e-4),
+    "AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
 }
 
 
