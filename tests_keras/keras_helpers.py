@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO.parent / "shared" / "reference"
+# Copied from the project's shared/reference (its source of truth) so a clone runs every oracle test.
+REFERENCE_DIR = REPO / "tests" / "data"
 PLUGIN_DIR_ENV = "ANO_KERAS_TEST_PLUGIN_DIR"
 
 
