@@ -85,6 +85,7 @@ def test_wheel_contents(wheel):
     assert "ano_optimizer/integrations/__init__.py" in names
     assert "ano_optimizer/registry.py" in names
     assert "ano_optimizer/fused_cpu.cpp" in names  # built at run time by the fused CPU path
+    assert "ano_optimizer/py.typed" in names  # PEP 561: type checkers read the annotations
     assert not [n for n in names if n.startswith("integrations/")]
     assert "[ano_optimizer.optimizers]" in entry_text
     assert "ano = ano_optimizer.specs:ANO" in entry_text
