@@ -23,7 +23,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .group_options import GROUP_OPTIONS, check_group_options
 from .tensor_checks import STATE_DTYPES, storage_holds
 
-__all__ = ["checked_state_dict"]
+__all__ = ["checked_state_dict", "keep_state_dtype_on_load", "moment_for"]
 
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # Options every saved Ano/Anolog group holds (the flags were added over time: a group
@@ -196,3 +196,50 @@ def _readable(t: Tensor) -> bool:
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     return True
+
+
+def keep_state_dtype_on_load(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep ``exp_avg``/``exp_avg_sq`` in each group's
+    ``state_dtype``.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
+    parameter's dtype: bfloat16 state would come back as float32 (twice the memory), and float32
+    state of a bfloat16 parameter would lose its precision. A pre-hook keeps the saved tensors, a
+    post-hook puts them back from those originals in the group's ``state_dtype``.
+    """
+    optimizer.register_load_state_dict_pre_hook(_remember_saved_state)
+    optimizer.register_load_state_dict_post_hook(_restore_state_dtype)
+
+
+def _remember_saved_state(optimizer, state_dict):
+    optimizer._ano_saved_state = state_dict
+    return None
+
+
+def _restore_state_dtype(optimizer) -> None:
+    saved = optimizer.__dict__.pop("_ano_saved_state", None)
+    if saved is None:
+        return
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        for saved_id, param in zip(saved_group["params"], group["params"], strict=True):
+            entry = saved["state"].get(saved_id)
+            if entry is None or param not in optimizer.state:
+                continue
+            state = optimizer.state[param]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in entry and isinstance(entry[key], Tensor):
+                    state[key] = moment_for(param, entry[key], group.get("state_dtype"))
+
+
+def moment_for(param: Tensor, saved: Tensor, state_dtype: torch.dtype | None) -> Tensor:
+    """A saved moment as ``param``'s state in ``state_dtype`` (None: the parameter's dtype), on
+    the parameter's device, as a copy; a complex parameter's real-view state becomes complex
+    again, and the reverse."""
+    if param.is_complex() and state_dtype is None:
+        if not saved.is_complex():
+            real = saved.to(device=param.device, dtype=torch.view_as_real(param).dtype)
+            return torch.view_as_complex(real.contiguous()).clone()
+        return saved.to(device=param.device, dtype=param.dtype, copy=True)
+    if param.is_complex() and saved.is_complex():
+        saved = torch.view_as_real(saved)
+    return saved.to(device=param.device, dtype=state_dtype or param.dtype, copy=True)
