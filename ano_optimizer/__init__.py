@@ -7,6 +7,7 @@ imported by the modules that need them, when those are imported.
 from .optimizer import Ano, Anolog, ano
 from .param_groups import param_groups_weight_decay
 from .registry import (
+    OptimizerPluginWarning,
     OptimizerSpec,
     create_optimizer,
     get_optimizer_class,
@@ -20,6 +21,7 @@ __version__ = "1.1.0"
 __all__ = [
     "Ano",
     "Anolog",
+    "OptimizerPluginWarning",
     "OptimizerSpec",
     "__version__",
     "ano",

@@ -23,19 +23,15 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import (
-    Optimizer,
-    ParamsT,
-    _default_to_fused_or_foreach,
-    _get_scalar_dtype,
-    _view_as_real,
-)
+from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import hyperparameters as hp
-from .fused import _step_scalars, cpu_kernel_takes, fused_ano, unscale_or_skip
-from .group_options import check_group_options, warn_near_misses
 from . import rounding
+from ._torch_internals import default_foreach, group_by_device_and_dtype, scalar_dtype
+from .fused import cpu_kernel_takes, fused_ano
+from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
+from .step_scalars import _step_scalars, unscale_or_skip
 from .tensor_checks import check_step_tensors
 
 __all__ = ["Ano", "Anolog", "ano"]
@@ -142,9 +138,7 @@ class Ano(Optimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     # The 1.0.0 release kept the step as a Python int.
-                    p_state["step"] = torch.tensor(
-                        float(p_state["step"]), dtype=_get_scalar_dtype()
-                    )
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=scalar_dtype())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by :class:`Ano`, :class:`Anolog` or the 1.0.0 release.
@@ -197,7 +191,7 @@ class Ano(Optimizer):
                 # The fused kernel and capturable steps read the step on the parameter's device
                 # (no host sync); torch's loader puts a saved step there for such groups too.
                 step_device = p.device if group["fused"] or group["capturable"] else None
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=step_device)
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype(), device=step_device)
                 state["exp_avg"] = _new_moment(p, group["state_dtype"])
                 state["exp_avg_sq"] = _new_moment(p, group["state_dtype"])
         params += stepped
@@ -630,7 +624,7 @@ def _ano_group(
         _single_tensor_ano(*tensors, has_complex=has_complex, capturable=False, **scalars)
         return
     if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        foreach = default_foreach(params)
         if not foreach:
             # CPU default: tensors smaller than one block gain nothing from blocking and pay
             # ~12 Python-dispatched operations each, so they go through the foreach path in one
@@ -779,7 +773,6 @@ def _narrow_store(source: Tensor, target: Tensor, step, stream: int, start: int)
         target.copy_(rounding.round_with_noise(source, noise))
     else:
         target.copy_(source)
-
 
 
 def _float32_math_ano(
@@ -947,17 +940,11 @@ def _multi_tensor_ano(
     capturable: bool,
 ) -> None:
     lr = _lr_value(lr, compiling=False, capturable=capturable)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
-    )
-    for (device, _), (
-        (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps),
-        _,
-    ) in grouped.items():
-        dev_params, dev_grads = list(dev_params), list(dev_grads)
-        dev_exp_avgs, dev_exp_avg_sqs = list(dev_exp_avgs), list(dev_exp_avg_sqs)
+    grouped = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    for (device, _), tensors in grouped.items():
+        dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps = tensors
         if has_complex:
-            _view_as_real(dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs)
+            _as_real(dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs)
         torch._foreach_add_(dev_steps, 1.0)
         if capturable:
             # 0-d float64 tensors on the device, from a handful of foreach kernels.
@@ -1036,3 +1023,13 @@ def _foreach_ano_update_(
         torch._foreach_addcmul_(params, ratio, direction, value=-1.0)
     else:
         torch._foreach_addcmul_(params, ratio, direction, [-lr * c for c in corrections])
+
+
+def _as_real(params: list[Tensor], *others: list[Tensor]) -> None:
+    """Replace each complex parameter, and the tensors at its index in ``others``, by their real
+    views, in place in the lists."""
+    for i, param in enumerate(params):
+        if torch.is_complex(param):
+            params[i] = torch.view_as_real(param)
+            for tensors in others:
+                tensors[i] = torch.view_as_real(tensors[i])

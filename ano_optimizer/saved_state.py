@@ -18,8 +18,8 @@ import sys
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
+from ._torch_internals import scalar_dtype
 from .group_options import GROUP_OPTIONS, check_group_options
 from .tensor_checks import STATE_DTYPES, storage_holds
 
@@ -149,7 +149,7 @@ def _checked_step(step, fail):
         fail(f"state['step'] must be a number or a 1-element tensor, got {step!r}")
     if not (math.isfinite(value) and value >= 0 and value == int(value)):
         fail(f"state['step'] must be a whole number >= 0, got {value!r}")
-    return torch.tensor(value, dtype=_get_scalar_dtype())
+    return torch.tensor(value, dtype=scalar_dtype())
 
 
 def _check_moment(t, key: str, param: Tensor, fail) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._torch_internals import has_internal_overlap, is_zero_tensor
+
 __all__ = ["STATE_DTYPES", "check_step_tensors", "storage_holds", "written_problem"]
 
 # The dtypes ``exp_avg`` / ``exp_avg_sq`` may have (for a complex parameter: its own dtype, or
@@ -57,7 +59,7 @@ def written_problem(t: Tensor) -> str | None:
     """Why ``t`` cannot be updated in place, or None."""
     if t.layout != torch.strided or t.is_nested:
         return f"is a {t.layout} tensor; only dense (strided) tensors can be updated"
-    if t._is_zerotensor():
+    if is_zero_tensor(t):
         return "is an immutable zero tensor"
     if t.is_neg() or t.is_conj():
         kind = "negative" if t.is_neg() else "conjugate"
@@ -73,7 +75,7 @@ def written_problem(t: Tensor) -> str | None:
         )
     if not storage_holds(t):
         return _freed(t)
-    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+    if has_internal_overlap(t):
         return "has elements that share memory (e.g. made by expand()); clone it first"
     if type(t).__torch_dispatch__ is not _PLAIN and not _is_dtensor(t):
         # A subclass with its own dispatch (a wrapper) hides its data from these checks: an
@@ -103,7 +105,7 @@ def _read_problem(t: Tensor) -> str | None:
     """Why a tensor that is only read (a gradient) cannot be used, or None."""
     if t.layout != torch.strided or t.is_nested:
         return None  # a sparse or nested gradient gets its own message
-    if not t._is_zerotensor() and not storage_holds(t):
+    if not is_zero_tensor(t) and not storage_holds(t):
         return _freed(t)
     return None
 

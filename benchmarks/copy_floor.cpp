@@ -2,8 +2,8 @@
 // exp_avg_sq once and write param, exp_avg and exp_avg_sq once (28 bytes per parameter with
 // float32 state, 20 with bfloat16 state), with one add per value and nothing else.
 //
-// Built by ano_optimizer.fused._build_cpu_kernel, the toolchain and flags of the fused Ano
-// kernel (ano_optimizer/fused_cpu.cpp), and cut into the same OpenMP blocks, so the two differ
+// Built by ano_optimizer._torch_internals.build_cpu_kernel, the toolchain and flags of the fused
+// Ano kernel (ano_optimizer/fused/cpu_kernel.cpp), and cut into the same OpenMP blocks, so the two differ
 // only in arithmetic. STATE_T is float or uint16_t (the bits of a bfloat16, truncated).
 
 #include <cstdint>

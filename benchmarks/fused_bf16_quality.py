@@ -4,7 +4,7 @@
 
 Two small tasks, each trained with the same seeds and data order under both state dtypes:
 
-- digits: the demo's MLP on scikit-learn's digits (``ano_optimizer.demo``), 20 epochs,
+- digits: the demo's MLP on scikit-learn's digits (``ano_optimizer.demo.data``), 20 epochs,
   batch 64, Ano lr 1e-3; final training loss and test accuracy;
 - transformer: a 2-layer causal Transformer (d_model 64) learning the next token of sequences
   drawn from a fixed random Markov chain (vocabulary 32), 300 steps of batch 32, Ano lr 1e-3
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ano_optimizer import Ano
-from ano_optimizer.demo import load_digits
+from ano_optimizer.demo.data import load_digits
 
 
 def digits_run(seed: int, state_dtype) -> tuple[float, float]:

@@ -30,25 +30,28 @@ from pathlib import Path
 
 import torch
 
-from ano_optimizer import Ano, fused
+from ano_optimizer import Ano
+from ano_optimizer._torch_internals import build_cpu_kernel
+from ano_optimizer.fused import cpu
+from benchmarks.kernels import cpu_kernel
 from benchmarks.shapes import PARAMETER_SETS, gpt2_small_shapes
 from benchmarks.step_time import make_params
 
 
 class AnoOnKernel:
-    """Fused Ano whose steps run on a chosen kernel (``fused._kernels``). On CPU here: the
-    per-tensor torch.compile kernel, for comparison with the multi-tensor one that
+    """Fused Ano whose CPU steps run on a chosen kernel (:func:`benchmarks.kernels.cpu_kernel`):
+    the per-tensor torch.compile kernel, for comparison with the multi-tensor one that
     ``fused=True`` uses; and "copy_floor", the multi-tensor kernel with one add per value
     instead of the update, so that the "Ano fused=True" row's extra time over it is the cost of
     Ano's arithmetic, and its own extra time over the flat floor the cost of a step over many
-    tensors. ``benchmarks/gpu_check.py`` picks the GPU kernel the same way."""
+    tensors."""
 
-    def __init__(self, params, *, cpu=None, gpu=None, **options):
+    def __init__(self, params, *, kernel: str, **options):
         self.optimizer = Ano(params, lr=1e-4, fused=True, **options)
-        self.kernels = {"cpu": cpu, "gpu": gpu}
+        self.kernel = kernel
 
     def step(self):
-        with fused._kernels(**self.kernels):
+        with cpu_kernel(self.kernel):
             self.optimizer.step()
 
 
@@ -60,7 +63,9 @@ SAME_TENSORS_FLOOR = "copy in the fused kernel, same tensors (float32 state)"
 def rows() -> dict:
     return {
         "Ano fused=True": lambda ps: Ano(ps, lr=1e-4, fused=True),
-        "Ano fused=True, per-tensor compiled kernel": lambda ps: AnoOnKernel(ps, cpu="per_tensor"),
+        "Ano fused=True, per-tensor compiled kernel": lambda ps: AnoOnKernel(
+            ps, kernel="per_tensor"
+        ),
         "Ano fused=True, bf16 state": lambda ps: Ano(
             ps, lr=1e-4, fused=True, state_dtype=torch.bfloat16
         ),
@@ -68,7 +73,7 @@ def rows() -> dict:
         "Ano foreach=True": lambda ps: Ano(ps, lr=1e-4, foreach=True),
         "AdamW fused=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         "AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
-        SAME_TENSORS_FLOOR: lambda ps: AnoOnKernel(ps, cpu="copy_floor"),
+        SAME_TENSORS_FLOOR: lambda ps: AnoOnKernel(ps, kernel="copy_floor"),
         FLOOR: CopyFloor,
         FLOOR_BF16: lambda ps: CopyFloor(ps, torch.bfloat16),
     }
@@ -82,8 +87,8 @@ class CopyFloor:
 
     def __init__(self, params, state_dtype: torch.dtype = torch.float32):
         self.numel = sum(p.numel() for p in params)
-        state_type = fused._CPU_STATE_TYPES[state_dtype]
-        self.kernel = fused._build_cpu_kernel(
+        state_type = cpu._CPU_STATE_TYPES[state_dtype]
+        self.kernel = build_cpu_kernel(
             (Path(__file__).parent / "copy_floor.cpp").read_text(),
             ["float*", "const float*", f"{state_type}*", f"{state_type}*", "int64_t", "int64_t"],
             STATE_T=state_type,
@@ -99,7 +104,7 @@ class CopyFloor:
         )
 
     def step(self):
-        self.kernel(*self.buffers, self.numel, fused._CPU_BLOCK)
+        self.kernel(*self.buffers, self.numel, cpu._CPU_BLOCK)
 
 
 def _printed_number(code: str, env: dict | None = None) -> float:

@@ -10,7 +10,7 @@
 4. CUDA-graph capture with ``capturable=True`` on the single-tensor, foreach, fused and
    bfloat16-state paths: a step captured after warm-up and replayed with new gradients and a
    scheduled device learning rate against the same steps run eagerly.
-5. The hand-written Triton multi-tensor kernel (``ano_optimizer/fused_triton.py``) against the
+5. The hand-written Triton multi-tensor kernel (``ano_optimizer/fused/triton.py``) against the
    per-tensor compiled kernel: equivalence, and step time on ResNet-50's 161 tensors, where
    one launch per tensor costs most. Decides whether it should become the default.
 6. Bandwidth on ~1 B parameters (64 tensors): GB/s of fused Ano (float32 and bfloat16 state;
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from ano_optimizer import Ano, fused
+from ano_optimizer import Ano
 from ano_optimizer.optimizer import ano
-from benchmarks.fused_step import AnoOnKernel
+from benchmarks.kernels import AnoOnTriton, cpu_kernel
 
 HYPER = {
     "lr": 1e-2,
@@ -57,6 +57,26 @@ def _run(params, grads, fused, state_dtype=None, steps=12, **overrides):
     for s in range(steps):
         ano(params, grads[s], m, v, k, fused=fused, foreach=False, **hyper)
     return params, m, v, k
+
+
+def _run_optimizer(factory, params, grads, steps=12):
+    """:func:`_run` through an optimizer object built by ``factory(params, **options)``."""
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    optimizer = factory(
+        params, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+        weight_decay=HYPER["weight_decay"],
+    )  # fmt: skip
+    for s in range(steps):
+        for p, g in zip(params, grads[s], strict=True):
+            p.grad = g
+        optimizer.step()
+    state = [optimizer.optimizer.state[p] for p in params]
+    return (
+        [p.detach() for p in params],
+        [s["exp_avg"] for s in state],
+        [s["exp_avg_sq"] for s in state],
+        [s["step"] for s in state],
+    )
 
 
 def _moment_excess(pairs) -> float:
@@ -98,7 +118,7 @@ def check_recompiles(device) -> dict:
     params = [torch.randn(s, device=device, generator=gen) for s in shapes]
     grads = [[torch.randn(s, device=device, generator=gen) for s in shapes] for _ in range(3)]
     # On CPU, float32 tensors would take the C++ kernel, which has no graphs to count.
-    with fused._kernels(cpu="per_tensor"):
+    with cpu_kernel("per_tensor"):
         _run(params, grads, True, steps=1)
         before = counters["stats"]["unique_graphs"]
         for lr in (1e-3, 2e-3, torch.tensor(5e-4)):
@@ -241,8 +261,7 @@ def check_triton_kernel(device) -> dict:
     params = [torch.randn(s, device=device, generator=gen) for s in SHAPES]
     grads = [[torch.randn(s, device=device, generator=gen) for s in SHAPES] for _ in range(12)]
     compiled = _run(params, grads, True)
-    with fused._kernels(gpu="triton_multi_tensor"):
-        ours = _run(params, grads, True)
+    ours = _run_optimizer(AnoOnTriton, params, grads)
     moment_excess = _moment_excess(
         pair for i in (1, 2) for pair in zip(ours[i], compiled[i], strict=True)
     )
@@ -254,7 +273,7 @@ def check_triton_kernel(device) -> dict:
     times = {}
     for label, factory in (
         ("per-tensor compiled kernel", lambda ps: Ano(ps, fused=True)),
-        ("Triton multi-tensor kernel", lambda ps: AnoOnKernel(ps, gpu="triton_multi_tensor")),
+        ("Triton multi-tensor kernel", AnoOnTriton),
         ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
     ):
         ps = [torch.nn.Parameter(torch.randn(s, device=device)) for s in resnet50_shapes()]
@@ -303,7 +322,7 @@ def check_bandwidth(device, billions: float) -> dict:
     for label, factory, bytes_per in (
         ("Ano fused", lambda ps: Ano(ps, fused=True), 28),
         ("Ano fused bf16 state", lambda ps: Ano(ps, fused=True, state_dtype=torch.bfloat16), 20),
-        ("Ano fused, Triton kernel", lambda ps: AnoOnKernel(ps, gpu="triton_multi_tensor"), 28),
+        ("Ano fused, Triton kernel", AnoOnTriton, 28),
         ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True), 28),
     ):
         params = make()

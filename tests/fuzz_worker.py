@@ -23,7 +23,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ano_optimizer import Ano, fused
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ano_optimizer import Ano
+from benchmarks.kernels import cpu_kernel
 
 warnings.simplefilter("ignore")
 
@@ -217,7 +219,7 @@ def run(spec: dict, path: str) -> dict:
     state_keys = {i: sorted(optimizer.state[p]) for i, p in enumerate(params)}
     kernel = "per_tensor" if path == "fused-per-tensor" else "multi_tensor"
     try:
-        with fused._kernels(cpu=kernel):
+        with cpu_kernel(kernel):
             optimizer.step()
     except Exception as error:
         after = {

@@ -32,7 +32,7 @@ def test_copy_floor_reads_four_buffers_and_writes_three(state_dtype):
 def test_same_tensors_copy_adds_the_gradient_to_every_tensor_of_fused_ano():
     params = make_params(SHAPES)
     start = [p.detach().clone() for p in params]
-    floor = AnoOnKernel(params, cpu="copy_floor")
+    floor = AnoOnKernel(params, kernel="copy_floor")
     floor.step()
     for p, p0 in zip(params, start, strict=True):
         state = floor.optimizer.state[p]

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ano_optimizer import Ano, Anolog, fused
+from ano_optimizer import Ano, Anolog, fused, step_scalars
 
 PATHS = {
     "single": {"foreach": False},
@@ -155,18 +155,22 @@ def test_fused_step_prepares_its_scalars_on_the_device(logarithmic_schedule):
         params = [torch.randn(s, device=device) for s in SHAPES]
         states = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
         steps = [torch.zeros((), device=device) for _ in params]
-        fused._amp_tensors(None, None, device)  # cached per device by the first step
-        fused._noise_parameters(steps, states, states, device)
+        step_scalars._amp_tensors(None, None, device)  # cached per device by the first step
+        step_scalars._noise_parameters(steps, states, states, device)
         traffic = HostTraffic()
         with traffic:
-            fused._hyper_tensor(1e-3, 0.9, 0.99, 1e-8, 0.1, device)
-            fused._hyper_tensor(torch.full((), 1e-3, device=device), 0.9, 0.99, 1e-8, 0, device)
-            fused._amp_tensors(
+            step_scalars._hyper_tensor(1e-3, 0.9, 0.99, 1e-8, 0.1, device)
+            step_scalars._hyper_tensor(
+                torch.full((), 1e-3, device=device), 0.9, 0.99, 1e-8, 0, device
+            )
+            step_scalars._amp_tensors(
                 torch.full((), 2.0**16, device=device), torch.zeros((), device=device), device
             )
             torch._foreach_add_(steps, 1.0)
-            fused._noise_parameters(steps, states, states, device)
-            fused._step_scalars(steps, 0.9, 0.99, logarithmic_schedule, torch.float32, device)
+            step_scalars._noise_parameters(steps, states, states, device)
+            step_scalars._step_scalars(
+                steps, 0.9, 0.99, logarithmic_schedule, torch.float32, device
+            )
         assert traffic.events == []
 
 
@@ -183,7 +187,7 @@ def test_a_fused_step_on_the_gpu_reads_nothing_on_the_host():
         grads = [torch.randn_like(p) for p in params]
         states = [[torch.zeros_like(p, dtype=torch.bfloat16) for p in params] for _ in range(2)]
         steps = [torch.zeros((), device=device) for _ in params]
-        fused._amp_tensors(None, None, device)  # cached per device by the first step
+        step_scalars._amp_tensors(None, None, device)  # cached per device by the first step
         traffic = HostTraffic()
         with traffic:
             fused.fused_ano(

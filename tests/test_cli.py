@@ -78,7 +78,7 @@ def test_list_table_with_plugins_and_no_keras_import(plugins, tmp_path):
     result = ano_optimizer("list", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     imported = set(modules_file.read_text().split())
-    assert "ano_optimizer.cli_list" in imported
+    assert "ano_optimizer.cli.listing" in imported
     assert not {"keras", "tensorflow", "ano_optimizer.keras"} & imported
 
     lines = result.stdout.splitlines()

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ano_optimizer import demo
 from ano_optimizer.cli import main
+from ano_optimizer.demo import data as demo_data
+from ano_optimizer.demo import study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,11 +98,11 @@ def test_quick_run_writes_csv_and_plot_matching_the_json(quick_run):
 
 
 def test_runs_are_reproducible_and_seeds_matter():
-    data = demo.load_digits()
-    choice = demo.resolve_optimizer("ano")
-    first = demo.train_run(data, choice, 1e-3, 0.1, seed=5, epochs=1, batch_size=64)
-    again = demo.train_run(data, choice, 1e-3, 0.1, seed=5, epochs=1, batch_size=64)
-    other = demo.train_run(data, choice, 1e-3, 0.1, seed=6, epochs=1, batch_size=64)
+    data = demo_data.load_digits()
+    choice = study.resolve_optimizer("ano")
+    first = study.train_run(data, choice, 1e-3, 0.1, seed=5, epochs=1, batch_size=64)
+    again = study.train_run(data, choice, 1e-3, 0.1, seed=5, epochs=1, batch_size=64)
+    other = study.train_run(data, choice, 1e-3, 0.1, seed=6, epochs=1, batch_size=64)
     assert first["history"] == again["history"]
     assert first["history"] != other["history"]
 
@@ -111,14 +112,14 @@ def test_gradient_noise_has_the_requested_distribution():
     big = torch.nn.Parameter(torch.zeros(400, 500))
     big.grad = torch.full_like(big, 0.5)
     untouched = torch.nn.Parameter(torch.zeros(3))  # no gradient: stays without one
-    demo.add_gradient_noise([big, untouched], 0.2, generator)
+    study.add_gradient_noise([big, untouched], 0.2, generator)
     noise = big.grad - 0.5
     assert noise.mean().abs().item() < 0.002
     assert noise.std().item() == pytest.approx(0.2, rel=0.01)
     assert untouched.grad is None
 
     before = big.grad.clone()
-    demo.add_gradient_noise([big], 0.0, generator)
+    study.add_gradient_noise([big], 0.0, generator)
     assert torch.equal(big.grad, before)
 
 
@@ -241,7 +242,7 @@ def _write_fake_cifar10(folder: Path, per_batch: int = 20) -> None:
     label, so the channel order of the loader can be checked."""
     folder.mkdir()
     generator = torch.Generator().manual_seed(0)
-    for name in demo.CIFAR10_FILES:
+    for name in demo_data.CIFAR10_FILES:
         labels = [i % 10 for i in range(per_batch)]
         images = torch.randint(0, 20, (per_batch, 3, 32, 32), generator=generator)
         for i, label in enumerate(labels):
@@ -255,7 +256,7 @@ def _write_fake_cifar10(folder: Path, per_batch: int = 20) -> None:
 
 def test_cifar10_loader_keeps_images_channels_and_labels_together(tmp_path):
     _write_fake_cifar10(tmp_path / "cifar")
-    data = demo.load_cifar10(tmp_path / "cifar")
+    data = demo_data.load_cifar10(tmp_path / "cifar")
     assert tuple(data.x_train.shape) == (100, 3, 32, 32) and tuple(data.x_test.shape) == (
         20,
         3,

@@ -4,7 +4,6 @@ cross-process caches."""
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -19,8 +18,10 @@ from reference import ano_reference
 from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_map
 
-from ano_optimizer import Ano, Anolog, fused
+from ano_optimizer import Ano, Anolog, _torch_internals
+from ano_optimizer.fused import cpu
 from ano_optimizer.optimizer import ano
+from benchmarks.kernels import cpu_kernel as kernel_choice
 
 # Shapes of a small network: vectors, a matrix, a conv kernel with size-1 dims, and a
 # 1-element tensor (which gets Dynamo's one extra static graph).
@@ -60,11 +61,11 @@ def _run(params, grads, *, fused, steps=STEPS, state_dtype=None, **hyper):
 
 
 @pytest.fixture(params=["multi_tensor", "per_tensor"])
-def cpu_kernel(request, monkeypatch):
-    """Run a test with each CPU kernel: fused_cpu.cpp over all tensors, or the torch.compile
+def cpu_kernel(request):
+    """Run a test with each CPU kernel: cpu_kernel.cpp over all tensors, or the torch.compile
     kernel per tensor (which GPUs and the other dtypes use)."""
-    monkeypatch.setattr(fused, "_CPU_KERNEL", request.param)
-    return request.param
+    with kernel_choice(request.param):
+        yield request.param
 
 
 HYPER = {
@@ -164,8 +165,14 @@ def _one_step_reference(p, m, v, g, k):
     return p, m, v, k
 
 
-def test_no_recompilation_for_new_shapes_lr_or_step(monkeypatch):
-    monkeypatch.setattr(fused, "_CPU_KERNEL", "per_tensor")  # the torch.compile'd kernel
+@pytest.fixture
+def per_tensor_kernel():
+    with kernel_choice("per_tensor"):  # the torch.compile'd kernel
+        yield
+
+
+@pytest.mark.usefixtures("per_tensor_kernel")
+def test_no_recompilation_for_new_shapes_lr_or_step():
     params, grads = _tensors(torch.float32)
     _run(params, grads, fused=True, steps=2, **HYPER)  # warm: the main and the 1-element graph
     graphs = counters["stats"]["unique_graphs"]
@@ -308,11 +315,11 @@ _CACHE_SCRIPT = textwrap.dedent(
     """
     import torch
     from torch._dynamo.utils import counters
-    from ano_optimizer import fused
+    from benchmarks.kernels import cpu_kernel
     from ano_optimizer.optimizer import ano
     p, g = torch.randn(10), torch.randn(10)
     m, v, k = torch.zeros(10), torch.zeros(10), torch.tensor(0.0)
-    with fused._kernels(cpu="per_tensor"):
+    with cpu_kernel("per_tensor"):
         ano([p], [g], [m], [v], [k], fused=True, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
             weight_decay=0.0, logarithmic_schedule=False, maximize=False)
     print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
@@ -356,7 +363,7 @@ def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
             if options.get("amp"):
                 amp = {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(float(k == 3))}
             hyper = {**HYPER, **{k: v for k, v in options.items() if k != "amp"}}
-            with fused._kernels(cpu=kernel):
+            with kernel_choice(kernel):
                 ano(params, grads, exp_avgs, exp_avg_sqs, steps, fused=True, **hyper, **amp)
         results.append((params, exp_avgs, exp_avg_sqs, steps))
     return results
@@ -381,7 +388,7 @@ _EACH_KERNEL_FLAG = pytest.mark.parametrize(
 @_EACH_STATE_DTYPE
 @_EACH_KERNEL_FLAG
 def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
-    """fused_cpu.cpp repeats _ano_math's float32 element operations in the same order, without
+    """cpu_kernel.cpp repeats _ano_math's float32 element operations in the same order, without
     fused multiply-adds, with the same stochastic-rounding noise. Only its per-tensor scalars
     (sqrt(1 - beta2^k), Anolog's 1/ln(k+2)) come from libm instead of torch's foreach kernels
     and may differ in the last bit. So: exp_avg_sq (which uses no scalar) and, for Ano, exp_avg
@@ -413,15 +420,14 @@ def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
 
 @_EACH_STATE_DTYPE
 @_EACH_KERNEL_FLAG
-def test_the_kernels_avx512_loop_gives_the_portable_loops_bits(state_dtype, options, monkeypatch):
+def test_the_kernels_avx512_loop_gives_the_portable_loops_bits(state_dtype, options):
     """The kernel's element loop exists as AVX-512 intrinsics (used where the build has them, as
     here) and as portable C++; every tensor comes out the same, bit for bit, with each template
     flag both ways and lengths that leave a tail of fewer than 16 elements."""
     shapes = [(5,), (33, 7), (1,), (300,), (3, 16384 + 5), (16384,), (17,)]
     ours, _ = _kernel_runs(shapes, state_dtype, **options)
-    portable_kernel = functools.partial(fused._cpu_kernel, intrinsics=False)
-    monkeypatch.setattr(fused, "_selected_cpu_kernel", portable_kernel)
-    portable, _ = _kernel_runs(shapes, state_dtype, **options)
+    with kernel_choice("portable"):
+        portable, _ = _kernel_runs(shapes, state_dtype, **options)
     for a_list, b_list in zip(ours, portable, strict=True):
         for a, b in zip(a_list, b_list, strict=True):
             assert torch.equal(
@@ -511,8 +517,8 @@ _REFUSED = {
 
 @pytest.mark.parametrize("case", _REFUSED, ids=list(_REFUSED))
 def test_multi_tensor_cpu_kernel_refuses_a_tensor_it_cannot_take_before_any_change(case):
-    """fused_cpu.cpp checks every tensor itself, then changes nothing where one fails, and
-    fused.py takes the Python checks and other paths. One odd tensor among usual ones."""
+    """cpu_kernel.cpp checks every tensor itself, then changes nothing where one fails, and
+    the Python dispatch takes the checks and other paths. One odd tensor among usual ones."""
     role, replace = _REFUSED[case]
     lists = _role_lists()
     lists[role][1] = replace(lists[role][1])
@@ -520,7 +526,7 @@ def test_multi_tensor_cpu_kernel_refuses_a_tensor_it_cannot_take_before_any_chan
     kept = [t for t in tensors if t.device.type != "meta"]
     values = [_dense(t).clone() for t in kept]
     versions = [t._version for t in tensors if not t.is_inference()]
-    taken = fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+    taken = cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     assert taken is False
     assert all(torch.equal(_dense(a), b) for a, b in zip(kept, values, strict=True))
     assert [t._version for t in tensors if not t.is_inference()] == versions
@@ -535,9 +541,9 @@ def _stepped_like_the_compiled_kernel(make_group):
     them, checked against the same step of another make_group() on the compiled kernel."""
     lists, compiled = make_group(), make_group()
     assert (
-        fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False) is True
+        cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False) is True
     )
-    with fused._kernels(cpu="per_tensor"):
+    with kernel_choice("per_tensor"):
         ano(*compiled, fused=True, **_KERNEL_HYPER)
     for ours, theirs in zip(lists, compiled, strict=True):
         for a, b in zip(ours, theirs, strict=True):
@@ -579,7 +585,7 @@ def test_multi_tensor_cpu_kernel_lets_other_python_threads_run_while_it_updates(
     n = 1 << 24
     lists = [[torch.randn(n)], [torch.randn(n)], [torch.zeros(n)], [torch.zeros(n)]]
     lists.append([torch.tensor(0.0)])
-    assert fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+    assert cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     wakes, stop = [], threading.Event()
 
     def waker():
@@ -596,7 +602,7 @@ def test_multi_tensor_cpu_kernel_lets_other_python_threads_run_while_it_updates(
         for _ in range(5):
             time.sleep(0.005)
             start = time.perf_counter()
-            fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+            cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
             end = time.perf_counter()
             inside += sum(start + 0.002 < t < end - 0.001 for t in wakes)
     finally:
@@ -615,17 +621,17 @@ def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_
     original = lists[0][1]
     before = original.clone()
     lists[0][1] = torch._lazy_clone(original)
-    assert fused._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+    assert cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     assert torch.equal(original, before)
     assert not torch.equal(lists[0][1], before)
 
 
 def test_the_kernel_reads_tensor_objects_laid_out_as_it_expects():
-    """The kernel reads a tensor's TensorImpl from its Python object; fused.py checks that
-    layout against ``Tensor._cdata`` before building it. This torch has that layout, so the
+    """The kernel reads a tensor's TensorImpl from its Python object; _torch_internals.py checks
+    that layout against ``Tensor._cdata`` before it is built. This torch has that layout, so the
     multi-tensor kernel is in use here, not silently replaced by the per-tensor one."""
-    assert fused._tensor_objects_lead_with_their_impl()
-    assert fused._cpu_kernel(torch.float32) is not None
+    assert _torch_internals.tensor_objects_lead_with_their_impl()
+    assert cpu._cpu_kernel(torch.float32) is not None
 
 
 def test_a_parameter_resized_after_its_state_was_created_is_refused_before_any_change(
@@ -773,7 +779,7 @@ def test_every_path_treats_zero_and_non_finite_values_alike(state_dtype):
         )
         step = torch.tensor(0.0)
         for grad in grads:
-            with fused._kernels(cpu="per_tensor" if path == "per_tensor" else "multi_tensor"):
+            with kernel_choice("per_tensor" if path == "per_tensor" else "multi_tensor"):
                 ano(
                     [param], [grad], [exp_avg], [exp_avg_sq], [step],
                     fused=path != "single_tensor", foreach=False, **HYPER,

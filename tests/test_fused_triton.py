@@ -1,4 +1,4 @@
-"""The hand-written Triton kernel (``ano_optimizer/fused_triton.py``) on CPU through Triton's
+"""The hand-written Triton kernel (``ano_optimizer/fused/triton.py``) on CPU through Triton's
 interpreter (``TRITON_INTERPRET=1``), against the compiled per-tensor kernel.
 
 The interpreter is chosen when the kernel is defined, so the comparison runs in a fresh process
@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,9 @@ _SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
-    from ano_optimizer import fused
-    from ano_optimizer.fused_triton import BLOCK, triton_multi_tensor
+    from ano_optimizer import step_scalars
+    from ano_optimizer.fused.triton import BLOCK, triton_multi_tensor
+    from benchmarks.kernels import cpu_kernel
     from ano_optimizer.optimizer import ano
 
     HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05)
@@ -39,18 +41,18 @@ _SCRIPT = textwrap.dedent(
             found_inf = torch.tensor(float(amp and k == 2))
             scale = torch.tensor(4.0 if amp else 1.0)
             if not use_triton:
-                with fused._kernels(cpu="per_tensor"):
+                with cpu_kernel("per_tensor"):
                     ano(params, grads, avgs, avg_sqs, steps, fused=True,
                         logarithmic_schedule=log, maximize=maximize,
                         grad_scale=scale, found_inf=found_inf, **HYPER)
                 continue
-            # What fused_ano does on a GPU with _GPU_KERNEL = "triton_multi_tensor".
-            hyper = fused._hyper_tensor(HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
+            # What benchmarks.kernels.AnoOnTriton does on a GPU.
+            hyper = step_scalars._hyper_tensor(HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
                                         HYPER["eps"], HYPER["weight_decay"], torch.device("cpu"))
-            skip, inv_scale = fused._amp_tensors(scale, found_inf, torch.device("cpu"))
+            skip, inv_scale = step_scalars._amp_tensors(scale, found_inf, torch.device("cpu"))
             torch._foreach_add_(steps, 1.0 - skip)
-            noise = fused._noise_parameters(steps, avgs, avg_sqs, torch.device("cpu"))
-            weights, corrections = fused._step_scalars(
+            noise = step_scalars._noise_parameters(steps, avgs, avg_sqs, torch.device("cpu"))
+            weights, corrections = step_scalars._step_scalars(
                 steps, HYPER["beta1"], HYPER["beta2"], log, torch.float32, torch.device("cpu"))
             left = triton_multi_tensor(params, grads, avgs, avg_sqs, weights, corrections,
                                        hyper, skip, inv_scale, noise, maximize)
@@ -78,7 +80,12 @@ _SCRIPT = textwrap.dedent(
 def test_triton_kernel_matches_the_compiled_kernel_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])

@@ -83,13 +83,19 @@ def test_wheel_contents(wheel):
         [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         entry_text = archive.read(entry_points).decode()
     assert "ano_optimizer/integrations/__init__.py" in names
-    assert "ano_optimizer/registry.py" in names
-    assert "ano_optimizer/fused_cpu.cpp" in names  # built at run time by the fused CPU path
+    for module in (
+        "registry/__init__.py",
+        "registry/spec.py",
+        "keras/__init__.py",
+        "keras/optimizers.py",
+    ):
+        assert f"ano_optimizer/{module}" in names
+    assert "ano_optimizer/fused/cpu_kernel.cpp" in names  # built at run time by the fused CPU path
     assert "ano_optimizer/py.typed" in names  # PEP 561: type checkers read the annotations
     assert not [n for n in names if n.startswith("integrations/")]
     assert "[ano_optimizer.optimizers]" in entry_text
-    assert "ano = ano_optimizer.specs:ANO" in entry_text
-    assert "anolog = ano_optimizer.specs:ANOLOG" in entry_text
+    assert "ano = ano_optimizer.registry.builtins:ANO" in entry_text
+    assert "anolog = ano_optimizer.registry.builtins:ANOLOG" in entry_text
     assert "ano-optimizer = ano_optimizer.cli:main" in entry_text
 
 
@@ -126,8 +132,9 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
             )
             errors[name] = float(np.abs(weight.detach().numpy() - expected[-1]).max())
 
-        # The fused CPU path builds fused_cpu.cpp from the installed package.
-        from ano_optimizer import Ano, fused
+        # The fused CPU path builds cpu_kernel.cpp from the installed package.
+        from ano_optimizer import Ano
+        from ano_optimizer.fused import cpu
         fused_p = torch.nn.Parameter(torch.randn(50))
         plain_p = torch.nn.Parameter(fused_p.detach().clone())
         fused_opt, plain_opt = Ano([fused_p], lr=1e-2, fused=True), Ano([plain_p], lr=1e-2)
@@ -143,7 +150,7 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
             "entry_points": sorted((e.name, e.value, str(e.dist.locate_file(""))) for e in ours),
             "sources": {n: get_optimizer_spec(n).source for n in names},
             "errors": errors,
-            "fused_kernel_built": fused._cpu_kernel(torch.float32) is not None,
+            "fused_kernel_built": cpu._cpu_kernel(torch.float32) is not None,
             "fused_error": float((fused_p - plain_p).abs().max()),
         }))
     """
@@ -156,8 +163,8 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
     )
     assert report["top_level_integrations"] is False
     assert report["entry_points"] == [
-        ["ano", "ano_optimizer.specs:ANO", str(installed)],
-        ["anolog", "ano_optimizer.specs:ANOLOG", str(installed)],
+        ["ano", "ano_optimizer.registry.builtins:ANO", str(installed)],
+        ["anolog", "ano_optimizer.registry.builtins:ANOLOG", str(installed)],
     ]
     assert report["sources"]["ano"] == report["sources"]["anolog"] == "built-in"
     for name, error in report["errors"].items():

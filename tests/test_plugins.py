@@ -24,7 +24,7 @@ from plugin_fixture import (
     write_plugin,
 )
 
-from ano_optimizer.plugins import DISABLE_PLUGINS_ENV, plugins_disabled
+from ano_optimizer.registry.plugins import DISABLE_PLUGINS_ENV, plugins_disabled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,7 @@ def test_builtins_are_known_by_their_objects_not_by_a_distribution_name(tmp_path
     assert "the name 'ano' is already taken (source: built-in)" in message
 
     stale = tmp_path / "stale"
-    write_distribution(stale, "ano_optimizer", {"anolog": "ano_optimizer.specs:ANOLOG"})
+    write_distribution(stale, "ano_optimizer", {"anolog": "ano_optimizer.registry.builtins:ANOLOG"})
     report = probe(stale, cwd=tmp_path)
     assert report["own_entry_points"] == [] and report["warnings"] == []
     assert report["names"] == ["ano", "anolog"]

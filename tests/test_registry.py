@@ -29,7 +29,7 @@ from ano_optimizer import (
     get_optimizer_spec,
     list_optimizers,
 )
-from ano_optimizer.specs import ANO, ANOLOG
+from ano_optimizer.registry.builtins import ANO, ANOLOG
 
 
 def run_python(code: str) -> str:
@@ -47,8 +47,8 @@ def test_builtins_are_registered_with_lazy_references():
     assert get_optimizer_spec("ano") is ANO
     assert get_optimizer_spec("anolog") is ANOLOG
     assert ANO.torch_class == "ano_optimizer.optimizer:Ano"
-    assert ANO.keras_class == "ano_optimizer.keras:Ano"
-    assert ANOLOG.keras_class == "ano_optimizer.keras:Anolog"
+    assert ANO.keras_class == "ano_optimizer.keras.optimizers:Ano"
+    assert ANOLOG.keras_class == "ano_optimizer.keras.optimizers:Anolog"
     assert ANO.source == ANOLOG.source == "built-in"
     assert ANO.has_betas and ANO.has_eps and not ANO.has_momentum
     assert ANO.frameworks == ("torch", "keras")

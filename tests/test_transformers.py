@@ -552,7 +552,7 @@ def test_registry_plugin_name_works_in_trainer(tmp_path):
 def test_launcher_runs_a_script_as_python_does(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from ano_optimizer import launcher
+    from ano_optimizer.cli import run as launcher
 
     # The launcher takes over this process's argv and sys.path[0], as python would: restore them.
     monkeypatch.setattr(sys, "argv", list(sys.argv))

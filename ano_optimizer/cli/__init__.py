@@ -1,6 +1,7 @@
 """The ``ano-optimizer`` command line.
 
-Each subcommand lives in its own module, imported only when that subcommand runs, so
+Each subcommand lives in its own module of this package (``list``: :mod:`.listing`, ``demo``:
+:mod:`ano_optimizer.demo`, ``run``: :mod:`.run`), imported only when that subcommand runs, so
 ``ano-optimizer --help`` stays fast and ``import ano_optimizer`` stays light. A subcommand module
 defines ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -14,12 +15,12 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "list": (
-        "ano_optimizer.cli_list",
+        "ano_optimizer.cli.listing",
         "list every registered optimizer, its frameworks and origin",
     ),
     "demo": ("ano_optimizer.demo", "run the gradient-noise study (Ano, Anolog, Adam, AdamW, ...)"),
     "run": (
-        "ano_optimizer.launcher",
+        "ano_optimizer.cli.run",
         "run a training script (python SCRIPT ARGS...) after registering every integration",
     ),
 }
@@ -33,7 +34,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "launcher that makes registry names usable in unchanged training scripts. "
         "Run 'ano-optimizer COMMAND --help' for a command's options.",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,7 +60,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     return int(args._module.run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

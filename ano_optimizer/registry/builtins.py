@@ -8,20 +8,20 @@ never installed), so these two names are always there.
 
 from __future__ import annotations
 
-from .registry import OptimizerSpec
+from .spec import OptimizerSpec
 
 ANO = OptimizerSpec(
     name="ano",
     description="Ano: sign-of-momentum direction, gradient-magnitude step, additive second moment",
     torch_class="ano_optimizer.optimizer:Ano",
-    keras_class="ano_optimizer.keras:Ano",
+    keras_class="ano_optimizer.keras.optimizers:Ano",
 )
 
 ANOLOG = OptimizerSpec(
     name="anolog",
     description="Anolog: Ano with the logarithmic momentum schedule beta1 = 1 - 1/ln(k + 2)",
     torch_class="ano_optimizer.optimizer:Anolog",
-    keras_class="ano_optimizer.keras:Anolog",
+    keras_class="ano_optimizer.keras.optimizers:Anolog",
 )
 
 BUILTIN_SPECS = (ANO, ANOLOG)

@@ -12,11 +12,12 @@ examples:
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import json
 import sys
 
-from .registry import FRAMEWORKS, OptimizerSpec, get_optimizer_spec, list_optimizers
+from ..registry import FRAMEWORKS, OptimizerSpec, get_optimizer_spec, list_optimizers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +37,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _findable(module: str) -> bool:
-    """Whether ``module`` can be imported, without importing it (its parents are imported)."""
+    """Whether ``module`` can be imported, without importing it or its parent packages (a
+    package's ``__init__`` may import its framework, as ``ano_optimizer.keras`` imports Keras)."""
+    parts = module.split(".")
+    path = None
     try:
-        return importlib.util.find_spec(module) is not None
+        for depth in range(len(parts)):
+            name = ".".join(parts[: depth + 1])
+            loaded = sys.modules.get(name)
+            if loaded is not None:
+                spec = getattr(loaded, "__spec__", None)
+            elif depth == 0:
+                spec = importlib.util.find_spec(name)
+            else:
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None:
+                return False
+            path = spec.submodule_search_locations
+            if path is None and depth < len(parts) - 1:
+                return False  # a module, not a package, cannot hold the rest of the name
     except (ImportError, ValueError):
         return False
+    return True
 
 
 def _frameworks(spec: OptimizerSpec) -> dict[str, dict]:

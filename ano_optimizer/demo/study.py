@@ -1,34 +1,15 @@
-"""Gradient-noise study: does Ano's lead over Adam grow with gradient noise?
-
-Trains a small MLP on scikit-learn's digits (bundled, no download) with Gaussian noise of
-standard deviation sigma added to every gradient entry before each optimizer step, for every
-optimizer, sigma and seed. Prints the best test accuracy (mean ± std over seeds) per sigma and
-optimizer, and writes results.json, results.csv, runs.csv and noise_study.png (accuracy against
-sigma, and loss curves) to the output folder.
-
-Learning rates: each optimizer's recommended rate for the paper's 100-epoch CIFAR-10 setting
-(Ano, Anolog, Lion 1e-4; Adam, AdamW 1e-3; SGD 1e-2 with momentum 0.9; a registry optimizer's
-own default), multiplied by --lr-scale: default 10 on digits, about the square root of the ~170x
-fewer steps a 20-epoch digits run takes; 1 with --cifar10. --lr NAME=VALUE sets one optimizer's
-rate exactly. Runs use one CPU thread: these models are too small to gain from more.
-
-With --cifar10 PATH it runs the paper's setting instead (small CNN, batch 64, 100 epochs) on a
-CIFAR-10 copy in the python format (data_batch_1 ... data_batch_5 and test_batch pickles).
-"""
+"""The gradient-noise study: its settings, the optimizers it compares, one training run, and
+the command that runs them all (``ano-optimizer demo``)."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
-import pickle
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import Dataset, DemoInputError, load_cifar10, load_digits
+from .report import format_table, plot_results, summarize, write_results
+
 DEFAULT_SIGMAS = (0.0, 0.05, 0.1, 0.2)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = "demo-results"
+
 
 # Baselines the registry does not hold: name -> ("module:Class", recommended lr, extra kwargs,
 # pip extra that provides the module). Lion's rate follows its paper (3-10x below AdamW's).
@@ -50,10 +35,6 @@ BASELINES: dict[str, tuple[str, float, dict, str | None]] = {
     "sgd": ("torch.optim:SGD", 1e-2, {"momentum": 0.9}, None),
     "lion": ("timm.optim:Lion", 1e-4, {}, "timm"),
 }
-
-
-class DemoInputError(ValueError):
-    """Bad command-line input, reported before any training starts (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -83,26 +64,9 @@ class OptimizerChoice:
         return _load(self.target)(params, **{**self.kwargs, "lr": lr})
 
 
-@dataclass
-class Dataset:
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    make_model: Callable[[], nn.Module]
-
-    def to(self, device: torch.device) -> None:
-        for name in ("x_train", "y_train", "x_test", "y_test"):
-            setattr(self, name, getattr(self, name).to(device))
-
-
 def _load(target: str):
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
-
-
-# --------------------------------------------------------------------------- argument parsing
 
 
 def _float_list(text: str) -> list[float]:
@@ -235,9 +199,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# --------------------------------------------------------------------------- optimizers
-
-
 def _default_optimizer_names() -> list[str]:
     names = ["ano", "anolog", "adam", "adamw"]
     if importlib.util.find_spec("timm") is not None:
@@ -258,7 +219,7 @@ def resolve_optimizer(name: str) -> OptimizerChoice:
     Registry optimizers run at their own defaults (``spec.defaults``) and their default
     learning rate; baselines at the rates in :data:`BASELINES`.
     """
-    from . import registry
+    from .. import registry
 
     key = name.strip().lower()
     try:
@@ -292,103 +253,6 @@ def resolve_optimizer(name: str) -> OptimizerChoice:
         f"unknown optimizer {name!r}. {registry_error} "
         f"Torch baselines known to the demo: {', '.join(BASELINES)}."
     )
-
-
-# --------------------------------------------------------------------------- data and models
-
-
-def digits_mlp() -> nn.Module:
-    """~26k parameters: the 8x8 digits through two hidden layers of 128 ReLU units."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(64, 128),
-        nn.ReLU(),
-        nn.Linear(128, 128),
-        nn.ReLU(),
-        nn.Linear(128, 10),
-    )
-
-
-def cifar10_cnn() -> nn.Module:
-    """The small CNN of the paper's noise study: two conv-pool stages and a 2-layer head."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 8 * 8, 256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-
-
-def load_digits() -> Dataset:
-    """scikit-learn's 1797 8x8 digits: a fixed stratified 80/20 split, pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sklearn_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    # The split is the same for every seed: seeds vary the training, not the test set.
-    train_idx, test_idx = train_test_split(
-        list(range(len(y))), test_size=0.2, random_state=0, stratify=bunch.target
-    )
-    return Dataset("digits", x[train_idx], y[train_idx], x[test_idx], y[test_idx], digits_mlp)
-
-
-CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
-
-
-def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        with path.open("rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        data, labels = batch[b"data"], batch[b"labels"]
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as error:
-        raise DemoInputError(
-            f"{path} is not a CIFAR-10 python-format batch (a pickled dict with b'data' and "
-            f"b'labels'): {error!r}"
-        ) from None
-    x = torch.as_tensor(data, dtype=torch.uint8)
-    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(labels) != x.shape[0]:
-        raise DemoInputError(
-            f"{path}: expected data of shape (N, 3072) and N labels, got data "
-            f"{tuple(x.shape)} and {len(labels)} labels"
-        )
-    # Each row holds the 1024 red, then green, then blue values of a 32x32 image.
-    return x.view(-1, 3, 32, 32), torch.as_tensor(labels, dtype=torch.long)
-
-
-def load_cifar10(folder: Path) -> Dataset:
-    """Read a CIFAR-10 python-format folder; normalise with the training set's channel stats."""
-    if not folder.is_dir():
-        raise DemoInputError(f"--cifar10 {folder}: no such folder")
-    missing = [name for name in CIFAR10_FILES if not (folder / name).is_file()]
-    if missing:
-        raise DemoInputError(
-            f"--cifar10 {folder}: missing {', '.join(missing)} (expected the python-format "
-            f"files {', '.join(CIFAR10_FILES)})"
-        )
-    parts = [_read_cifar_batch(folder / name) for name in CIFAR10_FILES[:-1]]
-    x_train = torch.cat([x for x, _ in parts]).float() / 255.0
-    y_train = torch.cat([y for _, y in parts])
-    x_test, y_test = _read_cifar_batch(folder / "test_batch")
-    x_test = x_test.float() / 255.0
-    for labels, name in ((y_train, "data_batch_*"), (y_test, "test_batch")):
-        if labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) <= 9):
-            raise DemoInputError(f"--cifar10 {folder}: labels of {name} must be in 0..9")
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return Dataset(
-        "cifar10", (x_train - mean) / std, y_train, (x_test - mean) / std, y_test, cifar10_cnn
-    )
-
-
-# --------------------------------------------------------------------------- training
 
 
 def add_gradient_noise(params: Sequence[torch.Tensor], sigma: float, generator) -> None:
@@ -471,156 +335,6 @@ def train_run(
         "seconds": time.perf_counter() - started,
         "history": history,
     }
-
-
-def summarize(runs: list[dict], optimizers: list[str], sigmas: list[float]) -> list[dict]:
-    rows = []
-    for name in optimizers:
-        for sigma in sigmas:
-            values = [
-                r["best_test_accuracy"]
-                for r in runs
-                if r["optimizer"] == name and r["sigma"] == sigma
-            ]
-            rows.append(
-                {
-                    "optimizer": name,
-                    "sigma": sigma,
-                    "lr": next(r["lr"] for r in runs if r["optimizer"] == name),
-                    "best_test_accuracy_mean": statistics.fmean(values),
-                    "best_test_accuracy_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "n_seeds": len(values),
-                    "values": values,
-                }
-            )
-    return rows
-
-
-def format_table(summary: list[dict], optimizers: list[str], sigmas: list[float]) -> str:
-    """Best test accuracy (%) as mean ± std over seeds: one row per optimizer."""
-    cells = {(r["optimizer"], r["sigma"]): r for r in summary}
-    header = ["optimizer (lr)"] + [f"sigma={s:g}" for s in sigmas]
-    lines = [header]
-    for name in optimizers:
-        lr = cells[(name, sigmas[0])]["lr"]
-        row = [f"{name} ({lr:g})"]
-        for sigma in sigmas:
-            cell = cells[(name, sigma)]
-            row.append(
-                f"{cell['best_test_accuracy_mean']:.2f} ± {cell['best_test_accuracy_std']:.2f}"
-            )
-        lines.append(row)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
-    ]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
-
-
-def write_results(output: Path, config: dict, runs: list[dict], summary: list[dict]) -> None:
-    with (output / "results.json").open("w") as handle:
-        json.dump({"config": config, "summary": summary, "runs": runs}, handle, indent=1)
-    with (output / "results.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "optimizer",
-                "sigma",
-                "lr",
-                "best_test_accuracy_mean",
-                "best_test_accuracy_std",
-                "n_seeds",
-            ]
-        )
-        for r in summary:
-            writer.writerow(
-                [
-                    r["optimizer"],
-                    r["sigma"],
-                    r["lr"],
-                    f"{r['best_test_accuracy_mean']:.4f}",
-                    f"{r['best_test_accuracy_std']:.4f}",
-                    r["n_seeds"],
-                ]
-            )
-    with (output / "runs.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "optimizer",
-                "sigma",
-                "seed",
-                "lr",
-                "epoch",
-                "train_loss",
-                "test_loss",
-                "test_accuracy",
-            ]
-        )
-        for r in runs:
-            for epoch, h in enumerate(r["history"], start=1):
-                writer.writerow(
-                    [r["optimizer"], r["sigma"], r["seed"], r["lr"], epoch]
-                    + [f"{h[k]:.6g}" for k in ("train_loss", "test_loss", "test_accuracy")]
-                )
-
-
-def plot_results(path: Path, runs: list[dict], summary: list[dict], optimizers, sigmas, title):
-    """Accuracy against sigma (left, two rows tall), and a grid of mean training-loss curves,
-    one panel per sigma (right)."""
-    from matplotlib.figure import Figure
-
-    rows = 2 if len(sigmas) > 1 else 1
-    columns = math.ceil(len(sigmas) / rows)
-    layout = [
-        ["accuracy"] * 2 + [str(r * columns + c) for c in range(columns)] for r in range(rows)
-    ]
-    layout = [
-        [cell if cell == "accuracy" or int(cell) < len(sigmas) else "." for cell in row]
-        for row in layout
-    ]
-    figure = Figure(figsize=(6 + 3.4 * columns, 3.3 * rows + 0.4), layout="constrained")
-    axes = figure.subplot_mosaic(layout, empty_sentinel=".")
-    colors = {name: f"C{i}" for i, name in enumerate(optimizers)}
-    accuracy = axes["accuracy"]
-    for name in optimizers:
-        cells = [r for r in summary if r["optimizer"] == name]
-        accuracy.errorbar(
-            [r["sigma"] for r in cells],
-            [r["best_test_accuracy_mean"] for r in cells],
-            yerr=[r["best_test_accuracy_std"] for r in cells],
-            marker="o",
-            capsize=3,
-            color=colors[name],
-            label=name,
-        )
-    accuracy.set(xlabel="gradient noise σ", ylabel="best test accuracy (%)", title=title)
-    accuracy.legend()
-    accuracy.grid(alpha=0.3)
-    for index, sigma in enumerate(sigmas):
-        ax = axes[str(index)]
-        for name in optimizers:
-            curves = [
-                [h["train_loss"] for h in r["history"]]
-                for r in runs
-                if r["optimizer"] == name and r["sigma"] == sigma
-            ]
-            length = min(len(c) for c in curves)
-            mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
-            ax.plot(range(1, length + 1), mean, color=colors[name], label=name)
-        ax.set(title=f"training loss, σ = {sigma:g}", yscale="log")
-        if index >= len(sigmas) - columns:
-            ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
-
-
-# --------------------------------------------------------------------------- command
 
 
 def _jsonable(value):

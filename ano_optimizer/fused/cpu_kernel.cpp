@@ -6,8 +6,8 @@
 // every block knows its tensor, so 161 small and large tensors cost one parallel region and one
 // call from Python, not 161.
 //
-// The arithmetic is the float32 arithmetic of fused.py (_step_scalars for the per-tensor
-// scalars, _ano_math for the elements), operation for operation and in the same order (the
+// The arithmetic is the float32 arithmetic of step_scalars.py (_step_scalars, the per-tensor
+// scalars) and inductor.py (_ano_math, the elements), operation for operation and in the same order (the
 // build uses -ffp-contract=off: no fused multiply-adds), so this kernel and the Inductor one
 // produce the same bits. Tests check both against each other and the single-tensor path. The
 // element loop is written twice: portable C++ that GCC vectorises, and AVX-512 intrinsics,
@@ -31,15 +31,6 @@
 
 #ifndef STATE_T
 #define STATE_T float
-#endif
-
-// benchmarks/fused_step.py builds this file a second time with COPY_FLOOR defined: the same
-// call, tensors, blocks and threads, with the update replaced by one add per value. That is the
-// bandwidth floor of a step over these very tensors, Python around the call included.
-#ifdef COPY_FLOOR
-constexpr bool kCopyFloor = true;
-#else
-constexpr bool kCopyFloor = false;
 #endif
 
 namespace {
@@ -261,8 +252,7 @@ void update_block(
     const float step_size = lr * correction;
     int64_t i = begin;
 #ifdef ANO_AVX512
-    if constexpr (!kCopyFloor)
-        i = avx512::update_vectors<kMaximize, kScaled, kDecayed>(
+    i = avx512::update_vectors<kMaximize, kScaled, kDecayed>(
             param, grad, exp_avg, exp_avg_sq, begin, end, momentum_weight, one_minus_beta2,
             eps_c, step_size, decay, inv_scale, rounding_m, rounding_v);
 #endif
@@ -275,12 +265,6 @@ void update_block(
         const float m = load(exp_avg, i);
         const float v = load(exp_avg_sq, i);
         const float p = param[i];
-        if constexpr (kCopyFloor) {
-            param[i] = p + g;
-            store(exp_avg, i, m + g, 0u);
-            store(exp_avg_sq, i, v + g, 0u);
-            continue;
-        }
         const float g2 = g * g;
         const float v_new = v + one_minus_beta2 * (sign_times(g2 - v, g2) - v);
         const float m_new = m + momentum_weight * (g - m);
@@ -307,7 +291,7 @@ constexpr Update kUpdates[2][2][2] = {
 // torch's THPVariable (torch/csrc/autograd/python_variable.h): a tensor's Python object holds
 // its at::Tensor, one intrusive pointer to the TensorImpl, right after the object header. That
 // header pulls in pybind11 and all of ATen (12 s to compile here); c10's TensorImpl.h takes
-// 1.5 s. fused.py checks the layout against Tensor._cdata before it uses this kernel.
+// 1.5 s. _torch_internals.py checks the layout against Tensor._cdata before this kernel is built.
 struct TensorObject {
     PyObject_HEAD
     c10::TensorImpl* impl;
@@ -369,13 +353,13 @@ int64_t length(PyObject* sequence) {
 // The kernel checks every tensor itself, in one pass that reads from each tensor the memory
 // that reading its data pointer reads anyway: in Python, the same checks cost ~0.35 ms on
 // ResNet-50's 161 tensors once forward and backward have evicted their objects from the
-// caches. Where a tensor fails them (see taken() and same_order(); a step
-// must hold one number), nothing changes and outcome[0] becomes False; fused.py then checks in
+// caches. Where a tensor fails them (see taken() and same_order(); a step must hold one
+// number), nothing changes and outcome[0] becomes False; the Python dispatch then checks in
 // Python, raises a clear error or takes the per-tensor kernel. Otherwise the kernel bumps the
 // autograd versions of the tensors it writes, as in-place ops do, updates them (without the
 // GIL) and sets outcome[0] to True. Called with the GIL held.
 //
-// The scalars arrive rounded to float32 by the binding, as fused.py rounds its float64
+// The scalars arrive rounded to float32 by the binding, as inductor.py rounds its float64
 // hyper-parameter tensor: lr, 1 - beta1, beta2, eps, weight_decay, 1 / grad scale; skip is 1
 // when GradScaler found inf/nan.
 extern "C" void kernel(

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
 
-    from .integrations import register_all
+    from ..integrations import register_all
 
     register_all()
 

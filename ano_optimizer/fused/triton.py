@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import _block_table, _multi_tensor_takes
+from .batches import _block_table, _multi_tensor_takes
 
 __all__ = ["triton_multi_tensor"]
 

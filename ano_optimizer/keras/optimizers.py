@@ -1,10 +1,9 @@
 """Ano and Anolog for Keras 3, on any Keras backend (TensorFlow, JAX, PyTorch), and ``AnoTF``
 (the seed's TensorFlow class, exported as ``ano_optimizer.tensorflow.AnoTF``).
 
-Importing this module registers every Keras-capable optimizer of the registry with Keras by
-name (``model.compile(optimizer="ano")``, ``keras.optimizers.get("anolog")``) and registers
-these classes for ``.keras`` loading, the way ``@keras.saving.register_keras_serializable``
-classes are registered on import. ``import ano_optimizer`` alone never imports Keras.
+The classes are registered for ``.keras`` loading, as ``@keras.saving.register_keras_serializable``
+classes are, when this module is imported; :mod:`ano_optimizer.keras` also makes them (and every
+other Keras-capable optimizer of the registry) selectable by name.
 
 Step count: Keras has one step counter per optimizer, ``iterations``, shared by every variable,
 so step ``k`` of the update rule is ``iterations + 1`` for every variable (torch counts steps per
@@ -19,7 +18,7 @@ import numbers
 import keras
 from keras import ops
 
-from . import hyperparameters as hp
+from .. import hyperparameters as hp
 
 __all__ = ["Ano", "AnoTF", "Anolog"]
 
@@ -262,14 +261,3 @@ class AnoTF(Ano):
             name=name,
             **kwargs,
         )
-
-
-def _register_by_name() -> None:
-    # Imported here, at the end, so that the registry finds this module's classes defined when
-    # it resolves "ano_optimizer.keras:Ano" during the import of this very module.
-    from .integrations.keras import register
-
-    register()
-
-
-_register_by_name()

@@ -7,7 +7,7 @@ A distribution plugs an optimizer in by declaring, in its ``pyproject.toml``::
 
 This project declares ``ano`` and ``anolog`` the same way. The registry calls :func:`load_into`
 on its first lookup (again on the next one, should that discovery be interrupted). The built-ins
-are the spec objects of :mod:`ano_optimizer.specs`, registered first whatever the metadata says:
+are the spec objects of :mod:`ano_optimizer.registry.builtins`, registered first whatever the metadata says:
 an entry point that resolves to one of them is the built-in itself (this project's own, or a
 stale copy of its metadata), and any other spec that claims a built-in's name is refused. A
 broken plugin, whatever it raises on import (``SystemExit`` included; ``KeyboardInterrupt`` is
@@ -21,7 +21,8 @@ import os
 import warnings
 from importlib.metadata import EntryPoint, entry_points
 
-from .registry import OptimizerSpec, _spec_with_source
+from .builtins import BUILTIN_SPECS
+from .spec import OptimizerSpec, spec_with_source
 
 __all__ = [
     "DISABLE_PLUGINS_ENV",
@@ -88,8 +89,6 @@ def _load(entry: EntryPoint, distribution: str) -> OptimizerSpec | None:
 
 def load_into(specs: dict[str, OptimizerSpec]) -> None:
     """Add the built-ins, then every third-party plugin, to ``specs`` (name -> spec)."""
-    from .specs import BUILTIN_SPECS
-
     for spec in BUILTIN_SPECS:
         specs[spec.name] = spec
     if plugins_disabled():
@@ -123,6 +122,6 @@ def load_into(specs: dict[str, OptimizerSpec]) -> None:
             )
             continue
         try:
-            specs[spec.name] = _spec_with_source(spec, distribution)
+            specs[spec.name] = spec_with_source(spec, distribution)
         except ValueError as exc:  # a distribution name that cannot be shown as a source
             _warn(entry, distribution, str(exc))

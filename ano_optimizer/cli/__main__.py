@@ -1,0 +1,7 @@
+"""``python -m ano_optimizer.cli``: the ``ano-optimizer`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
