@@ -305,9 +305,10 @@ struct TensorObject {
 // (a storage freed or shrunk with untyped_storage().resize_() keeps its tensors' sizes).
 c10::TensorImpl* taken(
     PyObject* object, PyTypeObject* tensor_type, PyTypeObject* parameter_type,
-    c10::ScalarType dtype, bool written) {
-    if (Py_TYPE(object) != tensor_type && Py_TYPE(object) != parameter_type) return nullptr;
-    c10::TensorImpl* impl = reinterpret_cast<TensorObject*>(object)->impl;
+    c10::ScalarType dtype, bool written);
+
+// taken()'s checks of the TensorImpl itself, whatever front end found it.
+c10::TensorImpl* impl_taken(c10::TensorImpl* impl, c10::ScalarType dtype, bool written) {
     const bool ok = impl->device_type() == c10::DeviceType::CPU &&
         impl->layout() == c10::kStrided && !impl->is_nested() && impl->has_storage() &&
         impl->dtype() == dtype && !impl->is_neg() && !impl->is_conj() &&
@@ -322,6 +323,13 @@ c10::TensorImpl* taken(
         (storage.data() != nullptr &&
          storage.nbytes() >= static_cast<size_t>(impl->storage_offset() + numel) * impl->itemsize());
     return held ? impl : nullptr;
+}
+
+c10::TensorImpl* taken(
+    PyObject* object, PyTypeObject* tensor_type, PyTypeObject* parameter_type,
+    c10::ScalarType dtype, bool written) {
+    if (Py_TYPE(object) != tensor_type && Py_TYPE(object) != parameter_type) return nullptr;
+    return impl_taken(reinterpret_cast<TensorObject*>(object)->impl, dtype, written);
 }
 
 // Whether the kernel, which walks memory, meets the elements of a and b in the same order: the
@@ -340,6 +348,123 @@ PyObject* item(PyObject* sequence, int64_t i) {
 int64_t length(PyObject* sequence) {
     if (PyList_Check(sequence)) return PyList_GET_SIZE(sequence);
     return PyTuple_Check(sequence) ? PyTuple_GET_SIZE(sequence) : -1;
+}
+
+// The checks of kernel()'s pass 1 over a group's 5 x tensors TensorImpls, which impl_of(k, t,
+// dtype) finds (nullptr: refused); true, with impls filled, where every tensor passes.
+template <typename ImplOf>
+bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf impl_of) {
+    constexpr c10::ScalarType kState =
+        std::is_same_v<STATE_T, float> ? c10::ScalarType::Float : c10::ScalarType::BFloat16;
+    constexpr c10::ScalarType kDtypes[5] = {
+        c10::ScalarType::Float, c10::ScalarType::Float, kState, kState, c10::ScalarType::Float};
+    for (int64_t t = 0; t < tensors; ++t) {
+        for (int64_t k = 0; k < 5; ++k) {
+            impls[k * tensors + t] = impl_of(k, t, kDtypes[k]);
+            if (impls[k * tensors + t] == nullptr) return false;
+        }
+        for (int64_t k = 1; k < 4; ++k)
+            if (!same_order(impls[t], impls[k * tensors + t])) return false;
+        if (impls[4 * tensors + t]->numel() != 1) return false;
+    }
+    return true;
+}
+
+// kernel()'s passes 2 and 3 over checked TensorImpls: versions, addresses, step counts, then
+// the update. Touches no Python object.
+void update_group(
+    int64_t tensors,
+    const std::vector<c10::TensorImpl*>& impls,
+    float lr,
+    float momentum_weight,
+    float beta2,
+    float eps,
+    float weight_decay,
+    float inv_scale,
+    int64_t block_size,
+    int64_t maximize,
+    int64_t logarithmic_schedule) {
+    std::vector<int64_t> numels(tensors);
+    for (int64_t t = 0; t < tensors; ++t) numels[t] = impls[t]->numel();
+    // Pass 2: the autograd versions, the addresses (mutable_data materializes a copy-on-write
+    // storage) and the step counts.
+    std::vector<char*> pointers(5 * tensors);
+    for (int64_t i = 0; i < 5 * tensors; ++i) {
+        if (i / tensors != 1) impls[i]->bump_version();
+        pointers[i] = static_cast<char*>(
+            i / tensors == 1 ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
+    }
+    // Per tensor: step += 1, then 1 - beta1_k and sqrt(1 - beta2^k) as _step_scalars computes
+    // them on float32 0-d tensors (pow, neg, add 1, sqrt; Anolog: 1 / log(k + 2)), and the
+    // rounding noise parameters of its two moments for this step.
+    std::vector<float> weight(tensors), correction(tensors);
+    std::vector<Noise> rounding_m(tensors), rounding_v(tensors);
+    for (int64_t t = 0; t < tensors; ++t) {
+        float* step = reinterpret_cast<float*>(pointers[4 * tensors + t]);
+        *step = *step + 1.0f;
+        correction[t] = std::sqrt(-std::pow(beta2, *step) + 1.0f);
+        weight[t] = logarithmic_schedule ? 1.0f / std::log(*step + 2.0f) : momentum_weight;
+        // A whole number in any real run; a non-finite or huge one (a corrupted state) must not
+        // reach an undefined float-to-integer conversion.
+        const bool countable = std::isfinite(*step) && std::fabs(*step) < 9.0e18f;
+        const uint64_t count = countable ? static_cast<uint64_t>(static_cast<int64_t>(*step)) : 0;
+        rounding_m[t] = noise_parameters(count, 1);
+        rounding_v[t] = noise_parameters(count, 2);
+    }
+
+    // The work: blocks of block_size elements (a tensor's last one shorter), each knowing its
+    // tensor. Each thread takes a contiguous run of blocks holding an equal share of the
+    // elements. An equal share of blocks (schedule(static)) is not one: a small tensor or the
+    // tail of a large one is a short block, and they do not spread evenly. On ResNet-50's
+    // tensors the first half of the 1,667 blocks held 12.1 M elements and the second 13.4 M, so
+    // one thread worked 10 % longer than the other while it waited.
+    std::vector<int64_t> block_tensor, block_begin, elements_before{0};
+    for (int64_t t = 0; t < tensors; ++t) {
+        for (int64_t begin = 0; begin < numels[t]; begin += block_size) {
+            block_tensor.push_back(t);
+            block_begin.push_back(begin);
+            elements_before.push_back(
+                elements_before.back() + std::min(block_size, numels[t] - begin));
+        }
+    }
+    const int64_t blocks = static_cast<int64_t>(block_tensor.size());
+    const float decay = 1.0f - lr * weight_decay;
+    const Update update = kUpdates[maximize != 0][inv_scale != 1.0f][decay != 1.0f];
+
+    // As a torch op does, hold a reference to every TensorImpl written or read until done.
+    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::incref(impl);
+#pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t total = elements_before[blocks];
+        const auto first_at = [&](int64_t element) {
+            return std::lower_bound(elements_before.begin(), elements_before.end() - 1, element) -
+                elements_before.begin();
+        };
+        const int64_t first = first_at(total * id / threads);
+        const int64_t last = first_at(total * (id + 1) / threads);
+        for (int64_t b = first; b < last; ++b) {
+            const int64_t t = block_tensor[b];
+            const int64_t begin = block_begin[b];
+            update(
+                reinterpret_cast<float*>(pointers[t]),
+                reinterpret_cast<const float*>(pointers[1 * tensors + t]),
+                reinterpret_cast<STATE_T*>(pointers[2 * tensors + t]),
+                reinterpret_cast<STATE_T*>(pointers[3 * tensors + t]),
+                begin,
+                std::min(begin + block_size, numels[t]),
+                weight[t],
+                correction[t],
+                lr,
+                beta2,
+                eps,
+                decay,
+                inv_scale,
+                rounding_m[t],
+                rounding_v[t]);
+        }
+    }
+    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::decref(impl);
 }
 
 }  // namespace
@@ -397,109 +522,21 @@ extern "C" void kernel(
     // Pass 1 reads and checks; nothing changes until every tensor has passed.
     const auto types = std::make_pair(
         reinterpret_cast<PyTypeObject*>(tensor_type), reinterpret_cast<PyTypeObject*>(parameter_type));
-    constexpr c10::ScalarType kState =
-        std::is_same_v<STATE_T, float> ? c10::ScalarType::Float : c10::ScalarType::BFloat16;
-    constexpr c10::ScalarType kDtypes[5] = {
-        c10::ScalarType::Float, c10::ScalarType::Float, kState, kState, c10::ScalarType::Float};
     std::vector<c10::TensorImpl*> impls(5 * tensors);
-    std::vector<int64_t> numels(tensors);
-    for (int64_t t = 0; t < tensors; ++t) {
-        for (int64_t k = 0; k < 5; ++k) {
-            impls[k * tensors + t] = taken(
-                item(PyTuple_GET_ITEM(role_lists, k), t), types.first, types.second, kDtypes[k],
-                k != 1);
-            if (impls[k * tensors + t] == nullptr) return finish(false);
-        }
-        numels[t] = impls[t]->numel();
-        for (int64_t k = 1; k < 4; ++k)
-            if (!same_order(impls[t], impls[k * tensors + t])) return finish(false);
-        if (impls[4 * tensors + t]->numel() != 1) return finish(false);
-    }
+    const auto impl_of = [&](int64_t k, int64_t t, c10::ScalarType dtype) {
+        PyObject* object = item(PyTuple_GET_ITEM(role_lists, k), t);
+        return taken(object, types.first, types.second, dtype, k != 1);
+    };
+    const bool all_taken = checked_group(tensors, impls, impl_of);
+    if (!all_taken) return finish(false);
     // GradScaler found inf/nan: every tensor keeps its values and its step count.
     if (skip || check_only) return finish(true);
-
-    // Pass 2: the autograd versions, the addresses (mutable_data materializes a copy-on-write
-    // storage) and the step counts.
-    std::vector<char*> pointers(5 * tensors);
-    for (int64_t i = 0; i < 5 * tensors; ++i) {
-        if (i / tensors != 1) impls[i]->bump_version();
-        pointers[i] = static_cast<char*>(
-            i / tensors == 1 ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
-    }
-    // Per tensor: step += 1, then 1 - beta1_k and sqrt(1 - beta2^k) as _step_scalars computes
-    // them on float32 0-d tensors (pow, neg, add 1, sqrt; Anolog: 1 / log(k + 2)), and the
-    // rounding noise parameters of its two moments for this step.
-    std::vector<float> weight(tensors), correction(tensors);
-    std::vector<Noise> rounding_m(tensors), rounding_v(tensors);
-    for (int64_t t = 0; t < tensors; ++t) {
-        float* step = reinterpret_cast<float*>(pointers[4 * tensors + t]);
-        *step = *step + 1.0f;
-        correction[t] = std::sqrt(-std::pow(beta2, *step) + 1.0f);
-        weight[t] = logarithmic_schedule ? 1.0f / std::log(*step + 2.0f) : momentum_weight;
-        // A whole number in any real run; a non-finite or huge one (a corrupted state) must not
-        // reach an undefined float-to-integer conversion.
-        const bool countable = std::isfinite(*step) && std::fabs(*step) < 9.0e18f;
-        const uint64_t count = countable ? static_cast<uint64_t>(static_cast<int64_t>(*step)) : 0;
-        rounding_m[t] = noise_parameters(count, 1);
-        rounding_v[t] = noise_parameters(count, 2);
-    }
-
-    // The work: blocks of block_size elements (a tensor's last one shorter), each knowing its
-    // tensor. Each thread takes a contiguous run of blocks holding an equal share of the
-    // elements. An equal share of blocks (schedule(static)) is not one: a small tensor or the
-    // tail of a large one is a short block, and they do not spread evenly. On ResNet-50's
-    // tensors the first half of the 1,667 blocks held 12.1 M elements and the second 13.4 M, so
-    // one thread worked 10 % longer than the other while it waited.
-    std::vector<int64_t> block_tensor, block_begin, elements_before{0};
-    for (int64_t t = 0; t < tensors; ++t) {
-        for (int64_t begin = 0; begin < numels[t]; begin += block_size) {
-            block_tensor.push_back(t);
-            block_begin.push_back(begin);
-            elements_before.push_back(
-                elements_before.back() + std::min(block_size, numels[t] - begin));
-        }
-    }
-    const int64_t blocks = static_cast<int64_t>(block_tensor.size());
-    const float decay = 1.0f - lr * weight_decay;
-    const Update update = kUpdates[maximize != 0][inv_scale != 1.0f][decay != 1.0f];
-
     // The update touches no Python object, so other Python threads run meanwhile, as during a
-    // torch op; and as a torch op does, the kernel holds a reference to every TensorImpl it
-    // writes or reads until it is done.
-    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::incref(impl);
+    // torch op.
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel
-    {
-        const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t total = elements_before[blocks];
-        const auto first_at = [&](int64_t element) {
-            return std::lower_bound(elements_before.begin(), elements_before.end() - 1, element) -
-                elements_before.begin();
-        };
-        const int64_t first = first_at(total * id / threads);
-        const int64_t last = first_at(total * (id + 1) / threads);
-        for (int64_t b = first; b < last; ++b) {
-            const int64_t t = block_tensor[b];
-            const int64_t begin = block_begin[b];
-            update(
-                reinterpret_cast<float*>(pointers[t]),
-                reinterpret_cast<const float*>(pointers[1 * tensors + t]),
-                reinterpret_cast<STATE_T*>(pointers[2 * tensors + t]),
-                reinterpret_cast<STATE_T*>(pointers[3 * tensors + t]),
-                begin,
-                std::min(begin + block_size, numels[t]),
-                weight[t],
-                correction[t],
-                lr,
-                beta2,
-                eps,
-                decay,
-                inv_scale,
-                rounding_m[t],
-                rounding_v[t]);
-        }
-    }
+    update_group(
+        tensors, impls, lr, momentum_weight, beta2, eps, weight_decay, inv_scale, block_size,
+        maximize, logarithmic_schedule);
     Py_END_ALLOW_THREADS
-    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::decref(impl);
     finish(true);
 }
