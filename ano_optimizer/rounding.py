@@ -19,7 +19,7 @@ per-element hash or ``torch.rand_like`` made them several times slower).
 
 Every path computes the same bits: :func:`noise_parameters` on Python numbers (eager steps),
 :func:`noise_parameter_tensor` on step tensors (capturable and compiled steps), and
-``fused_cpu.cpp`` in C++.
+``fused/cpu_kernel.cpp`` in C++.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ freed or shrunk (``t.untyped_storage().resize_(0)``) they read and write unowned
 crash the process, and in-place ops on overlapping, inference or negative-bit tensors raise only
 once earlier tensors of the step have changed. So before a step touches anything, every
 parameter, gradient, moment and step count is checked here, for every group; a step either runs
-whole or raises with nothing changed. The fused CPU kernel (``fused_cpu.cpp``) makes the same
-checks in C++ for the tensors it takes, and takes only tensors these checks accept.
+whole or raises with nothing changed. The fused CPU kernel (``fused/cpu_kernel.cpp``) makes the
+same checks in C++ for the tensors it takes, and takes only tensors these checks accept.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
             tensors = (param, grad, exp_avg, exp_avg_sq, step)
         if (
             step.dtype == torch.float32
-            # The kernel reads the objects of these two types only (see fused_cpu.cpp).
+            # The kernel reads the objects of these two types only (see cpu_kernel.cpp).
             and {*map(type, tensors)} <= _KERNEL_TYPES
             and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq)
         ):

@@ -61,8 +61,7 @@ inline void store(uint16_t* p, int64_t i, float x, uint32_t noise) {
 // hashes of the tensor's step count and the stream (noise_parameters below, the same bits as
 // rounding.noise_parameters). Only the low 16 bits of index * A matter, so a uint32 counter that
 // starts at begin * A + B and adds A per element gives the same noise with one vector add, where
-// a product of the int64 index took a conversion and a 32-bit multiply per vector (a quarter of
-// the bf16 kernel).
+// a product of the int64 index takes a conversion and a 32-bit multiply per vector.
 struct Noise {
     uint32_t multiplier;
     uint32_t offset;
@@ -99,13 +98,12 @@ inline float sign_times(float x, float y) {
 
 // The same loop by hand for AVX-512, 16 elements at a time, with the same operations in the same
 // order (the same bits; tests build the portable loop alone with ANO_NO_INTRINSICS and compare).
-// GCC's vectorisation of the portable loop took 78 vector operations besides loads and stores
-// per 32 elements with bfloat16 state, which at two cores made that loop compute-bound once
-// memory ran fast; this takes 60. A bfloat16 load widens with one word permutation (GCC:
-// zero-extend and shift, plus an extract), a store narrows with one (GCC: shift, then permute);
-// sign_times's bit operations are one masked ternary-logic instruction (GCC: and, then a masked
-// or); the rounding noise is a 16-bit add per lane that wraps by itself (GCC: add, then mask).
-// With data in L3: +15 to 19 % elements/s with bfloat16 state, +4 to 7 % with float32 state.
+// It takes fewer vector operations than GCC's vectorisation of the portable loop, which can
+// make the bfloat16 loop compute-bound when memory runs fast: a bfloat16 load widens with one
+// word permutation (GCC: zero-extend and shift, plus an extract), a store narrows with one
+// (GCC: shift, then permute); sign_times's bit operations are one masked ternary-logic
+// instruction (GCC: and, then a masked or); the rounding noise is a 16-bit add per lane that
+// wraps by itself (GCC: add, then mask). docs/performance.md has the measured effect.
 namespace avx512 {
 
 struct WordIndex {
@@ -228,8 +226,7 @@ int64_t update_vectors(
 
 // The flags are template parameters so that what they switch leaves the loop: as a run-time
 // flag GCC kept maximize's negation in the bfloat16 loop, a blend per vector; and a multiply by
-// an inv_scale or decay of exactly 1 changes no bit, so it is left out. With data in cache:
-// +2.5 % elements/s with float32 state, +7 % with bfloat16 state.
+// an inv_scale or decay of exactly 1 changes no bit, so it is left out.
 template <bool kMaximize, bool kScaled, bool kDecayed>
 void update_block(
     float* __restrict__ param,
@@ -290,8 +287,9 @@ constexpr Update kUpdates[2][2][2] = {
 
 // torch's THPVariable (torch/csrc/autograd/python_variable.h): a tensor's Python object holds
 // its at::Tensor, one intrusive pointer to the TensorImpl, right after the object header. That
-// header pulls in pybind11 and all of ATen (12 s to compile here); c10's TensorImpl.h takes
-// 1.5 s. _torch_internals.py checks the layout against Tensor._cdata before this kernel is built.
+// header pulls in pybind11 and all of ATen, several times slower to compile than c10's
+// TensorImpl.h. _torch_internals.py checks the layout against Tensor._cdata before this kernel
+// is built.
 struct TensorObject {
     PyObject_HEAD
     c10::TensorImpl* impl;
@@ -415,9 +413,8 @@ void update_group(
     // The work: blocks of block_size elements (a tensor's last one shorter), each knowing its
     // tensor. Each thread takes a contiguous run of blocks holding an equal share of the
     // elements. An equal share of blocks (schedule(static)) is not one: a small tensor or the
-    // tail of a large one is a short block, and they do not spread evenly. On ResNet-50's
-    // tensors the first half of the 1,667 blocks held 12.1 M elements and the second 13.4 M, so
-    // one thread worked 10 % longer than the other while it waited.
+    // tail of a large one is a short block, and they do not spread evenly, so one thread would
+    // work longer than the other while it waited.
     std::vector<int64_t> block_tensor, block_begin, elements_before{0};
     for (int64_t t = 0; t < tensors; ++t) {
         for (int64_t begin = 0; begin < numels[t]; begin += block_size) {
@@ -476,9 +473,9 @@ void update_group(
 // several groups checks every group before it updates any).
 //
 // The kernel checks every tensor itself, in one pass that reads from each tensor the memory
-// that reading its data pointer reads anyway: in Python, the same checks cost ~0.35 ms on
-// ResNet-50's 161 tensors once forward and backward have evicted their objects from the
-// caches. Where a tensor fails them (see taken() and same_order(); a step must hold one
+// that reading its data pointer reads anyway: in Python, the same checks cost several Python
+// calls per tensor, each slow once forward and backward have evicted the tensors' objects from
+// the caches. Where a tensor fails them (see taken() and same_order(); a step must hold one
 // number), nothing changes and outcome[0] becomes False; the Python dispatch then checks in
 // Python, raises a clear error or takes the per-tensor kernel. Otherwise the kernel bumps the
 // autograd versions of the tensors it writes, as in-place ops do, updates them (without the

@@ -1,16 +1,16 @@
 """A hand-written Triton kernel for the fused step: every float32 tensor of a group in one launch.
 
 The per-tensor ``torch.compile`` kernel that ``fused=True`` runs on GPU costs one launch and
-~45 us of host time (Python, Dynamo guards) per tensor; on a fast GPU a ResNet-50 step moves
-its 717 MB in well under a millisecond, so 161 such calls would dominate. This kernel takes a
-table of tensor addresses and a list of equal blocks (as ``fused_cpu.cpp`` does on CPU) and
-updates all tensors in one launch.
+the host time of a Python call and Dynamo's guards per tensor; on a fast GPU a model's step
+moves its memory in far less time than a hundred such calls take. This kernel takes a table of
+tensor addresses and a list of equal blocks (as ``cpu_kernel.cpp`` does on CPU) and updates
+all tensors in one launch.
 
-It is not the default: the issue that asked for it wants it only where it measures faster, and
-no GPU was available to measure it. ``benchmarks/gpu_check.py`` times it against the
-per-tensor kernel; ``fused._GPU_KERNEL = "triton_multi_tensor"`` selects it. Its arithmetic is
-``fused._ano_math``'s in float32 (IEEE division and square root), and tests run it on CPU
-through Triton's interpreter (``TRITON_INTERPRET=1``) against the compiled kernel.
+``fused=True`` does not use it until it measures faster than the per-tensor kernel on a GPU;
+``benchmarks/gpu_check.py`` measures it (through ``benchmarks.kernels.AnoOnTriton``). Its
+arithmetic is :func:`ano_optimizer.fused.inductor._ano_math`'s in float32 (IEEE division and
+square root), and tests run it on CPU through Triton's interpreter (``TRITON_INTERPRET=1``)
+against the compiled kernel.
 """
 
 from __future__ import annotations
