@@ -92,3 +92,19 @@ def test_step_overhead_times_one_cold_and_one_hot_step_per_round():
     assert set(results) == {"counting", *ROWS}
     assert all(r["hot"] > 0 and r["cold"] > 0 for r in results.values())
     assert "| Ano fused=True |" in markdown(results, 3, 2)
+
+
+@pytest.mark.slow
+def test_the_torch_library_front_end_steps_as_the_shipped_kernel(tmp_path, monkeypatch):
+    """benchmarks/custom_op.py's torch.library operator compiles the shipped kernel's source with
+    another front end (a build of about half a minute): the same bits, the same refusals."""
+    from benchmarks import custom_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    step = custom_op.build("torch.library op")
+    custom_op.check_same_results(step)  # raises where a bit differs
+    refused = [torch.randn(6, 4).t()]  # not laid out as the kernel walks memory
+    lists = [refused, [torch.randn(4, 6)], [torch.zeros(4, 6)], [torch.zeros(4, 6)]]
+    lists.append([torch.tensor(0.0)])
+    assert step(*lists, 1e-3, 0.1, 0.99, 1e-8, 0.0, 1.0, 0, 16384, 0, 0, 0) is False
+    assert lists[4][0].item() == 0.0  # refused: nothing changed
