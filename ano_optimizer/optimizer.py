@@ -414,7 +414,7 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
         fused (bool or None, optional, keyword-only): ``True`` runs a fused kernel that reads
             and writes each value once and takes ``torch.amp.GradScaler``'s scale and inf flag
             inside the kernel. On CPU, float32 parameters (float32 or bfloat16 state) go
-            through one multi-tensor C++ kernel call per group, built on first use by
+            through one C++ group kernel call per group, built on first use by
             Inductor's C++ toolchain (about 3 s, then cached on disk); everything else
             (GPU, other dtypes) through one ``torch.compile``-generated kernel per tensor
             (Inductor: Triton on GPU; seconds to compile, cached on disk). See
@@ -621,7 +621,7 @@ def _ano_group(
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if torch.compiler.is_compiling():
         # Under torch.compile the single-tensor expressions fuse into one kernel anyway.
-        _single_tensor_ano(*tensors, has_complex=has_complex, capturable=False, **scalars)
+        _single_tensor_ano(*tensors, capturable=False, **scalars)
         return
     if foreach is None:
         foreach = default_foreach(params)
@@ -630,15 +630,21 @@ def _ano_group(
             # ~12 Python-dispatched operations each, so they go through the foreach path in one
             # batch; the paths agree bit for bit, so the split does not change any result.
             small = [p.numel() < _CHUNK_NUMEL for p in params]
-            for path, wanted in ((_multi_tensor_ano, True), (_single_tensor_ano, False)):
-                subset = [
-                    [t for t, s in zip(ts, small, strict=True) if s == wanted] for ts in tensors
-                ]
-                if subset[0]:
-                    path(*subset, has_complex=has_complex, capturable=capturable, **scalars)
+            small_ones, large_ones = (
+                [[t for t, s in zip(ts, small, strict=True) if s == wanted] for ts in tensors]
+                for wanted in (True, False)
+            )
+            if small_ones[0]:
+                _multi_tensor_ano(
+                    *small_ones, has_complex=has_complex, capturable=capturable, **scalars
+                )
+            if large_ones[0]:
+                _single_tensor_ano(*large_ones, capturable=capturable, **scalars)
             return
-    func = _multi_tensor_ano if foreach else _single_tensor_ano
-    func(*tensors, has_complex=has_complex, capturable=capturable, **scalars)
+    if foreach:
+        _multi_tensor_ano(*tensors, has_complex=has_complex, capturable=capturable, **scalars)
+    else:
+        _single_tensor_ano(*tensors, capturable=capturable, **scalars)
 
 
 def _momentum_weight(step, beta1: float, logarithmic_schedule: bool):
@@ -864,7 +870,6 @@ def _single_tensor_ano(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    has_complex: bool,
     beta1: float,
     beta2: float,
     lr: float | Tensor,

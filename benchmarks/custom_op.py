@@ -163,7 +163,7 @@ def build(front_end: str):
 def front_end(step) -> Iterator[None]:
     """Run the enclosed ``fused=True`` float32-state CPU steps through ``step`` instead of the
     shipped front end (same checks, same update, same dispatch around it)."""
-    shipped = fused_dispatch._cpu_multi_tensor_call
+    shipped = fused_dispatch._cpu_group_call
 
     def call(state_dtype, lists, scalars, maximize, log, check_only=False) -> bool:
         if state_dtype != torch.float32:
@@ -172,11 +172,11 @@ def front_end(step) -> Iterator[None]:
             step(*lists, *scalars, cpu._CPU_BLOCK, int(maximize), int(log), int(check_only))
         )
 
-    fused_dispatch._cpu_multi_tensor_call = call
+    fused_dispatch._cpu_group_call = call
     try:
         yield
     finally:
-        fused_dispatch._cpu_multi_tensor_call = shipped
+        fused_dispatch._cpu_group_call = shipped
 
 
 class AnoThrough:

@@ -40,8 +40,8 @@ from benchmarks.step_time import make_params
 
 class AnoOnKernel:
     """Fused Ano whose CPU steps run on a chosen kernel (:func:`benchmarks.kernels.cpu_kernel`):
-    the per-tensor torch.compile kernel, for comparison with the multi-tensor one that
-    ``fused=True`` uses; and "copy_floor", the multi-tensor kernel with one add per value
+    the per-tensor torch.compile kernel, for comparison with the group one that
+    ``fused=True`` uses; and "copy_floor", the group kernel with one add per value
     instead of the update, so that the "Ano fused=True" row's extra time over it is the cost of
     Ano's arithmetic, and its own extra time over the flat floor the cost of a step over many
     tensors."""

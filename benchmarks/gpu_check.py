@@ -10,7 +10,7 @@
 4. CUDA-graph capture with ``capturable=True`` on the single-tensor, foreach, fused and
    bfloat16-state paths: a step captured after warm-up and replayed with new gradients and a
    scheduled device learning rate against the same steps run eagerly.
-5. The hand-written Triton multi-tensor kernel (``ano_optimizer/fused/triton.py``) against the
+5. The hand-written Triton group kernel (``ano_optimizer/fused/triton.py``) against the
    per-tensor compiled kernel: equivalence, and step time on ResNet-50's 161 tensors, where
    one launch per tensor costs most. Decides whether it should become the default.
 6. Bandwidth on ~1 B parameters (64 tensors): GB/s of fused Ano (float32 and bfloat16 state;
@@ -273,7 +273,7 @@ def check_triton_kernel(device) -> dict:
     times = {}
     for label, factory in (
         ("per-tensor compiled kernel", lambda ps: Ano(ps, fused=True)),
-        ("Triton multi-tensor kernel", AnoOnTriton),
+        ("Triton group kernel", AnoOnTriton),
         ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
     ):
         ps = [torch.nn.Parameter(torch.randn(s, device=device)) for s in resnet50_shapes()]

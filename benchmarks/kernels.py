@@ -5,7 +5,7 @@ and the per-tensor compiled kernel (:mod:`ano_optimizer.fused.inductor`) where t
 not built. :func:`cpu_kernel` swaps what the C++ kernel's module builds, so the optimizer's own
 dispatch runs each choice:
 
-- ``"multi_tensor"``: the shipped kernel, as ``fused=True`` runs it;
+- ``"group"``: the shipped kernel, as ``fused=True`` runs it;
 - ``"per_tensor"``: no C++ kernel, as where it cannot be built: every tensor takes the
   compiled per-tensor kernel that GPUs and the other dtypes use;
 - ``"portable"``: the shipped kernel built without its AVX-512 loop;
@@ -31,7 +31,7 @@ from ano_optimizer import Ano, step_scalars
 from ano_optimizer._torch_internals import build_cpu_kernel, tensor_objects_lead_with_their_impl
 from ano_optimizer.fused import cpu
 
-CHOICES = ("multi_tensor", "per_tensor", "portable", "copy_floor")
+CHOICES = ("group", "per_tensor", "portable", "copy_floor")
 
 # The element loop of cpu_kernel.cpp's update_block, from its template line to its closing brace.
 _UPDATE_BLOCK = re.compile(
@@ -81,7 +81,7 @@ def cpu_kernel(choice: str) -> Iterator[None]:
     """Run the enclosed ``fused=True`` CPU steps on ``choice`` (see :data:`CHOICES`)."""
     if choice not in CHOICES:
         raise ValueError(f"unknown CPU kernel {choice!r}; expected one of {CHOICES}")
-    if choice == "multi_tensor":
+    if choice == "group":
         yield
         return
     shipped = cpu._cpu_kernel
@@ -105,7 +105,7 @@ class AnoOnTriton:
         self.optimizer = Ano(params, fused=True, **options)
 
     def step(self) -> None:
-        from ano_optimizer.fused.triton import triton_multi_tensor
+        from ano_optimizer.fused.triton import triton_group_step
 
         optimizer = self.optimizer
         for group in optimizer.param_groups:
@@ -124,7 +124,7 @@ class AnoOnTriton:
             weights, corrections = step_scalars._step_scalars(
                 steps, beta1, beta2, group["logarithmic_schedule"], torch.float32, device
             )
-            left = triton_multi_tensor(
+            left = triton_group_step(
                 params, grads, avgs, avg_sqs, weights, corrections, hyper, skip, inv_scale,
                 noise, group["maximize"],
             )  # fmt: skip

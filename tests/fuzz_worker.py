@@ -217,7 +217,7 @@ def run(spec: dict, path: str) -> dict:
         if _readable(t)
     }
     state_keys = {i: sorted(optimizer.state[p]) for i, p in enumerate(params)}
-    kernel = "per_tensor" if path == "fused-per-tensor" else "multi_tensor"
+    kernel = "per_tensor" if path == "fused-per-tensor" else "group"
     try:
         with cpu_kernel(kernel):
             optimizer.step()

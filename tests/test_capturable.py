@@ -176,7 +176,7 @@ def test_fused_step_prepares_its_scalars_on_the_device(logarithmic_schedule):
 
 def test_a_fused_step_on_the_gpu_reads_nothing_on_the_host():
     """The whole fused step on a CUDA group with bfloat16 state and a tensor lr: the CPU
-    multi-tensor kernel must not be tried, for trying it reads the rounding seed and lr on the
+    group kernel must not be tried, for trying it reads the rounding seed and lr on the
     host (a sync, and an error inside CUDA-graph capture). Fake tensors take the eager math in
     place of the compiled kernel. (GradScaler's tensors are left out: under fake tensors the
     step-count increment by the inf flag, ``_foreach_add_`` with a tensor, reads the flag on

@@ -60,7 +60,7 @@ def _run(params, grads, *, fused, steps=STEPS, state_dtype=None, **hyper):
     return params, exp_avgs, exp_avg_sqs, state_steps
 
 
-@pytest.fixture(params=["multi_tensor", "per_tensor"])
+@pytest.fixture(params=["group", "per_tensor"])
 def cpu_kernel(request):
     """Run a test with each CPU kernel: cpu_kernel.cpp over all tensors, or the torch.compile
     kernel per tensor (which GPUs and the other dtypes use)."""
@@ -347,10 +347,10 @@ def test_inductor_cache_is_reused_by_a_second_process():
 
 
 def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
-    """The same steps with each CPU kernel: (multi-tensor results, per-tensor results), each a
+    """The same steps with each CPU kernel: (group-kernel results, per-tensor results), each a
     list of params, exp_avgs, exp_avg_sqs and steps."""
     results = []
-    for kernel in ("multi_tensor", "per_tensor"):
+    for kernel in ("group", "per_tensor"):
         torch.manual_seed(1)
         dtype = torch.complex64 if complex_params else torch.float32
         params = [torch.randn(s, dtype=dtype) for s in shapes]
@@ -372,7 +372,7 @@ def _kernel_runs(shapes, state_dtype, complex_params=False, **options):
 _EACH_STATE_DTYPE = pytest.mark.parametrize(
     "state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"]
 )
-# Each of the multi-tensor kernel's template flags (maximize, a gradient scale, a decay) both ways.
+# Each of the group kernel's template flags (maximize, a gradient scale, a decay) both ways.
 _EACH_KERNEL_FLAG = pytest.mark.parametrize(
     "options",
     [
@@ -387,7 +387,7 @@ _EACH_KERNEL_FLAG = pytest.mark.parametrize(
 
 @_EACH_STATE_DTYPE
 @_EACH_KERNEL_FLAG
-def test_multi_tensor_cpu_kernel_matches_the_compiled_one(state_dtype, options):
+def test_cpu_group_kernel_matches_the_compiled_one(state_dtype, options):
     """cpu_kernel.cpp repeats _ano_math's float32 element operations in the same order, without
     fused multiply-adds, with the same stochastic-rounding noise. Only its per-tensor scalars
     (sqrt(1 - beta2^k), Anolog's 1/ln(k+2)) come from libm instead of torch's foreach kernels
@@ -436,7 +436,7 @@ def test_the_kernels_avx512_loop_gives_the_portable_loops_bits(state_dtype, opti
             )
 
 
-def test_multi_tensor_cpu_kernel_handles_complex_and_leaves_the_rest_to_the_compiled_one():
+def test_cpu_group_kernel_handles_complex_and_leaves_the_rest_to_the_compiled_one():
     complex_runs = _kernel_runs([(7,), (4, 5)], None, complex_params=True)
     for ours, compiled in zip(*complex_runs, strict=True):  # params, moments, steps
         for a, b in zip(ours, compiled, strict=True):
@@ -455,7 +455,7 @@ def test_multi_tensor_cpu_kernel_handles_complex_and_leaves_the_rest_to_the_comp
     assert [s.item() for s in steps] == [1.0, 1.0, 1.0]
 
 
-def test_multi_tensor_cpu_kernel_bumps_autograd_versions():
+def test_cpu_group_kernel_bumps_autograd_versions():
     """It writes through raw pointers; autograd must still see the in-place change."""
     p = torch.nn.Parameter(torch.randn(10))
     p.grad = torch.randn(10)
@@ -467,14 +467,14 @@ def test_multi_tensor_cpu_kernel_bumps_autograd_versions():
     assert all(a > b for a, b in zip(after, versions, strict=True))
 
 
-# The multi-tensor kernel's scalars (lr, 1 - beta1, beta2, eps, weight decay, 1 / grad scale,
+# The group kernel's scalars (lr, 1 - beta1, beta2, eps, weight decay, 1 / grad scale,
 # skip) for HYPER with these changes, which the compiled kernel gets as keywords.
 _KERNEL_SCALARS = (1e-2, 0.1, 0.99, 1e-8, 0.1, 1.0, 0)
 _KERNEL_HYPER = {**HYPER, "beta2": 0.99, "weight_decay": 0.1}
 
 
 def _role_lists(n=3, size=6):
-    """A usual group for the multi-tensor kernel: params, grads, exp_avgs, exp_avg_sqs, steps."""
+    """A usual group for the group kernel: params, grads, exp_avgs, exp_avg_sqs, steps."""
     gen = torch.Generator().manual_seed(5)
     return [
         [torch.randn(size, generator=gen) for _ in range(n)],
@@ -516,7 +516,7 @@ _REFUSED = {
 
 
 @pytest.mark.parametrize("case", _REFUSED, ids=list(_REFUSED))
-def test_multi_tensor_cpu_kernel_refuses_a_tensor_it_cannot_take_before_any_change(case):
+def test_cpu_group_kernel_refuses_a_tensor_it_cannot_take_before_any_change(case):
     """cpu_kernel.cpp checks every tensor itself, then changes nothing where one fails, and
     the Python dispatch takes the checks and other paths. One odd tensor among usual ones."""
     role, replace = _REFUSED[case]
@@ -526,7 +526,7 @@ def test_multi_tensor_cpu_kernel_refuses_a_tensor_it_cannot_take_before_any_chan
     kept = [t for t in tensors if t.device.type != "meta"]
     values = [_dense(t).clone() for t in kept]
     versions = [t._version for t in tensors if not t.is_inference()]
-    taken = cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+    taken = cpu._cpu_group_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     assert taken is False
     assert all(torch.equal(_dense(a), b) for a, b in zip(kept, values, strict=True))
     assert [t._version for t in tensors if not t.is_inference()] == versions
@@ -537,12 +537,10 @@ def _dense(t):
 
 
 def _stepped_like_the_compiled_kernel(make_group):
-    """One step of make_group()'s five role lists on the multi-tensor kernel, which must take
+    """One step of make_group()'s five role lists on the group kernel, which must take
     them, checked against the same step of another make_group() on the compiled kernel."""
     lists, compiled = make_group(), make_group()
-    assert (
-        cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False) is True
-    )
+    assert cpu._cpu_group_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False) is True
     with kernel_choice("per_tensor"):
         ano(*compiled, fused=True, **_KERNEL_HYPER)
     for ours, theirs in zip(lists, compiled, strict=True):
@@ -551,12 +549,12 @@ def _stepped_like_the_compiled_kernel(make_group):
     return lists
 
 
-def test_multi_tensor_cpu_kernel_takes_the_usual_group_and_steps_it_like_the_compiled_one():
+def test_cpu_group_kernel_takes_the_usual_group_and_steps_it_like_the_compiled_one():
     lists = _stepped_like_the_compiled_kernel(_role_lists)
     assert [s.item() for s in lists[4]] == [4.0] * 3
 
 
-def test_multi_tensor_cpu_kernel_takes_channels_last_tensors_and_steps_them_like_the_compiled_one():
+def test_cpu_group_kernel_takes_channels_last_tensors_and_steps_them_like_the_compiled_one():
     """The kernel walks memory, so a channels_last weight whose gradient and state share its
     layout (as AccumulateGrad and zeros_like make them) is elementwise the same as a
     contiguous one; it steps such groups itself and leaves them channels_last."""
@@ -576,7 +574,7 @@ def test_multi_tensor_cpu_kernel_takes_channels_last_tensors_and_steps_them_like
     assert lists[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_multi_tensor_cpu_kernel_lets_other_python_threads_run_while_it_updates():
+def test_cpu_group_kernel_lets_other_python_threads_run_while_it_updates():
     """The update runs without the GIL, as a torch op does: a thread that wakes every 0.2 ms
     wakes while the kernel runs (~9 ms over 16 M elements here). With the GIL held it did not
     wake once in such a call. The first 2 ms and the last 1 ms are left out: around the call
@@ -585,7 +583,7 @@ def test_multi_tensor_cpu_kernel_lets_other_python_threads_run_while_it_updates(
     n = 1 << 24
     lists = [[torch.randn(n)], [torch.randn(n)], [torch.zeros(n)], [torch.zeros(n)]]
     lists.append([torch.tensor(0.0)])
-    assert cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+    assert cpu._cpu_group_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     wakes, stop = [], threading.Event()
 
     def waker():
@@ -602,7 +600,7 @@ def test_multi_tensor_cpu_kernel_lets_other_python_threads_run_while_it_updates(
         for _ in range(5):
             time.sleep(0.005)
             start = time.perf_counter()
-            cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+            cpu._cpu_group_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
             end = time.perf_counter()
             inside += sum(start + 0.002 < t < end - 0.001 for t in wakes)
     finally:
@@ -613,7 +611,7 @@ def test_multi_tensor_cpu_kernel_lets_other_python_threads_run_while_it_updates(
     assert lists[4][0].item() == 6.0
 
 
-def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_its_twin():
+def test_cpu_group_kernel_writes_a_copy_on_write_tensor_without_touching_its_twin():
     """A lazily cloned tensor shares its storage until written: the kernel materialises its
     own copy first, as an in-place op does, and the tensor it was cloned from keeps its
     values."""
@@ -621,7 +619,7 @@ def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_
     original = lists[0][1]
     before = original.clone()
     lists[0][1] = torch._lazy_clone(original)
-    assert cpu._cpu_multi_tensor_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
+    assert cpu._cpu_group_call(torch.float32, lists, _KERNEL_SCALARS, 0, False, False)
     assert torch.equal(original, before)
     assert not torch.equal(lists[0][1], before)
 
@@ -629,7 +627,7 @@ def test_multi_tensor_cpu_kernel_writes_a_copy_on_write_tensor_without_touching_
 def test_the_kernel_reads_tensor_objects_laid_out_as_it_expects():
     """The kernel reads a tensor's TensorImpl from its Python object; _torch_internals.py checks
     that layout against ``Tensor._cdata`` before it is built. This torch has that layout, so the
-    multi-tensor kernel is in use here, not silently replaced by the per-tensor one."""
+    group kernel is in use here, not silently replaced by the per-tensor one."""
     assert _torch_internals.tensor_objects_lead_with_their_impl()
     assert cpu._cpu_kernel(torch.float32) is not None
 
@@ -637,7 +635,7 @@ def test_the_kernel_reads_tensor_objects_laid_out_as_it_expects():
 def test_a_parameter_resized_after_its_state_was_created_is_refused_before_any_change(
     cpu_kernel,
 ):
-    """A multi-tensor kernel takes every length from the parameter, so a parameter grown
+    """A group kernel takes every length from the parameter, so a parameter grown
     through ``.data`` would have it write past its old state (this crashed the process)."""
     params = [torch.nn.Parameter(torch.randn(n)) for n in (6, 10, 4)]
     optimizer = Ano(params, lr=1e-2, fused=True)
@@ -689,7 +687,7 @@ class _WrapperTensor(torch.Tensor):
 
 
 def test_a_wrapper_subclass_parameter_steps_like_the_single_tensor_path(cpu_kernel):
-    """A tensor without storage of its own took the multi-tensor kernel to a null address and
+    """A tensor without storage of its own took the group kernel to a null address and
     crashed the process; it now runs the same math eagerly, beside plain parameters."""
     torch.manual_seed(0)
     values = [torch.randn(8), torch.randn(5)]
@@ -732,7 +730,7 @@ _CPU_CACHE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_multi_tensor_cpu_kernel_is_built_once_and_reused_by_later_processes(tmp_path):
+def test_cpu_group_kernel_is_built_once_and_reused_by_later_processes(tmp_path):
     """The kernel is built into Inductor's cache directory; a second process loads that build
     and writes nothing new there."""
 
@@ -753,7 +751,7 @@ def test_multi_tensor_cpu_kernel_is_built_once_and_reused_by_later_processes(tmp
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
 def test_every_path_treats_zero_and_non_finite_values_alike(state_dtype):
     """Exact zeros, signed zeros, infinities and NaNs in gradients and moments, as after an
-    overflow without GradScaler: the multi-tensor kernel, the compiled kernel and the
+    overflow without GradScaler: the group kernel, the compiled kernel and the
     single-tensor path give NaN in the same places, and the same finite values. sign(0) and
     sign(NaN) are 0 as in torch.sign, so a NaN gradient makes the parameter NaN on every path
     rather than leaving it alone on one of them."""
@@ -771,7 +769,7 @@ def test_every_path_treats_zero_and_non_finite_values_alike(state_dtype):
     start_m, start_v = special(n), special(n).abs()
     start_v[::9] = grads[0][::9] ** 2  # g^2 == v exactly: sign(g^2 - v) = 0
     runs = {}
-    for path in ("multi_tensor", "per_tensor", "single_tensor"):
+    for path in ("group", "per_tensor", "single_tensor"):
         torch.manual_seed(5)  # the same stochastic-rounding seeds
         param = torch.randn(n, generator=torch.Generator().manual_seed(4))
         exp_avg, exp_avg_sq = (
@@ -779,15 +777,15 @@ def test_every_path_treats_zero_and_non_finite_values_alike(state_dtype):
         )
         step = torch.tensor(0.0)
         for grad in grads:
-            with kernel_choice("per_tensor" if path == "per_tensor" else "multi_tensor"):
+            with kernel_choice("per_tensor" if path == "per_tensor" else "group"):
                 ano(
                     [param], [grad], [exp_avg], [exp_avg_sq], [step],
                     fused=path != "single_tensor", foreach=False, **HYPER,
                 )  # fmt: skip
         runs[path] = (param, exp_avg.float(), exp_avg_sq.float())
-    assert runs["multi_tensor"][0].isnan().any() and runs["multi_tensor"][0].isfinite().any()
+    assert runs["group"][0].isnan().any() and runs["group"][0].isfinite().any()
     for path in ("per_tensor", "single_tensor"):
-        for ours, theirs in zip(runs["multi_tensor"], runs[path], strict=True):
+        for ours, theirs in zip(runs["group"], runs[path], strict=True):
             assert torch.equal(ours.isnan(), theirs.isnan()), path
             if state_dtype is not None and path == "single_tensor":
                 # Eager bf16 state draws its own rounding noise: after four steps the moments

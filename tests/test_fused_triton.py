@@ -23,7 +23,7 @@ _SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from ano_optimizer import step_scalars
-    from ano_optimizer.fused.triton import BLOCK, triton_multi_tensor
+    from ano_optimizer.fused.triton import BLOCK, triton_group_step
     from benchmarks.kernels import cpu_kernel
     from ano_optimizer.optimizer import ano
 
@@ -54,7 +54,7 @@ _SCRIPT = textwrap.dedent(
             noise = step_scalars._noise_parameters(steps, avgs, avg_sqs, torch.device("cpu"))
             weights, corrections = step_scalars._step_scalars(
                 steps, HYPER["beta1"], HYPER["beta2"], log, torch.float32, torch.device("cpu"))
-            left = triton_multi_tensor(params, grads, avgs, avg_sqs, weights, corrections,
+            left = triton_group_step(params, grads, avgs, avg_sqs, weights, corrections,
                                        hyper, skip, inv_scale, noise, maximize)
             assert left == [], left
         return params, avgs, avg_sqs, steps

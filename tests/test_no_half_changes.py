@@ -471,7 +471,7 @@ _NO_COMPILER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_fused_without_a_compiler_runs_on_the_path_its_warning_names(tmp_path):
-    """No C++ compiler: the multi-tensor kernel cannot be built, nor the per-tensor compiled
+    """No C++ compiler: the group kernel cannot be built, nor the per-tensor compiled
     one, which once left every step failing while the step counts climbed. Now the same math
     runs eagerly, and the warnings say so."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
@@ -486,6 +486,6 @@ def test_fused_without_a_compiler_runs_on_the_path_its_warning_names(tmp_path):
     assert report["steps"] == [3.0] * 4
     assert report["diff"] < 1e-5
     messages = report["warnings"]
-    assert any("multi-tensor CPU kernel could not be built" in m for m in messages)
+    assert any("CPU group kernel could not be built" in m for m in messages)
     eager = [m for m in messages if "stepped with the same math run eagerly" in m]
     assert len(eager) == 2, messages  # float32 and float64, once each

@@ -22,7 +22,7 @@ from .._torch_internals import group_by_device_and_dtype
 from ..step_scalars import _amp_tensors, _hyper_tensor, _noise_parameters, _step_scalars
 from ..tensor_checks import check_step_tensors
 from .batches import _addressable, _real_views
-from .cpu import _cpu_multi_tensor_call, _cpu_scalars, _sorted_batches
+from .cpu import _cpu_group_call, _cpu_scalars, _sorted_batches
 from .inductor import _ano_math, _eager_ano_math, _flat, _proven_kernel
 
 __all__ = ["cpu_kernel_takes", "fused_ano"]
@@ -33,13 +33,13 @@ def _tensor_index(i: int) -> str:
 
 
 def cpu_kernel_takes(lists, maximize: bool, logarithmic_schedule: bool) -> bool:
-    """Whether the multi-tensor CPU kernel takes the five role lists (params, grads, exp_avgs,
+    """Whether the CPU group kernel takes the five role lists (params, grads, exp_avgs,
     exp_avg_sqs, steps) of one group whole, as they are; nothing changes. A step over several
     fused groups asks this of every group before it updates any."""
     if not (lists[0] and lists[0][0].is_cpu):
         return False
     scalars = (0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0)
-    return _cpu_multi_tensor_call(
+    return _cpu_group_call(
         lists[2][0].dtype, lists, scalars, maximize, logarithmic_schedule, check_only=True
     )
 
@@ -83,9 +83,7 @@ def fused_ano(
         # scalars are read on the host, a sync for a GPU group.)
         lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
         scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        if _cpu_multi_tensor_call(
-            exp_avgs[0].dtype, lists, scalars, maximize, logarithmic_schedule
-        ):
+        if _cpu_group_call(exp_avgs[0].dtype, lists, scalars, maximize, logarithmic_schedule):
             return
     if not compiling and not checked:
         grads = check_step_tensors(
@@ -105,7 +103,7 @@ def fused_ano(
 
 def _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, maximize,
           log, compiling) -> dict:  # fmt: skip
-    """The routes of one device's tensors: the multi-tensor CPU kernel's batches, and for each
+    """The routes of one device's tensors: the CPU group kernel's batches, and for each
     other tensor its compiled kernel (None: the eager math)."""
     d_params, d_grads, d_avgs, d_avg_sqs, d_steps = (list(t) for t in tensors)
     plan = {"device": device, "batches": {}, "tensors": None, "kernels": {}}
@@ -114,7 +112,7 @@ def _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, foun
         plan["scalars"] = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
         batches, left = _sorted_batches((d_params, d_grads, d_avgs, d_avg_sqs, d_steps))
         for state_dtype, (indices, batch) in batches.items():
-            if _cpu_multi_tensor_call(state_dtype, batch, plan["scalars"], maximize, log, True):
+            if _cpu_group_call(state_dtype, batch, plan["scalars"], maximize, log, True):
                 plan["batches"][state_dtype] = batch
             else:
                 left += indices
@@ -137,9 +135,9 @@ def _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, foun
 def _run(plan, beta1, beta2, log, maximize, found_inf, compiling) -> None:
     device = plan["device"]
     for batch in plan["batches"].values():
-        if not _cpu_multi_tensor_call(batch[2][0].dtype, batch, plan["scalars"], maximize, log):
+        if not _cpu_group_call(batch[2][0].dtype, batch, plan["scalars"], maximize, log):
             raise RuntimeError(
-                "the multi-tensor CPU kernel refused tensors it had accepted a moment before "
+                "the CPU group kernel refused tensors it had accepted a moment before "
                 "(did another thread change them during the step?)"
             )
     d_params, d_grads, d_avgs, d_avg_sqs, d_steps = plan["tensors"]

@@ -29,8 +29,8 @@ def _addressable(tensors) -> bool:
     )
 
 
-def _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
-    """Whether a multi-tensor kernel (cpu.py's, or triton.py's on GPU) updates
+def _group_kernel_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
+    """Whether a group kernel (cpu.py's, or triton.py's on GPU) updates
     these tensors: float32 parameter and gradient, both moments float32 or both bfloat16, all
     contiguous, each with storage of its own."""
     return (
@@ -46,7 +46,7 @@ def _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq) -> bool:
 def _block_table(
     numels: tuple[int, ...], block: int, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The work list of a multi-tensor kernel (cpu.py's, or triton.py's on GPU)
+    """The work list of a group kernel (cpu.py's, or triton.py's on GPU)
     for these tensor sizes: the sizes, and for each block of ``block`` elements its tensor and
     its first element. Cached: the sizes rarely change from step to step."""
     sizes = torch.tensor(numels, dtype=torch.int64)

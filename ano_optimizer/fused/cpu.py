@@ -16,9 +16,9 @@ from importlib import resources
 import torch
 
 from .._torch_internals import build_cpu_kernel, tensor_objects_lead_with_their_impl
-from .batches import _CPU_STATE_TYPES, _multi_tensor_takes, _real_views
+from .batches import _CPU_STATE_TYPES, _group_kernel_takes, _real_views
 
-# Elements per unit of work in the multi-tensor kernel: 64 KiB of each float32 operand.
+# Elements per unit of work in the group kernel: 64 KiB of each float32 operand.
 _CPU_BLOCK = 1 << 14
 
 
@@ -41,7 +41,7 @@ _CPU_ARGTYPES = [
 ]
 
 
-def _cpu_multi_tensor_call(
+def _cpu_group_call(
     state_dtype,
     lists,
     scalars: tuple,
@@ -49,7 +49,7 @@ def _cpu_multi_tensor_call(
     log,
     check_only: bool = False,
 ) -> bool:
-    """One call of the multi-tensor kernel for ``state_dtype`` over the five role lists; False,
+    """One call of the group kernel for ``state_dtype`` over the five role lists; False,
     with nothing changed, where the kernel cannot be built or does not take every tensor as it
     is (see ``kernel`` in cpu_kernel.cpp). With ``check_only`` it only reports whether it would
     take them."""
@@ -71,7 +71,7 @@ _TENSOR_TYPES = (id(torch.Tensor), id(torch.nn.Parameter))
 
 
 def _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf) -> tuple:
-    """The multi-tensor kernel's scalar arguments as Python numbers, each rounded to float32
+    """The group kernel's scalar arguments as Python numbers, each rounded to float32
     by the binding exactly as :func:`_ano_math` rounds its float64 hyper-parameter tensor:
     lr, 1 - β1, β2, ε, weight decay, 1 / grad scale, and 1 for a step to skip (inf/nan)."""
     inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else 1.0
@@ -93,7 +93,7 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
             step.dtype == torch.float32
             # The kernel reads the objects of these two types only (see cpu_kernel.cpp).
             and {*map(type, tensors)} <= _KERNEL_TYPES
-            and _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq)
+            and _group_kernel_takes(param, grad, exp_avg, exp_avg_sq)
         ):
             indices, roles = batches.setdefault(exp_avg.dtype, ([], ([], [], [], [], [])))
             indices.append(i)
@@ -106,7 +106,7 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
 
 @functools.cache
 def _cpu_kernel(state_dtype: torch.dtype):
-    """Build (or load from Inductor's on-disk cache) the multi-tensor kernel for one state
+    """Build (or load from Inductor's on-disk cache) the group kernel for one state
     dtype; None, with a warning, where it cannot be built."""
     try:
         if not tensor_objects_lead_with_their_impl():
@@ -116,7 +116,7 @@ def _cpu_kernel(state_dtype: torch.dtype):
         return build_cpu_kernel(source, _CPU_ARGTYPES, **defines)
     except Exception as error:  # any build or load failure: the per-tensor kernel still works
         warnings.warn(
-            f"Ano fused=True: the multi-tensor CPU kernel could not be built ({error!r}); "
+            f"Ano fused=True: the CPU group kernel could not be built ({error!r}); "
             "using the per-tensor torch.compile kernel instead",
             RuntimeWarning,
             stacklevel=3,

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .batches import _block_table, _multi_tensor_takes
+from .batches import _block_table, _group_kernel_takes
 
-__all__ = ["triton_multi_tensor"]
+__all__ = ["triton_group_step"]
 
 # Elements per program; a block never spans two tensors.
 BLOCK = 1024
@@ -40,7 +40,7 @@ def _noise(index, multiplier, offset):
 
 
 @triton.jit
-def _ano_multi_tensor_kernel(
+def _ano_group_kernel(
     pointers,  # int64, n x 4: param, grad, exp_avg, exp_avg_sq
     numels,  # int64, n
     block_tensor,  # int64, blocks
@@ -103,7 +103,7 @@ def _ano_multi_tensor_kernel(
         tl.store(exp_avg_sq + offs, tl.where(skip, v, v_new), mask=mask)
 
 
-def triton_multi_tensor(
+def triton_group_step(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -124,7 +124,7 @@ def triton_multi_tensor(
     for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)
     ):
-        if _multi_tensor_takes(param, grad, exp_avg, exp_avg_sq):
+        if _group_kernel_takes(param, grad, exp_avg, exp_avg_sq):
             if param.numel():
                 batches.setdefault(exp_avg.dtype, []).append(i)
         else:
@@ -148,7 +148,7 @@ def triton_multi_tensor(
             dim=1,
         ).to(device=device, dtype=torch.float32)  # fmt: skip
         table = torch.stack([noise[i] for i in indices]).to(device=device, dtype=torch.int64)
-        _ano_multi_tensor_kernel[(block_tensor.numel(),)](
+        _ano_group_kernel[(block_tensor.numel(),)](
             pointers, numels, block_tensor, block_begin, scalars, hyper, amp, table,
             MAXIMIZE=bool(maximize), STATE_BF16=state_dtype == torch.bfloat16, BLOCK_SIZE=BLOCK,
         )  # fmt: skip
