@@ -1,7 +1,8 @@
 """Every use of torch's private API, in one place, each with a fallback on public API.
 
 torch.optim's optimizers share private helpers (the foreach default, the step's dtype, grouping
-by device and dtype); the fused CPU kernel is built by Inductor's C++ toolchain and reads tensor
+by device and dtype, the CUDA-graph capture check); the per-tensor kernel marks lengths dynamic
+for Dynamo; the fused CPU kernel is built by Inductor's C++ toolchain and reads tensor
 objects directly. None of these is a stable API, so each is reached only through this module:
 on a torch outside :data:`TESTED_TORCH`, or where a helper is missing or fails, the fallback
 runs instead (for the CPU kernel: it is not built, and ``fused=True`` takes the per-tensor
@@ -20,10 +21,12 @@ from torch import Tensor
 __all__ = [
     "TESTED_TORCH",
     "build_cpu_kernel",
+    "capture_health_check",
     "default_foreach",
     "group_by_device_and_dtype",
     "has_internal_overlap",
     "is_zero_tensor",
+    "mark_dynamic_length",
     "scalar_dtype",
     "tensor_objects_lead_with_their_impl",
 ]
@@ -59,6 +62,24 @@ def default_foreach(params: list[Tensor]) -> bool:
     return all(
         p is None or (type(p) in _PLAIN_TYPES and p.device.type in _FOREACH_DEVICES) for p in params
     )
+
+
+def capture_health_check(optimizer: torch.optim.Optimizer) -> None:
+    """torch.optim's check that a step being captured into a CUDA graph is ``capturable``, which
+    raises a clear error where it is not; nothing where this torch lacks it."""
+    check = getattr(optimizer, "_accelerator_graph_capture_health_check", None)
+    # Older torch names it _cuda_graph_capture_health_check (now a deprecated alias).
+    check = check or getattr(optimizer, "_cuda_graph_capture_health_check", None)
+    if check is not None:
+        check()
+
+
+def mark_dynamic_length(t: Tensor) -> None:
+    """Tell Dynamo that the 1-D ``t``'s length varies, so one compiled graph serves every
+    length; without it (a torch without the helper) each new length compiles anew."""
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_dynamic", None)
+    if mark is not None:
+        mark(t, 0)
 
 
 def scalar_dtype() -> torch.dtype:

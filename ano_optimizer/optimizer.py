@@ -27,7 +27,12 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import hyperparameters as hp
 from . import rounding
-from ._torch_internals import default_foreach, group_by_device_and_dtype, scalar_dtype
+from ._torch_internals import (
+    capture_health_check,
+    default_foreach,
+    group_by_device_and_dtype,
+    scalar_dtype,
+)
 from .fused import cpu_kernel_takes, fused_ano
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
@@ -49,13 +54,6 @@ _BLOCK_NUMEL = 1 << 16
 
 
 class Ano(Optimizer):
-    # Older torch names it _cuda_graph_capture_health_check (now a deprecated alias).
-    _capture_health_check = getattr(
-        Optimizer,
-        "_accelerator_graph_capture_health_check",
-        Optimizer._cuda_graph_capture_health_check,
-    )
-
     def __init__(
         self,
         params: ParamsT,
@@ -215,7 +213,7 @@ class Ano(Optimizer):
                 called with gradients enabled.
         """
         # As torch.optim.Adam: capturing a group without capturable=True is a clear error.
-        self._capture_health_check()
+        capture_health_check(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():

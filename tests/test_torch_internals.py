@@ -163,3 +163,29 @@ def test_training_runs_the_same_with_every_fallback_in_force():
                 torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=1e-7)
         else:
             assert values == theirs, name
+
+
+def test_capture_check_raises_while_capturing_and_is_skipped_where_torch_lacks_it(monkeypatch):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    internals.capture_health_check(optimizer)  # not capturing: nothing to say
+    calls = []
+    monkeypatch.setattr(
+        torch.optim.Optimizer,
+        "_accelerator_graph_capture_health_check",
+        lambda self: calls.append(1),
+    )
+    internals.capture_health_check(optimizer)
+    assert calls == [1]
+    monkeypatch.delattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check")
+    monkeypatch.delattr(torch.optim.Optimizer, "_cuda_graph_capture_health_check")
+    internals.capture_health_check(optimizer)  # the fallback: no check, no error
+
+
+def test_dynamic_length_marking_is_skipped_where_torch_lacks_it(monkeypatch):
+    marked = torch.zeros(4)
+    internals.mark_dynamic_length(marked)
+    assert marked._dynamo_dynamic_indices == {0}
+    monkeypatch.delattr(torch._dynamo, "mark_dynamic")
+    plain = torch.zeros(4)
+    internals.mark_dynamic_length(plain)
+    assert not hasattr(plain, "_dynamo_dynamic_indices")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import rounding
+from .._torch_internals import mark_dynamic_length
 from .batches import _addressable
 
 
@@ -178,7 +179,7 @@ def _flat(t: Tensor, mark_dynamic: bool) -> Tensor:
     if mark_dynamic and t.numel() > 1:
         # A symbolic length: one graph serves every tensor. Dynamo specialises lengths 0 and 1
         # anyway, so 1-element tensors (rare) share a second, static graph.
-        torch._dynamo.mark_dynamic(flat, 0)
+        mark_dynamic_length(flat)
     return flat
 
 
