@@ -321,3 +321,15 @@ def test_descriptions_with_control_characters_are_refused(tmp_path):
     assert "escapeopt" not in report["names"] and PLUGIN_NAME in report["names"]
     (message,) = [message for _, message in report["warnings"]]
     assert "printable" in message and "\x1b" not in message and "\r" not in message
+
+
+def test_the_1_1_0_import_path_of_the_plugin_warning_still_works():
+    import importlib
+    import sys
+
+    import ano_optimizer
+
+    sys.modules.pop("ano_optimizer.plugins", None)
+    with pytest.warns(DeprecationWarning, match="ano_optimizer.plugins is deprecated"):
+        old = importlib.import_module("ano_optimizer.plugins")
+    assert old.OptimizerPluginWarning is ano_optimizer.OptimizerPluginWarning
