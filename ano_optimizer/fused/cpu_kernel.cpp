@@ -369,7 +369,7 @@ bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf
 }
 
 // kernel()'s passes 2 and 3 over checked TensorImpls: versions, addresses, step counts, then
-// the update. Touches no Python object.
+// the update. Touches no Python object; the caller keeps the TensorImpls alive.
 void update_group(
     int64_t tensors,
     const std::vector<c10::TensorImpl*>& impls,
@@ -428,8 +428,6 @@ void update_group(
     const float decay = 1.0f - lr * weight_decay;
     const Update update = kUpdates[maximize != 0][inv_scale != 1.0f][decay != 1.0f];
 
-    // As a torch op does, hold a reference to every TensorImpl written or read until done.
-    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::incref(impl);
 #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
@@ -461,7 +459,6 @@ void update_group(
                 rounding_v[t]);
         }
     }
-    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::decref(impl);
 }
 
 }  // namespace
@@ -529,11 +526,15 @@ extern "C" void kernel(
     // GradScaler found inf/nan: every tensor keeps its values and its step count.
     if (skip || check_only) return finish(true);
     // The update touches no Python object, so other Python threads run meanwhile, as during a
-    // torch op.
+    // torch op; and as a torch op does, the kernel holds a reference to every TensorImpl it
+    // writes or reads, taken while it still holds the GIL, until it is done (another thread may
+    // drop the tensors' last Python references meanwhile).
+    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::incref(impl);
     Py_BEGIN_ALLOW_THREADS
     update_group(
         tensors, impls, lr, momentum_weight, beta2, eps, weight_decay, inv_scale, block_size,
         maximize, logarithmic_schedule);
     Py_END_ALLOW_THREADS
+    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::decref(impl);
     finish(true);
 }
