@@ -65,14 +65,13 @@ def _shipped_source() -> str:
 def _variant(state_dtype: torch.dtype, choice: str):
     if state_dtype not in cpu._CPU_STATE_TYPES or not tensor_objects_lead_with_their_impl():
         return None
-    source, defines = _shipped_source(), {"STATE_T": cpu._CPU_STATE_TYPES[state_dtype]}
-    if choice == "portable":
-        defines["ANO_NO_INTRINSICS"] = "1"
-    else:
+    source = _shipped_source()
+    if choice == "copy_floor":
         source, replaced = _UPDATE_BLOCK.subn(lambda _: _COPY_BLOCK, source)
         if replaced != 1:
             raise RuntimeError("cpu_kernel.cpp's update_block was not found to replace")
-        defines["ANO_NO_INTRINSICS"] = "1"
+    # Both variants run the portable loop alone (the copy floor replaces that loop).
+    defines = {"STATE_T": cpu._CPU_STATE_TYPES[state_dtype], "ANO_NO_INTRINSICS": "1"}
     return build_cpu_kernel(source, cpu._CPU_ARGTYPES, **defines)
 
 

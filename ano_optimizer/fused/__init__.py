@@ -105,7 +105,7 @@ def _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, foun
           log, compiling) -> dict:  # fmt: skip
     """The routes of one device's tensors: the CPU group kernel's batches, and for each
     other tensor its compiled kernel (None: the eager math)."""
-    d_params, d_grads, d_avgs, d_avg_sqs, d_steps = (list(t) for t in tensors)
+    d_params, d_grads, d_avgs, d_avg_sqs, d_steps = tensors  # fresh lists, one per role
     plan = {"device": device, "batches": {}, "tensors": None, "kernels": {}}
     left = list(range(len(d_params)))
     if not compiling and device.type == "cpu":
