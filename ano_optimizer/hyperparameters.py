@@ -14,7 +14,7 @@ DEFAULT_EPS = 1e-8
 DEFAULT_WEIGHT_DECAY = 0.0
 
 
-def _is_real_number(value) -> bool:
+def is_real_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -34,7 +34,7 @@ def check_lr(lr, owner: str = "Ano", *, read_tensor: bool = True) -> None:
         if not read_tensor:
             return
         value = float(lr.detach().item())
-    elif _is_real_number(lr):
+    elif is_real_number(lr):
         value = float(lr)
     else:
         raise ValueError(f"{owner}: lr must be a float or a 1-element tensor, got {lr!r}")
@@ -49,7 +49,7 @@ def check_betas(betas, owner: str = "Ano") -> tuple[float, float]:
     except (TypeError, ValueError):
         raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}") from None
     for index, beta in enumerate((beta1, beta2)):
-        if not _is_real_number(beta):
+        if not is_real_number(beta):
             raise ValueError(f"{owner}: betas[{index}] must be a float, got {beta!r}")
     beta1, beta2 = float(beta1), float(beta2)
     if not 0.0 <= beta1 < 1.0:
@@ -63,12 +63,12 @@ def check_betas(betas, owner: str = "Ano") -> tuple[float, float]:
 
 
 def check_eps(eps, owner: str = "Ano") -> None:
-    if not _is_real_number(eps) or not (math.isfinite(eps) and eps > 0.0):
+    if not is_real_number(eps) or not (math.isfinite(eps) and eps > 0.0):
         raise ValueError(f"{owner}: invalid eps={eps!r}; eps must be finite and > 0")
 
 
 def check_weight_decay(weight_decay, owner: str = "Ano") -> None:
-    if not _is_real_number(weight_decay) or not (
+    if not is_real_number(weight_decay) or not (
         math.isfinite(weight_decay) and weight_decay >= 0.0
     ):
         raise ValueError(

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # tensorflow-cpu stands in for the [tensorflow] extra's full tensorflow build on this CPU-only
 # machine; jax gives Keras its third backend, so tests_keras runs the optimizers on all three.
-.venv/bin/python -m pip install --quiet tensorflow-cpu jax -e ".[keras,transformers,timm,demo,test,docs,distributed]"
+.venv/bin/python -m pip install --quiet tensorflow-cpu jax -e ".[keras,transformers,timm,demo,test,docs,distributed,optax,frameworks]"
 
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .

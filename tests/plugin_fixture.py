@@ -16,8 +16,9 @@ that forwards Ano's arguments to every optimizer fails on it. Its update, per te
 
 :func:`signsgd_reference` computes it in float64. The torch class is
 ``<module>.torch_impl:SignSGD`` (``SignSGD(params, lr=1e-3, momentum=0.0, weight_decay=0.0)``)
-and the Keras class ``<module>.keras_impl:SignSGD`` (``SignSGD(learning_rate=1e-3,
-momentum=0.0, weight_decay=None, ...)``, imported only when asked for).
+the Keras class ``<module>.keras_impl:SignSGD`` (``SignSGD(learning_rate=1e-3,
+momentum=0.0, weight_decay=None, ...)``, imported only when asked for) and the optax factory
+``<module>.optax_impl:signsgd`` (``signsgd(learning_rate=1e-3, momentum=0.0, weight_decay=0.0)``).
 """
 
 from __future__ import annotations
@@ -109,6 +110,33 @@ class SignSGD(keras.optimizers.Optimizer):
         return config
 '''
 
+_OPTAX_IMPL = '''
+"""SignSGD with momentum for optax, as a chain of optax's own transforms."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _sign_of_trace(momentum):
+    def init_fn(params):
+        return optax.TraceState(trace=jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        trace = jax.tree.map(lambda g, t: momentum * t + g, updates, state.trace)
+        return jax.tree.map(jnp.sign, trace), optax.TraceState(trace=trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def signsgd(learning_rate=1e-3, momentum=0.0, weight_decay=0.0):
+    return optax.chain(
+        _sign_of_trace(momentum),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+'''
+
 _SPEC_MODULE = '''
 """Optimizer plugin {distribution!r}: its spec, published in entry_points.txt."""
 {failing_import}
@@ -119,6 +147,7 @@ SPEC = OptimizerSpec(
     description="SignSGD with momentum (test plugin {distribution})",
     torch_class="{module}.torch_impl:SignSGD",
     keras_class="{module}.keras_impl:SignSGD",
+    optax_factory="{module}.optax_impl:signsgd",
     has_betas=False,
     has_eps=False,
     has_momentum=True,
@@ -192,6 +221,7 @@ def write_plugin(
             f"{module}/__init__.py": spec_module,
             f"{module}/torch_impl.py": _TORCH_IMPL,
             f"{module}/keras_impl.py": _KERAS_IMPL,
+            f"{module}/optax_impl.py": _OPTAX_IMPL,
         },
     )
     return str(directory)

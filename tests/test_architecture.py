@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ano_optimizer.registry.builtins import BUILTIN_SPECS
+from ano_optimizer.registry.spec import FRAMEWORKS
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = {
@@ -85,7 +86,7 @@ def _graph() -> dict[str, set[str]]:
     graph = {name: _imports(name) for name in MODULES}
     # The registry imports the built-ins' classes by their "module:Class" references.
     for spec in BUILTIN_SPECS:
-        for reference in (spec.torch_class, spec.keras_class):
+        for reference in filter(None, map(spec.class_reference, FRAMEWORKS)):
             graph["ano_optimizer.registry"].add(_target(reference.partition(":")[0]))
     return graph
 

@@ -84,8 +84,10 @@ def test_list_table_with_plugins_and_no_keras_import(plugins, tmp_path):
     lines = result.stdout.splitlines()
     assert re.split(r"\s{2,}", lines[0]) == ["NAME", "FRAMEWORKS", "SOURCE", "DESCRIPTION"]
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line) for line in lines[1:])}
-    keras_here = importlib.util.find_spec("keras") is not None
-    frameworks = "torch, keras" if keras_here else "torch, keras (not importable)"
+    frameworks = ", ".join(
+        name if importlib.util.find_spec(name) else f"{name} (not importable)"
+        for name in ("torch", "keras", "optax")
+    )
     assert rows["ano"][:2] == [frameworks, "built-in"]
     assert rows["ano"][2].startswith("Ano: sign-of-momentum direction")
     assert rows["anolog"][:2] == [frameworks, "built-in"]
@@ -115,7 +117,18 @@ def test_list_json_pattern_and_framework(plugins, tmp_path):
         "available": True,
     }
     assert row["frameworks"]["keras"]["class"] == "ano_fixture_plugin.keras_impl:SignSGD"
+    assert row["frameworks"]["optax"]["class"] == "ano_fixture_plugin.optax_impl:signsgd"
     assert (row["has_betas"], row["has_eps"], row["has_momentum"]) == (False, False, True)
+
+
+def test_list_optax_framework(capsys):
+    assert main(["list", "ano*", "--framework", "optax", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"ano", "anolog"} <= set(rows)
+    assert rows["ano"]["frameworks"]["optax"] == {
+        "class": "ano_optimizer.optax:ano",
+        "available": importlib.util.find_spec("optax") is not None,
+    }
 
 
 def test_list_reports_no_match_and_bad_framework(capsys):

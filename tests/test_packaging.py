@@ -181,11 +181,12 @@ def test_editable_install_and_import_stays_light(tmp_path):
         import ano_optimizer.integrations
         from ano_optimizer import create_optimizer, get_optimizer_class, list_optimizers
 
-        for name in list_optimizers(framework="keras"):
+        for name in list_optimizers(framework="keras") + list_optimizers(framework="optax"):
             ano_optimizer.get_optimizer_spec(name)
         get_optimizer_class("anolog")
         create_optimizer(torch.nn.Linear(2, 2), "ano", weight_decay=0.1)
-        heavy = ("tensorflow", "keras", "transformers", "timm", "ano_optimizer.keras")
+        heavy = ("tensorflow", "keras", "transformers", "timm", "jax", "optax",
+                 "ano_optimizer.keras", "ano_optimizer.optax")
         print(json.dumps({
             "imported": sorted(set(heavy) & set(sys.modules)),
             "integrations": ano_optimizer.integrations.__file__,

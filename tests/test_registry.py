@@ -51,7 +51,9 @@ def test_builtins_are_registered_with_lazy_references():
     assert ANOLOG.keras_class == "ano_optimizer.keras.optimizers:Anolog"
     assert ANO.source == ANOLOG.source == "built-in"
     assert ANO.has_betas and ANO.has_eps and not ANO.has_momentum
-    assert ANO.frameworks == ("torch", "keras")
+    assert ANO.optax_factory == "ano_optimizer.optax:ano"
+    assert ANOLOG.optax_factory == "ano_optimizer.optax:anolog"
+    assert ANO.frameworks == ANOLOG.frameworks == ("torch", "keras", "optax")
 
 
 @pytest.mark.parametrize("name", list_optimizers(framework="torch"))
@@ -73,6 +75,13 @@ def test_lookup_is_case_insensitive(name):
 def test_get_optimizer_class_torch():
     assert get_optimizer_class("ano") is Ano
     assert get_optimizer_class("AnoLog", "torch") is Anolog
+
+
+def test_get_optimizer_class_optax_returns_the_factory():
+    import ano_optimizer.optax
+
+    assert get_optimizer_class("ano", "optax") is ano_optimizer.optax.ano
+    assert get_optimizer_class("anolog", "optax") is ano_optimizer.optax.anolog
 
 
 def test_unknown_name_lists_known_and_closest_names():
@@ -104,6 +113,7 @@ def test_list_optimizers_filters():
     assert list_optimizers("ANO") == ["ano"]
     assert list_optimizers("zz*") == []
     assert {"ano", "anolog"} <= set(list_optimizers(framework="keras"))
+    assert {"ano", "anolog"} <= set(list_optimizers(framework="optax"))
     assert set(list_optimizers("ano*", framework="torch")) >= {"ano", "anolog"}
 
 
@@ -117,7 +127,11 @@ def test_list_optimizers_filters():
         ({"description": "two\nlines"}, "description must be one line"),
         ({"torch_class": "torch.optim.SGD"}, "invalid torch_class='torch.optim.SGD'"),
         ({"keras_class": "keras:"}, "invalid keras_class='keras:'"),
-        ({"torch_class": None, "keras_class": None}, "give torch_class, keras_class or both"),
+        ({"optax_factory": "optax.adam"}, "invalid optax_factory='optax.adam'"),
+        (
+            {"torch_class": None, "keras_class": None},
+            "give at least one of torch_class, keras_class and optax_factory",
+        ),
         ({"defaults": [("lr", 1)]}, "defaults must be a mapping"),
         ({"defaults": {"params": []}}, "invalid defaults key 'params'"),
         ({"defaults": {"not a name": 1}}, "invalid defaults key 'not a name'"),
@@ -359,6 +373,17 @@ def test_register_optimizer_end_to_end():
         raises(TypeError, "not a class", get_optimizer_class, "notaclass")
         register_optimizer(OptimizerSpec("typo", "x", "torch.optim:Adamw", None))
         raises(ImportError, "has no attribute 'Adamw'", get_optimizer_class, "typo")
+
+        # A spec for optax alone: the registry hands back the factory, a function.
+        import optax
+        register_optimizer(OptimizerSpec("optaxsgd", "SGD for optax", optax_factory="optax:sgd"))
+        assert list_optimizers("optaxsgd", framework="optax") == ["optaxsgd"]
+        assert list_optimizers("optaxsgd", framework="torch") == []
+        assert get_optimizer_class("optaxsgd", "optax") is optax.sgd
+        raises(ValueError, "has no torch implementation (available for: optax)",
+               get_optimizer_class, "optaxsgd")
+        register_optimizer(OptimizerSpec("optaxbad", "x", optax_factory="optax:__version__"))
+        raises(TypeError, "not a function", get_optimizer_class, "optaxbad", "optax")
         print("ok")
     """
     assert run_python(code).strip() == "ok"

@@ -115,7 +115,7 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
     return _REGISTRY.get(name)
 
 
-def _resolve(reference: str, what: str) -> type:
+def _resolve(reference: str, what: str, *, want_class: bool):
     module_name, _, attribute_path = reference.partition(":")
     try:
         obj = importlib.import_module(module_name)
@@ -128,13 +128,18 @@ def _resolve(reference: str, what: str) -> type:
             raise ImportError(
                 f"{what}: module {module_name!r} has no attribute {attribute_path!r}"
             ) from None
-    if not isinstance(obj, type):
+    if want_class and not isinstance(obj, type):
         raise TypeError(f"{what}: {reference!r} is {obj!r}, not a class")
+    if not callable(obj):
+        raise TypeError(f"{what}: {reference!r} is {obj!r}, not a function")
     return obj
 
 
-def get_optimizer_class(name: str, framework: str = "torch") -> type:
-    """Import and return the optimizer class of ``name`` for ``framework`` ("torch" or "keras").
+def get_optimizer_class(name: str, framework: str = "torch"):
+    """Import and return the optimizer of ``name`` for ``framework``.
+
+    For "torch" and "keras" that is the optimizer class; for "optax" it is the factory
+    function that returns an ``optax.GradientTransformation`` (``ano_optimizer.optax.ano``).
 
     Raises:
         ValueError: unknown name or framework, or the optimizer has no class for that framework.
@@ -148,7 +153,9 @@ def get_optimizer_class(name: str, framework: str = "torch") -> type:
             f"optimizer {spec.name!r} has no {framework} implementation "
             f"(available for: {', '.join(spec.frameworks)})"
         )
-    return _resolve(reference, f"optimizer {spec.name!r} ({framework})")
+    return _resolve(
+        reference, f"optimizer {spec.name!r} ({framework})", want_class=framework != "optax"
+    )
 
 
 def list_optimizers(pattern: str | None = None, framework: str | None = None) -> list[str]:
@@ -156,8 +163,9 @@ def list_optimizers(pattern: str | None = None, framework: str | None = None) ->
 
     Args:
         pattern: shell-style wildcard matched case-insensitively (``"ano*"``); None for all.
-        framework: "torch" or "keras" keeps the names whose spec has a class for that framework
-            (whether the framework is installed is not checked); None for all.
+        framework: "torch", "keras" or "optax" keeps the names whose spec has a class (or, for
+            optax, a factory) for that framework (whether the framework is installed is not
+            checked); None for all.
     """
     if pattern is not None and not isinstance(pattern, str):
         raise TypeError(f"pattern must be a string or None, got {pattern!r}")

@@ -15,6 +15,7 @@ ANO = OptimizerSpec(
     description="Ano: sign-of-momentum direction, gradient-magnitude step, additive second moment",
     torch_class="ano_optimizer.optimizer:Ano",
     keras_class="ano_optimizer.keras.optimizers:Ano",
+    optax_factory="ano_optimizer.optax:ano",
 )
 
 ANOLOG = OptimizerSpec(
@@ -22,6 +23,7 @@ ANOLOG = OptimizerSpec(
     description="Anolog: Ano with the logarithmic momentum schedule beta1 = 1 - 1/ln(k + 2)",
     torch_class="ano_optimizer.optimizer:Anolog",
     keras_class="ano_optimizer.keras.optimizers:Anolog",
+    optax_factory="ano_optimizer.optax:anolog",
 )
 
 BUILTIN_SPECS = (ANO, ANOLOG)

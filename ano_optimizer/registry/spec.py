@@ -13,10 +13,12 @@ from typing import Any
 
 __all__ = ["FRAMEWORKS", "OptimizerSpec", "check_framework", "spec_with_source"]
 
-FRAMEWORKS = ("torch", "keras")
 
 # timm splits optimizer names on "_" (e.g. "lookahead_adamw"), so names keep to [a-z0-9].
 _NAME_RE = re.compile(r"[a-z0-9]+")
+# framework -> the spec field holding its lazy "module:attribute" reference
+_REFERENCE_FIELDS = {"torch": "torch_class", "keras": "keras_class", "optax": "optax_factory"}
+FRAMEWORKS = tuple(_REFERENCE_FIELDS)
 _REFERENCE_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -29,6 +31,8 @@ class OptimizerSpec:
         description: one line, shown by ``ano-optimizer list``.
         torch_class: ``"module:Class"`` of the PyTorch optimizer, or None.
         keras_class: ``"module:Class"`` of the Keras optimizer, or None.
+        optax_factory: ``"module:function"`` of a function returning an
+            ``optax.GradientTransformation`` (as ``optax.adamw`` does), or None.
         defaults: keyword arguments added when the optimizer is created (the caller's win).
         has_betas: accepts ``betas=(beta1, beta2)``.
         has_eps: accepts ``eps``.
@@ -38,13 +42,14 @@ class OptimizerSpec:
 
     name: str
     description: str
-    torch_class: str | None
-    keras_class: str | None
+    torch_class: str | None = None
+    keras_class: str | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
     has_betas: bool = True
     has_eps: bool = True
     has_momentum: bool = False
     source: str = "built-in"
+    optax_factory: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -59,17 +64,20 @@ class OptimizerSpec:
                 f"OptimizerSpec {self.name!r}: description must be one line of printable text, "
                 f"without control characters, got {self.description!r}"
             )
-        for attribute in ("torch_class", "keras_class"):
+        for attribute in _REFERENCE_FIELDS.values():
             reference = getattr(self, attribute)
             if reference is not None and (
                 not isinstance(reference, str) or not _REFERENCE_RE.fullmatch(reference)
             ):
                 raise ValueError(
                     f"OptimizerSpec {self.name!r}: invalid {attribute}={reference!r}; expected a "
-                    "lazy reference 'package.module:ClassName' or None"
+                    "lazy reference 'package.module:Name' or None"
                 )
-        if self.torch_class is None and self.keras_class is None:
-            raise ValueError(f"OptimizerSpec {self.name!r}: give torch_class, keras_class or both")
+        if all(getattr(self, attribute) is None for attribute in _REFERENCE_FIELDS.values()):
+            raise ValueError(
+                f"OptimizerSpec {self.name!r}: give at least one of torch_class, keras_class "
+                "and optax_factory"
+            )
         if not isinstance(self.defaults, Mapping):
             raise ValueError(
                 f"OptimizerSpec {self.name!r}: defaults must be a mapping, got {self.defaults!r}"
@@ -95,9 +103,10 @@ class OptimizerSpec:
         object.__setattr__(self, "defaults", types.MappingProxyType(dict(self.defaults)))
 
     def class_reference(self, framework: str) -> str | None:
-        """The ``"module:Class"`` reference for ``framework`` ("torch" or "keras"), or None."""
+        """The lazy reference for ``framework``: ``torch_class``, ``keras_class`` or
+        ``optax_factory`` (for "torch", "keras", "optax"), or None."""
         check_framework(framework)
-        return self.torch_class if framework == "torch" else self.keras_class
+        return getattr(self, _REFERENCE_FIELDS[framework])
 
     @property
     def frameworks(self) -> tuple[str, ...]:
