@@ -18,18 +18,22 @@ TORCH_FRAMEWORKS = ("transformers", "timm")
 def register_all() -> list[str]:
     """Register every torch-side integration whose framework is installed; return their names.
 
-    A framework whose installed version the adapter cannot support (its ``register()`` raises
-    ``RuntimeError`` naming the version) is skipped with a warning, so a script that uses only
-    the other framework still runs.
+    A framework that fails to import or to register, for whatever reason (an unsupported
+    version, a broken install, a missing dependency of its own), is skipped with one warning
+    naming it, so a script that does not use that framework still runs.
     """
     done = []
     for framework in TORCH_FRAMEWORKS:
-        if importlib.util.find_spec(framework) is None:
-            continue
         try:
+            if importlib.util.find_spec(framework) is None:
+                continue
             importlib.import_module(f"ano_optimizer.integrations.{framework}").register()
-        except RuntimeError as error:
-            warnings.warn(f"ano-optimizer: {framework} not registered: {error}", stacklevel=2)
+        except Exception as error:  # any failure of a third-party import
+            warnings.warn(
+                f"ano-optimizer: the {framework} integration is not registered, so registry "
+                f"names are not available in {framework}: {type(error).__name__}: {error}",
+                stacklevel=2,
+            )
             continue
         done.append(framework)
     return done

@@ -31,6 +31,8 @@ import threading
 import warnings
 from typing import Any
 
+import torch
+
 from ano_optimizer.registry import get_optimizer_class, get_optimizer_spec, list_optimizers
 
 __all__ = ["optimizer_cls_and_kwargs", "parse_optim_args", "register", "registered_names"]
@@ -139,7 +141,29 @@ def _keyword_defaults(cls: type) -> dict[str, Any] | None:
     return {p.name: p.default for p in parameters[1:] if p.kind in kinds}
 
 
-def _check_against_signature(name: str, cls: type, options: dict[str, Any]) -> None:
+def _takes_a_dtype(cls: type, key: str, default) -> bool:
+    """Whether keyword ``key`` of ``cls`` is a torch dtype (by its default or its annotation)."""
+    if isinstance(default, torch.dtype):
+        return True
+    annotation = inspect.signature(cls).parameters[key].annotation
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return "torch.dtype" in text
+
+
+def _dtype_from_name(name: str, key: str, value) -> torch.dtype | None:
+    if value is None:
+        return None
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"optim_args: key {key!r} of optimizer {name!r} must be a torch dtype name such as "
+            f"bfloat16 or float32 (or None), got {value!r}"
+        )
+    return dtype
+
+
+def _typed_against_signature(name: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against ``cls``'s keyword arguments; dtype names become dtypes."""
     if "weight_decay" in options:
         raise ValueError(
             "optim_args: key 'weight_decay' is not allowed: the Trainer gives each parameter "
@@ -147,8 +171,9 @@ def _check_against_signature(name: str, cls: type, options: dict[str, Any]) -> N
         )
     accepted = _keyword_defaults(cls)
     if accepted is None:
-        return
+        return dict(options)
     accepted.pop("weight_decay", None)
+    typed = {}
     for key, value in options.items():
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
@@ -160,7 +185,9 @@ def _check_against_signature(name: str, cls: type, options: dict[str, Any]) -> N
             )
         default = accepted[key]
         expected = None
-        if isinstance(default, bool):
+        if _takes_a_dtype(cls, key, default):
+            value = _dtype_from_name(name, key, value)
+        elif isinstance(default, bool):
             expected, ok = "true or false", isinstance(value, bool)
         elif isinstance(default, (int, float)):
             expected = "a number"
@@ -171,6 +198,8 @@ def _check_against_signature(name: str, cls: type, options: dict[str, Any]) -> N
             raise ValueError(
                 f"optim_args: key {key!r} of optimizer {name!r} must be {expected}, got {value!r}"
             )
+        typed[key] = value
+    return typed
 
 
 def optimizer_cls_and_kwargs(args, name: str | None = None) -> tuple[type, dict[str, Any]]:
@@ -202,8 +231,7 @@ def optimizer_cls_and_kwargs(args, name: str | None = None) -> tuple[type, dict[
     if spec.has_eps:
         kwargs["eps"] = args.adam_epsilon
     overrides = parse_optim_args(args.optim_args)
-    _check_against_signature(spec.name, cls, overrides)
-    kwargs.update(overrides)
+    kwargs.update(_typed_against_signature(spec.name, cls, overrides))
     return cls, kwargs
 
 

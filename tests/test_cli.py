@@ -144,3 +144,23 @@ def test_list_reports_no_match_and_bad_framework(capsys):
         main(["list", "--framework", "jax"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'jax'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", ["ImportError('libfoo.so: cannot open')", "AttributeError('x')"])
+def test_run_warns_once_for_a_framework_that_fails_to_import(tmp_path, error):
+    """A broken timm (any exception on import) costs one warning naming it; the script runs."""
+    shadow = tmp_path / "shadow"
+    (shadow / "timm").mkdir(parents=True)
+    (shadow / "timm" / "__init__.py").write_text(f"raise {error}\n")
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nprint('script ran', sys.argv[1:])\n")
+    result = ano_optimizer(
+        "run", str(script), "--", "--lr", "1", env=env_with_path(shadow), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "script ran ['--', '--lr', '1']"
+    warnings = [
+        line for line in result.stderr.splitlines() if "integration is not registered" in line
+    ]
+    assert len(warnings) == 1, result.stderr
+    assert "the timm integration" in warnings[0] and error.split("(")[0] in warnings[0]

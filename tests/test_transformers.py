@@ -6,6 +6,7 @@ Tiny BERT/GPT-2 models built from configs, synthetic data, a few steps each, CPU
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import subprocess
 import sys
@@ -351,6 +352,75 @@ def test_optim_args_override_training_arguments(tmp_path):
     assert (group["lr"], group["betas"], group["eps"]) == (5e-4, (0.7, 0.9), 1e-6)
 
 
+# Every key docs/transformers.md lists as accepted, with a value that must reach the optimizer.
+OPTIM_ARGS_KEYS = {
+    "betas": ("betas=(0.8,0.95)", (0.8, 0.95)),
+    "capturable": ("capturable=true", True),
+    "eps": ("eps=1e-6", 1e-6),
+    "foreach": ("foreach=false", False),
+    "fused": ("fused=true", True),
+    "logarithmic_schedule": ("logarithmic_schedule=True", True),
+    "lr": ("lr=5e-4", 5e-4),
+    "maximize": ("maximize=true", True),
+    "state_dtype": ("state_dtype=bfloat16", torch.bfloat16),
+}
+
+
+def test_the_key_table_is_every_keyword_the_trainer_may_pass():
+    accepted = set(inspect.signature(Ano).parameters) - {"params", "weight_decay"}
+    assert set(OPTIM_ARGS_KEYS) == accepted
+
+
+@pytest.mark.parametrize("key", sorted(OPTIM_ARGS_KEYS))
+def test_every_accepted_optim_args_key_reaches_the_optimizer(tmp_path, key):
+    optim_args, expected = OPTIM_ARGS_KEYS[key]
+    args = training_args(tmp_path, optim="ano", optim_args=optim_args, max_steps=1)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TokenClassificationData())
+    trainer.train()
+    optimizer = inner(trainer.optimizer)
+    for group in optimizer.param_groups:
+        assert group["initial_lr" if key == "lr" else key] == expected
+    assert {float(state["step"]) for state in optimizer.state.values()} == {1.0}
+
+
+@pytest.mark.parametrize(
+    ("value", "state_dtype"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("float32", torch.float32),
+        ("torch.bfloat16", torch.bfloat16),
+        ("None", None),
+    ],
+)
+def test_state_dtype_by_name_sets_the_dtype_of_the_moments(tmp_path, value, state_dtype):
+    args = training_args(tmp_path, optim="anolog", optim_args=f"state_dtype={value}", max_steps=2)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TokenClassificationData())
+    trainer.train()
+    optimizer = inner(trainer.optimizer)
+    for p, state in optimizer.state.items():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == (state_dtype or p.dtype)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "banana",
+            r"key 'state_dtype' of optimizer 'ano' must be a torch dtype name such as "
+            r"bfloat16 or float32 \(or None\), got 'banana'",
+        ),
+        ("3", r"must be a torch dtype name .*got 3"),
+        ("int8", r"invalid state_dtype=torch.int8; it must be None"),
+    ],
+)
+def test_bad_state_dtype_names_fail_before_training(tmp_path, value, message):
+    args = training_args(tmp_path, optim="ano", optim_args=f"state_dtype={value}")
+    trainer = Trainer(model=tiny_bert(), args=args)
+    with pytest.raises(ValueError, match=message):
+        trainer.create_optimizer()
+    assert trainer.optimizer is None
+
+
 # ------------------------------------------------------------------- registration, names
 
 
@@ -552,6 +622,7 @@ def test_registry_plugin_name_works_in_trainer(tmp_path):
 def test_launcher_runs_a_script_as_python_does(tmp_path, monkeypatch, capsys):
     import argparse
 
+    from ano_optimizer import cli
     from ano_optimizer.cli import run as launcher
 
     # The launcher takes over this process's argv and sys.path[0], as python would: restore them.
@@ -566,20 +637,16 @@ def test_launcher_runs_a_script_as_python_does(tmp_path, monkeypatch, capsys):
         f"open({str(tmp_path / 'record.json')!r}, 'w').write(json.dumps(record))\n"
         "sys.exit(3)\n"
     )
-    parser = argparse.ArgumentParser()
-    launcher.add_arguments(parser)
-    args = parser.parse_args([str(script), "--optim", "anolog", "-h", "--", "x"])
+    argv = [str(script), "--", "--optim", "anolog", "-h", "--", "x"]
     with pytest.raises(SystemExit) as exit_info:
-        launcher.run(args)
+        cli.main(["run", *argv])
     assert exit_info.value.code == 3
     record = json.loads((tmp_path / "record.json").read_text())
-    assert record == [
-        "__main__",
-        [str(script), "--optim", "anolog", "-h", "--", "x"],
-        str(script.parent),
-        "anolog",
-    ]
+    # Exactly what `python train.py -- --optim anolog -h -- x` gives: both "--" kept.
+    assert record == ["__main__", argv, str(script.parent), "anolog"]
 
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
     missing = parser.parse_args([str(tmp_path / "missing.py")])
     assert launcher.run(missing) == 2
     assert "can't open file" in capsys.readouterr().err

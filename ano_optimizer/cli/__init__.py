@@ -3,7 +3,9 @@
 Each subcommand lives in its own module of this package (``list``: :mod:`.listing`, ``demo``:
 :mod:`ano_optimizer.demo`, ``run``: :mod:`.run`), imported only when that subcommand runs, so
 ``ano-optimizer --help`` stays fast and ``import ano_optimizer`` stays light. A subcommand module
-defines ``add_arguments(parser)`` and ``run(args) -> int``.
+defines ``add_arguments(parser)`` and ``run(args) -> int``; one that hands arguments on to another
+program also defines ``split_argv(argv) -> (own, passed_on)``, and ``passed_on`` reaches
+``run`` untouched by argparse as ``args.script_args``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
+    passed_on = None
+    if command in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+        if hasattr(module, "split_argv"):
+            position = argv.index(command) + 1
+            own, passed_on = module.split_argv(argv[position:])
+            argv = argv[:position] + own
     args = parser.parse_args(argv)
+    if passed_on is not None:
+        args.script_args = passed_on
     if args.command is None:
         parser.print_help()
         return 0

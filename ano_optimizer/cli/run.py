@@ -17,6 +17,17 @@ import sys
 import zipfile
 
 
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split the arguments after ``run`` into this command's own (up to the script) and the
+    script's, which are handed over verbatim: argparse would drop a ``--`` that python keeps."""
+    for index, token in enumerate(argv):
+        if token == "--":  # "run -- SCRIPT": the script name itself starts with "-"
+            return argv[: index + 2], argv[index + 2 :]
+        if not token.startswith("-"):
+            return argv[: index + 1], argv[index + 1 :]
+    return argv, []
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "script", help="the Python script to run (or a directory or zip file with __main__.py)"
@@ -25,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "script_args",
         nargs=argparse.REMAINDER,
         metavar="ARGS",
-        help="arguments handed to the script unchanged",
+        help="arguments handed to the script unchanged, '--' included",
     )
 
 
