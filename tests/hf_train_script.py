@@ -71,11 +71,13 @@ def main() -> int:
         "loss_before": loss_before,
         "loss_after": loss_after,
         "argv": sys.argv,
+        "world_size": training_args.world_size,
         "main_module": __name__,
         "sys_path0": sys.path[0],
     }
-    with open(os.path.join(training_args.output_dir, "optimizer_report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=repr)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "optimizer_report.json"), "w") as f:
+            json.dump(report, f, indent=2, default=repr)
     print(f"loss {loss_before:.4f} -> {loss_after:.4f} with {report['optimizer_class']}")
     return 0
 

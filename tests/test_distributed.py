@@ -251,3 +251,43 @@ def test_deepspeed_zero_1_to_3_with_ano_as_client_optimizer_trains_and_resumes(t
 
 def _runs(runs: list[tuple[str, str]]) -> str:
     return ",".join(f"{name}:{path}" for name, path in runs)
+
+
+HF_SCRIPT = Path(__file__).parent / "hf_train_script.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_launchers_start_ano_optimizer_run_on_every_rank(tmp_path, launcher):
+    """``torchrun --no-python`` / ``accelerate launch --no_python`` start ``ano-optimizer run``
+    on two ranks: an unchanged Hugging Face script trains with --optim ano in a 2-process group."""
+    env = _environment()
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # no user accelerate config file leaks in
+    port = str(_free_port())
+    if launcher == "torchrun":
+        command = [
+            str(Path(sys.executable).with_name("torchrun")),
+            *("--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1"),
+            f"--master-port={port}",
+            "--no-python",
+        ]
+    else:
+        command = [
+            str(Path(sys.executable).with_name("accelerate")),
+            *("launch", "--multi_gpu", "--num_processes=2", "--num_machines=1"),
+            *("--mixed_precision=no", "--dynamo_backend=no", "--main_process_ip=127.0.0.1"),
+            f"--main_process_port={port}",
+            "--no_python",
+        ]
+    script_args = [
+        *("--optim", "ano", "--output_dir", str(tmp_path / "out"), "--max_steps", "4"),
+        *("--learning_rate", "1e-2", "--per_device_train_batch_size", "4", "--use_cpu"),
+        *("--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"),
+    ]
+    ano_optimizer = str(Path(sys.executable).with_name("ano-optimizer"))
+    launch([*command, ano_optimizer, "run", str(HF_SCRIPT), *script_args], env)
+    report = json.loads((tmp_path / "out" / "optimizer_report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["optimizer_class"] == "ano_optimizer.optimizer.Ano"
+    assert report["argv"] == [str(HF_SCRIPT), *script_args]
+    assert report["loss_after"] < report["loss_before"]
