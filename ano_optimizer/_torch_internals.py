@@ -22,6 +22,7 @@ __all__ = [
     "TESTED_TORCH",
     "build_cpu_kernel",
     "capture_health_check",
+    "cpu_toolchain",
     "default_foreach",
     "group_by_device_and_dtype",
     "has_internal_overlap",
@@ -137,6 +138,27 @@ def tensor_objects_lead_with_their_impl() -> bool:
         return all(ctypes.c_size_t.from_address(id(t) + offset).value == t._cdata for t in probes)
     except AttributeError:  # no _cdata: another object layout
         return False
+
+
+def cpu_toolchain() -> dict[str, str | None]:
+    """The C++ compiler and the cache directory :func:`build_cpu_kernel` uses (None where this
+    torch does not say), for ``ano-optimizer env``."""
+    found: dict[str, str | None] = {"compiler": None, "cache_dir": None}
+    if not _KNOWN_TORCH:
+        return found
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        found["compiler"] = str(get_cpp_compiler())
+    except Exception:  # a missing compiler is reported by the build itself
+        pass
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        found["cache_dir"] = str(cache_dir())
+    except Exception:  # the cache directory is only informative
+        pass
+    return found
 
 
 def build_cpu_kernel(source: str, argtypes: list[str], **defines: str):

@@ -15,6 +15,13 @@ import warnings
 TORCH_FRAMEWORKS = ("transformers", "timm")
 
 
+def register_framework(framework: str) -> list[str]:
+    """Import the adapter of ``framework`` (one of :data:`TORCH_FRAMEWORKS`, or "keras") and
+    register the registry's optimizers with it; return the names it registered. Raises whatever
+    importing the framework or registering raises."""
+    return importlib.import_module(f"ano_optimizer.integrations.{framework}").register()
+
+
 def register_all() -> list[str]:
     """Register every torch-side integration whose framework is installed; return their names.
 
@@ -27,7 +34,7 @@ def register_all() -> list[str]:
         try:
             if importlib.util.find_spec(framework) is None:
                 continue
-            importlib.import_module(f"ano_optimizer.integrations.{framework}").register()
+            register_framework(framework)
         except Exception as error:  # any failure of a third-party import
             warnings.warn(
                 f"ano-optimizer: the {framework} integration is not registered, so registry "

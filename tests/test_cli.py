@@ -164,3 +164,84 @@ def test_run_warns_once_for_a_framework_that_fails_to_import(tmp_path, error):
     ]
     assert len(warnings) == 1, result.stderr
     assert "the timm integration" in warnings[0] and error.split("(")[0] in warnings[0]
+
+
+# ------------------------------------------------------------------------------ ano-optimizer env
+
+
+def _env_report(*paths, cwd, **variables) -> dict:
+    result = ano_optimizer("env", "--json", env=env_with_path(*paths, **variables), cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_env_reports_versions_integrations_kernel_and_plugins(tmp_path):
+    from importlib.metadata import version
+
+    import torch
+
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins)
+    write_plugin(plugins, distribution="broken-plugin", name="brokenopt", broken=True)
+    report = _env_report(plugins, cwd=tmp_path)
+
+    assert report["torch"]["version"] == torch.__version__
+    for name, distribution in [("transformers", "transformers"), ("timm", "timm"),
+                               ("lightning", "lightning"), ("optax", "optax")]:  # fmt: skip
+        assert report["frameworks"][name] == version(distribution)
+    integrations = report["integrations"]
+    for framework in ("transformers", "timm", "keras"):
+        assert integrations[framework]["status"] == "registered", integrations[framework]
+        assert {"ano", "anolog", "signsgd"} <= set(integrations[framework]["names"])
+    assert integrations["keras"]["backend"] in ("tensorflow", "jax", "torch")
+    assert integrations["optax"]["status"] == "available"
+    assert {"ano", "anolog", "signsgd"} <= set(integrations["optax"]["names"])
+
+    kernel = report["fused_cpu_kernel"]
+    assert kernel["builds"] is True and kernel["reason"] is None
+    assert kernel["compiler"] and kernel["cache_dir"]
+
+    assert report["plugins"]["loaded"] == [{"name": "signsgd", "distribution": PLUGIN_DISTRIBUTION}]
+    [failure] = report["plugins"]["failed"]
+    assert "'brokenopt = broken_plugin:SPEC' of distribution 'broken-plugin'" in failure
+    assert "ModuleNotFoundError" in failure
+
+
+def test_env_without_timm_and_with_a_broken_timm(tmp_path):
+    """Where timm is absent, env says so; where importing it raises, env names the error.
+    Either way the other integrations still register and env exits 0."""
+    absent = tmp_path / "absent"
+    absent.mkdir()
+    (absent / "sitecustomize.py").write_text("import sys\nsys.modules['timm'] = None\n")
+    report = _env_report(absent, cwd=tmp_path, ANO_OPTIMIZER_DISABLE_PLUGINS="1")
+    assert report["frameworks"]["timm"] is None
+    assert report["integrations"]["timm"] == {"status": "not installed", "names": [], "error": None}
+    assert report["integrations"]["transformers"]["status"] == "registered"
+    assert report["plugins"]["disabled"] is True and report["plugins"]["loaded"] == []
+
+    broken = tmp_path / "broken"
+    (broken / "timm").mkdir(parents=True)
+    (broken / "timm" / "__init__.py").write_text("raise ImportError('libtimm.so: missing')\n")
+    report = _env_report(broken, cwd=tmp_path)
+    assert report["integrations"]["timm"]["status"] == "failed"
+    assert report["integrations"]["timm"]["error"] == "ImportError: libtimm.so: missing"
+    assert report["integrations"]["transformers"]["status"] == "registered"
+
+
+def test_env_text_names_why_the_fused_kernel_does_not_build(tmp_path):
+    result = ano_optimizer(
+        "env",
+        env=env_with_path(
+            tmp_path,
+            CXX=str(tmp_path / "no-such-compiler"),
+            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+        ),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    kernel = next(line for line in lines if line.startswith("fused CPU kernel:"))
+    assert kernel.startswith("fused CPU kernel: not built: Ano fused=True: the CPU group kernel")
+    assert f"cache dir  {tmp_path / 'cache'}" in result.stdout
+    assert re.search(r"^  timm +\d", result.stdout, re.MULTILINE)
+    assert re.search(r"^  timm +registered: .*\banolog\b", result.stdout, re.MULTILINE)

@@ -1,8 +1,8 @@
 """The ``ano-optimizer`` command line.
 
 Each subcommand lives in its own module of this package (``list``: :mod:`.listing`, ``demo``:
-:mod:`ano_optimizer.demo`, ``run``: :mod:`.run`), imported only when that subcommand runs, so
-``ano-optimizer --help`` stays fast and ``import ano_optimizer`` stays light. A subcommand module
+:mod:`ano_optimizer.demo`, ``run``: :mod:`.run`, ``env``: :mod:`.env`), imported only when that
+subcommand runs, so ``ano-optimizer --help`` stays fast and ``import ano_optimizer`` stays light. A subcommand module
 defines ``add_arguments(parser)`` and ``run(args) -> int``; one that hands arguments on to another
 program also defines ``split_argv(argv) -> (own, passed_on)``, and ``passed_on`` reaches
 ``run`` untouched by argparse as ``args.script_args``.
@@ -24,6 +24,10 @@ SUBCOMMANDS = {
     "run": (
         "ano_optimizer.cli.run",
         "run a training script (python SCRIPT ARGS...) after registering every integration",
+    ),
+    "env": (
+        "ano_optimizer.cli.env",
+        "report versions, integrations, the fused kernel build and plugins (for bug reports)",
     ),
 }
 

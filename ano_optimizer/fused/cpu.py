@@ -104,6 +104,18 @@ def _sorted_batches(lists) -> tuple[dict, list[int]]:
     return batches, left
 
 
+def cpu_kernel_status() -> tuple[bool, str | None]:
+    """Whether the group kernel builds (or loads) here, and why not: for ``ano-optimizer env``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built = _cpu_kernel(torch.float32) is not None
+    reasons = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if built:
+        return True, None
+    # A kernel that failed earlier in this process is cached as None and does not warn again.
+    return False, reasons[0] if reasons else "it failed to build earlier in this process"
+
+
 @functools.cache
 def _cpu_kernel(state_dtype: torch.dtype):
     """Build (or load from Inductor's on-disk cache) the group kernel for one state
