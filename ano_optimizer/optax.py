@@ -19,6 +19,9 @@ ano(...))``), as with every optax optimizer. The moments of bfloat16 and float16
 in float32 (the additive second moment's small decreases would be rounded away in 8 bits of
 mantissa), and the update comes back in each gradient's own dtype.
 
+The numeric hyper-parameters may also be scalar arrays, so ``optax.inject_hyperparams(ano)(
+learning_rate=1e-3)`` works and the rate can be read or changed in the optimizer state.
+
 This module imports jax and optax; ``import ano_optimizer`` does not import it.
 """
 
@@ -30,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import hyperparameters as hp
@@ -76,17 +80,35 @@ def scale_by_ano(
     return _scale_by_ano("scale_by_ano", b1, b2, eps, logarithmic_schedule)
 
 
-def _check_coefficient(owner: str, name: str, value, low: float) -> float:
-    if not hp.is_real_number(value) or not low <= value < 1.0:
-        raise ValueError(f"{owner}: invalid {name}={value!r}; it must be a float in [{low:g}, 1)")
-    return float(value)
+def _check_number(owner: str, name: str, value, allowed: str, ok: Callable[[float], bool]):
+    """Check a numeric hyper-parameter: a real number, or a scalar array (as
+    ``optax.inject_hyperparams`` passes them). A traced array (under jit) cannot be read and is
+    let through; it was checked when ``inject_hyperparams`` was called with the concrete value."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if value.shape != ():
+            raise ValueError(
+                f"{owner}: invalid {name}: an array must be a scalar, got shape {value.shape}"
+            )
+        if isinstance(value, jax.core.Tracer):
+            return
+        number = float(value)
+    elif hp.is_real_number(value):
+        number = float(value)
+    else:
+        number = math.nan
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"{owner}: invalid {name}={value!r}; it must be {allowed}")
+
+
+def _check_coefficient(owner: str, name: str, value, low: float) -> None:
+    _check_number(owner, name, value, f"a float in [{low:g}, 1)", lambda v: low <= v < 1.0)
 
 
 def _scale_by_ano(owner, b1, b2, eps, logarithmic_schedule) -> optax.GradientTransformation:
-    b1 = _check_coefficient(owner, "b1", b1, 0.0)
+    _check_coefficient(owner, "b1", b1, 0.0)
     # Below 0.5 the additive second moment can turn negative and sqrt gives NaN.
-    b2 = _check_coefficient(owner, "b2", b2, 0.5)
-    hp.check_eps(eps, owner=owner)
+    _check_coefficient(owner, "b2", b2, 0.5)
+    _check_number(owner, "eps", eps, "finite and > 0", lambda v: v > 0.0)
     hp.check_flag("logarithmic_schedule", logarithmic_schedule, owner=owner)
 
     def init_fn(params):
@@ -130,19 +152,10 @@ def _scale_by_ano(owner, b1, b2, eps, logarithmic_schedule) -> optax.GradientTra
 def _check_learning_rate(learning_rate, owner: str) -> None:
     if callable(learning_rate):  # an optax schedule: step count -> rate
         return
-    if isinstance(learning_rate, jax.Array):
-        if learning_rate.shape != ():
-            raise ValueError(
-                f"{owner}: an array learning_rate must be a scalar, got shape {learning_rate.shape}"
-            )
-        return  # may be a tracer under jit: not read here
-    if not hp.is_real_number(learning_rate) or not (
-        math.isfinite(learning_rate) and learning_rate >= 0.0
-    ):
-        raise ValueError(
-            f"{owner}: invalid learning_rate={learning_rate!r}; it must be a finite float >= 0 "
-            "or an optax schedule"
-        )
+    _check_number(
+        owner, "learning_rate", learning_rate, "a finite float >= 0 or an optax schedule",
+        lambda v: v >= 0.0,
+    )  # fmt: skip
 
 
 def ano(
@@ -199,7 +212,7 @@ def anolog(
 
 def _chain(owner, learning_rate, b1, b2, eps, weight_decay, logarithmic_schedule, mask):
     _check_learning_rate(learning_rate, owner=owner)
-    hp.check_weight_decay(weight_decay, owner=owner)
+    _check_number(owner, "weight_decay", weight_decay, "finite and >= 0", lambda v: v >= 0.0)
     return optax.chain(
         _scale_by_ano(owner, b1, b2, eps, logarithmic_schedule),
         optax.add_decayed_weights(weight_decay, mask),

@@ -194,6 +194,25 @@ def test_a_schedule_scales_each_step_by_its_rate():
         np.testing.assert_allclose(u_sched, -float(schedule(step)) * u_dir, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["ano", "anolog"])
+def test_inject_hyperparams_exposes_the_rate_in_the_state(name):
+    """optax.inject_hyperparams passes every numeric hyper-parameter as a scalar array (traced
+    under jit): the same steps as the plain transformation, and the rate can be changed."""
+    factory = getattr(ano_optax, name)
+    rng = np.random.default_rng(4)
+    params = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    grads = [jnp.asarray(rng.standard_normal(6), jnp.float32) for _ in range(4)]
+    plain, _, _ = _run(factory(learning_rate=1e-2, weight_decay=0.1), params, grads)
+    injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, weight_decay=0.1)
+    got, state, _ = _run(injected, params, grads, jit=True)
+    np.testing.assert_allclose(got, plain, rtol=1e-6)
+    assert set(state.hyperparams) >= {"learning_rate", "b2", "eps", "weight_decay"}
+
+    state.hyperparams["learning_rate"] = jnp.asarray(0.0)  # a frozen step: nothing moves
+    updates, _ = injected.update(grads[0], state, got)
+    np.testing.assert_array_equal(optax.apply_updates(got, updates), got)
+
+
 def test_mask_limits_weight_decay_as_in_optax_adamw():
     params = {"w": jnp.ones(3), "b": jnp.ones(3)}
     grads = {"w": jnp.zeros(3), "b": jnp.zeros(3)}  # a zero gradient: only decay moves p
@@ -270,6 +289,12 @@ def test_none_leaves_pass_through():
         (lambda: ano_optax.ano(learning_rate=jnp.ones(2)), "must be a scalar, got shape (2,)"),
         (lambda: ano_optax.ano(logarithmic_schedule="yes"), "logarithmic_schedule"),
         (lambda: ano_optax.scale_by_ano(b1=2), "scale_by_ano: invalid b1=2"),
+        (lambda: ano_optax.ano(b1=jnp.asarray(1.0)), "ano: invalid b1=Array(1., dtype=float32"),
+        (lambda: ano_optax.ano(eps=np.zeros(3)), "invalid eps: an array must be a scalar"),
+        (
+            lambda: optax.inject_hyperparams(ano_optax.ano)(b2=0.3).init(jnp.ones(2)),
+            "ano: invalid b2=Array(0.3",
+        ),
     ],
 )
 def test_invalid_hyperparameters_fail_at_construction(make, message):
