@@ -20,7 +20,10 @@ SUBCOMMANDS = {
         "ano_optimizer.cli.listing",
         "list every registered optimizer, its frameworks and origin",
     ),
-    "demo": ("ano_optimizer.demo", "run the gradient-noise study (Ano, Anolog, Adam, AdamW, ...)"),
+    "demo": (
+        "ano_optimizer.demo",
+        "the fair study: tuned learning rates on gradient noise, label noise and RL",
+    ),
     "run": (
         "ano_optimizer.cli.run",
         "run a training script (python SCRIPT ARGS...) after registering every integration",

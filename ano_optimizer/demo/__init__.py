@@ -1,19 +1,30 @@
-"""Gradient-noise study: does Ano's lead over Adam grow with gradient noise?
+"""A fair study on this machine: does Ano help on noisy problems? Tuned rates, three tasks.
 
-Trains a small MLP on scikit-learn's digits (bundled, no download) with Gaussian noise of
-standard deviation sigma added to every gradient entry before each optimizer step, for every
-optimizer, sigma and seed. Prints the best test accuracy (mean ± std over seeds) per sigma and
-optimizer, and writes results.json, results.csv, runs.csv and noise_study.png (accuracy against
-sigma, and loss curves) to the output folder.
+Tasks (--tasks, default all):
+  noise   digits (scikit-learn, bundled) with Gaussian noise of standard deviation sigma on
+          every gradient entry (sigma 0, 0.05, 0.1, 0.2)
+  labels  digits with 0, 20 or 40 % of the training and validation labels replaced by another
+          class at random (test labels clean)
+  rl      PPO on CartPole-v1 through Stable-Baselines3 (--rl-env: another Gymnasium id;
+          continuous actions, e.g. Pendulum-v1, train with SAC)
 
-Learning rates: each optimizer's recommended rate for the paper's 100-epoch CIFAR-10 setting
-(Ano, Anolog, Lion 1e-4; Adam, AdamW 1e-3; SGD 1e-2 with momentum 0.9; a registry optimizer's
-own default), multiplied by --lr-scale: default 10 on digits, about the square root of the ~170x
-fewer steps a 20-epoch digits run takes; 1 with --cifar10. --lr NAME=VALUE sets one optimizer's
-rate exactly. Runs use one CPU thread: these models are too small to gain from more.
+Protocol, the same for every optimizer: a grid of 7 learning rates spanning 1000x around its
+recommended rate; the rate with the best mean validation score over the tuning seeds is chosen
+(flagged * when at an edge of the grid); the reported figure is the test score, mean ± std
+over other seeds, at that rate. Supervised runs keep the epoch of best validation accuracy; RL
+runs score the deterministic policy on evaluation episodes seeded apart from training.
 
-With --cifar10 PATH it runs the paper's setting instead (small CNN, batch 64, 100 epochs) on a
-CIFAR-10 copy in the python format (data_batch_1 ... data_batch_5 and test_batch pickles).
+Runs go to a process pool (one thread each, --workers), with a progress bar. Every finished run
+is appended to OUTPUT/runs.jsonl at once; Ctrl-C writes the results so far and exits with 130,
+and --resume continues the study from its folder. Output: results.json, results.csv, runs.csv
+and one PNG per task. With --cifar10 PATH the noise and labels tasks run the paper's setting
+(small CNN, 100 epochs) on a CIFAR-10 python-format folder, read with a data-only unpickler.
+
+examples:
+  ano-optimizer demo                          # all three tasks, ~4 minutes on 2 cores
+  ano-optimizer demo --quick                  # every task at a tiny scale, under a minute
+  ano-optimizer demo --tasks rl --rl-env Pendulum-v1 --rl-steps 20000
+  ano-optimizer demo --resume --output demo-results
 """
 
 from __future__ import annotations

@@ -1,157 +1,152 @@
-"""What a study run leaves: the summary per optimizer and sigma, its table, the result files
-and the plot."""
+"""What a study leaves in its folder: results.json (settings, per-cell results, every run),
+results.csv (one row per cell), runs.csv (one row per run) and one PNG per task, and the
+tables it prints."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-import statistics
 from pathlib import Path
 
-
-def summarize(runs: list[dict], optimizers: list[str], sigmas: list[float]) -> list[dict]:
-    rows = []
-    for name in optimizers:
-        for sigma in sigmas:
-            values = [
-                r["best_test_accuracy"]
-                for r in runs
-                if r["optimizer"] == name and r["sigma"] == sigma
-            ]
-            rows.append(
-                {
-                    "optimizer": name,
-                    "sigma": sigma,
-                    "lr": next(r["lr"] for r in runs if r["optimizer"] == name),
-                    "best_test_accuracy_mean": statistics.fmean(values),
-                    "best_test_accuracy_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "n_seeds": len(values),
-                    "values": values,
-                }
-            )
-    return rows
+from . import protocol
 
 
-def format_table(summary: list[dict], optimizers: list[str], sigmas: list[float]) -> str:
-    """Best test accuracy (%) as mean ± std over seeds: one row per optimizer."""
-    cells = {(r["optimizer"], r["sigma"]): r for r in summary}
-    header = ["optimizer (lr)"] + [f"sigma={s:g}" for s in sigmas]
-    lines = [header]
-    for name in optimizers:
-        lr = cells[(name, sigmas[0])]["lr"]
-        row = [f"{name} ({lr:g})"]
-        for sigma in sigmas:
-            cell = cells[(name, sigma)]
-            row.append(
-                f"{cell['best_test_accuracy_mean']:.2f} ± {cell['best_test_accuracy_std']:.2f}"
-            )
-        lines.append(row)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+def collect(settings: dict, runs: list[dict], plan: list[dict]) -> dict:
+    """results.json: ``{"settings", "tasks": {TASK: {"metric", "conditions": {COND:
+    {"optimizers": {NAME: cell result}}}}}, "runs"}``; cells still tuning are left out."""
+    by_cell: dict[tuple, list[dict]] = {}
+    for run in runs:
+        by_cell.setdefault(protocol.cell_key(run), []).append(run)
+    tasks: dict = {}
+    for cell in plan:
+        entry = protocol.cell_result(
+            by_cell.get(protocol.cell_key(cell), []), cell["grid"], settings["tuning_seeds"],
+            settings["test_seeds"],
+        )  # fmt: skip
+        task = tasks.setdefault(
+            cell["task"], {"metric": settings["tasks"][cell["task"]]["metric"], "conditions": {}}
         )
-        for line in lines
-    ]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
+        optimizers = task["conditions"].setdefault(cell["condition"], {"optimizers": {}})
+        if entry is not None:
+            optimizers["optimizers"][cell["optimizer"]] = entry
+    return {"settings": settings, "tasks": tasks, "runs": runs}
 
 
-def write_results(output: Path, config: dict, runs: list[dict], summary: list[dict]) -> None:
-    with (output / "results.json").open("w") as handle:
-        json.dump({"config": config, "summary": summary, "runs": runs}, handle, indent=1)
-    with (output / "results.csv").open("w", newline="") as handle:
+def _cells(results: dict):
+    for task, spec in results["tasks"].items():
+        for condition, entry in spec["conditions"].items():
+            for name, cell in entry["optimizers"].items():
+                yield task, condition, name, cell
+
+
+def _write_csv(results: dict, folder: Path) -> None:
+    with (folder / "results.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "optimizer",
-                "sigma",
-                "lr",
-                "best_test_accuracy_mean",
-                "best_test_accuracy_std",
-                "n_seeds",
-            ]
-        )
-        for r in summary:
-            writer.writerow(
-                [
-                    r["optimizer"],
-                    r["sigma"],
-                    r["lr"],
-                    f"{r['best_test_accuracy_mean']:.4f}",
-                    f"{r['best_test_accuracy_std']:.4f}",
-                    r["n_seeds"],
-                ]
-            )
-    with (output / "runs.csv").open("w", newline="") as handle:
+        writer.writerow(["task", "condition", "optimizer", "chosen_lr", "chosen_at_edge",
+                         "test_mean", "test_std", "n_test_seeds", "complete"])  # fmt: skip
+        for task, condition, name, cell in _cells(results):
+            writer.writerow([
+                task, condition, name, cell["chosen_lr"], cell["chosen_at_edge"],
+                "" if cell["test_mean"] is None else f"{cell['test_mean']:.4f}",
+                "" if cell["test_std"] is None else f"{cell['test_std']:.4f}",
+                len([s for s in cell["test_scores"] if s is not None]), cell["complete"],
+            ])  # fmt: skip
+    with (folder / "runs.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "optimizer",
-                "sigma",
-                "seed",
-                "lr",
-                "epoch",
-                "train_loss",
-                "test_loss",
-                "test_accuracy",
-            ]
+        columns = ["task", "condition", "optimizer", "phase", "lr", "seed", "validation", "test",
+                   "epoch", "diverged", "seconds"]  # fmt: skip
+        writer.writerow(columns)
+        for run in results["runs"]:
+            writer.writerow(["" if run.get(c) is None else run.get(c) for c in columns])
+
+
+def _fmt(cell: dict | None, digits: int) -> str:
+    if cell is None or cell["test_mean"] is None:
+        return "-"
+    edge = "*" if cell["chosen_at_edge"] else ""
+    partial = "" if cell["complete"] else " (partial)"
+    return (
+        f"{cell['test_mean']:.{digits}f} ± {cell['test_std']:.{digits}f} "
+        f"@{cell['chosen_lr']:.2g}{edge}{partial}"
+    )
+
+
+def format_tables(results: dict) -> str:
+    """One table per task: rows are optimizers, columns conditions; each cell is the test
+    mean ± std over the test seeds at the chosen rate (``*``: chosen at an edge of the grid)."""
+    blocks = []
+    names = list(results["settings"]["optimizers"])
+    for task, spec in results["tasks"].items():
+        conditions = list(spec["conditions"])
+        digits = 1 if task == "rl" else 2
+        lines = [["optimizer", *conditions]]
+        for name in names:
+            row = [name]
+            for condition in conditions:
+                row.append(_fmt(spec["conditions"][condition]["optimizers"].get(name), digits))
+            lines.append(row)
+        widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+        text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                          for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+                for line in lines]  # fmt: skip
+        text.insert(1, "  ".join("-" * w for w in widths))
+        seeds = ",".join(map(str, results["settings"]["test_seeds"]))
+        blocks.append(
+            f"{task}: {spec['metric']}, mean ± std over test seeds {seeds} @ chosen rate "
+            "(* at an edge of the grid)\n" + "\n".join(text)
         )
-        for r in runs:
-            for epoch, h in enumerate(r["history"], start=1):
-                writer.writerow(
-                    [r["optimizer"], r["sigma"], r["seed"], r["lr"], epoch]
-                    + [f"{h[k]:.6g}" for k in ("train_loss", "test_loss", "test_accuracy")]
-                )
+    return "\n\n".join(blocks)
 
 
-def plot_results(path: Path, runs: list[dict], summary: list[dict], optimizers, sigmas, title):
-    """Accuracy against sigma (left, two rows tall), and a grid of mean training-loss curves,
-    one panel per sigma (right)."""
+def plot_task(path: Path, task: str, spec: dict, names: list[str]) -> None:
+    """First panel: the test score against the condition, with error bars (standard deviation
+    over the test seeds). Then one panel per condition: the mean validation score against the
+    learning rate, the chosen rate circled."""
     from matplotlib.figure import Figure
 
-    rows = 2 if len(sigmas) > 1 else 1
-    columns = math.ceil(len(sigmas) / rows)
-    layout = [
-        ["accuracy"] * 2 + [str(r * columns + c) for c in range(columns)] for r in range(rows)
-    ]
-    layout = [
-        [cell if cell == "accuracy" or int(cell) < len(sigmas) else "." for cell in row]
-        for row in layout
-    ]
-    figure = Figure(figsize=(6 + 3.4 * columns, 3.3 * rows + 0.4), layout="constrained")
-    axes = figure.subplot_mosaic(layout, empty_sentinel=".")
-    colors = {name: f"C{i}" for i, name in enumerate(optimizers)}
-    accuracy = axes["accuracy"]
-    for name in optimizers:
-        cells = [r for r in summary if r["optimizer"] == name]
-        accuracy.errorbar(
-            [r["sigma"] for r in cells],
-            [r["best_test_accuracy_mean"] for r in cells],
-            yerr=[r["best_test_accuracy_std"] for r in cells],
-            marker="o",
-            capsize=3,
-            color=colors[name],
-            label=name,
-        )
-    accuracy.set(xlabel="gradient noise σ", ylabel="best test accuracy (%)", title=title)
-    accuracy.legend()
-    accuracy.grid(alpha=0.3)
-    for index, sigma in enumerate(sigmas):
-        ax = axes[str(index)]
-        for name in optimizers:
-            curves = [
-                [h["train_loss"] for h in r["history"]]
-                for r in runs
-                if r["optimizer"] == name and r["sigma"] == sigma
-            ]
-            length = min(len(c) for c in curves)
-            mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
-            ax.plot(range(1, length + 1), mean, color=colors[name], label=name)
-        ax.set(title=f"training loss, σ = {sigma:g}", yscale="log")
-        if index >= len(sigmas) - columns:
-            ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    conditions = list(spec["conditions"])
+    figure = Figure(figsize=(4.6 * (1 + len(conditions)), 4.0), layout="constrained")
+    axes = figure.subplots(1, 1 + len(conditions), squeeze=False)[0]
+    score = axes[0]
+    for index, name in enumerate(names):
+        color = f"C{index}"
+        points = [
+            (i, spec["conditions"][c]["optimizers"].get(name)) for i, c in enumerate(conditions)
+        ]
+        points = [(i, c) for i, c in points if c is not None and c["test_mean"] is not None]
+        if points:
+            score.errorbar(
+                # side by side, so error bars of one condition do not hide each other
+                [i + 0.08 * (index - (len(names) - 1) / 2) for i, _ in points],
+                [c["test_mean"] for _, c in points],
+                yerr=[c["test_std"] for _, c in points], marker="o", capsize=3, color=color,
+                label=name,
+            )  # fmt: skip
+        for axis, condition in zip(axes[1:], conditions, strict=True):
+            cell = spec["conditions"][condition]["optimizers"].get(name)
+            if cell is None:
+                continue
+            curve = [(lr, v) for lr, v in cell["validation"] if v is not None]
+            axis.plot(*zip(*curve, strict=True), marker=".", color=color, label=name)
+            chosen = dict(curve).get(cell["chosen_lr"])
+            if chosen is not None:
+                axis.plot([cell["chosen_lr"]], [chosen], "o", color=color, markersize=9,
+                          fillstyle="none")  # fmt: skip
+    score.set_xticks(range(len(conditions)), conditions)
+    score.set(title=f"{task}: test score at the chosen rate (mean ± std)", ylabel="test score")
+    score.grid(alpha=0.3)
+    score.legend(fontsize="small")
+    for axis, condition in zip(axes[1:], conditions, strict=True):
+        axis.set(xscale="log", xlabel="learning rate", title=f"validation, {condition}")
+        axis.grid(alpha=0.3)
+    axes[1].set_ylabel("mean validation score (tuning seeds)")
+    figure.savefig(path, dpi=90)
+
+
+def write_outputs(folder: Path, settings: dict, runs: list[dict], plan: list[dict]) -> dict:
+    results = collect(settings, runs, plan)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    _write_csv(results, folder)
+    for task, spec in results["tasks"].items():
+        plot_task(folder / f"{task}.png", task, spec, list(settings["optimizers"]))
+    return results

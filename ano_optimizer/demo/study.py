@@ -1,31 +1,46 @@
-"""The gradient-noise study: its settings, the optimizers it compares, one training run, and
-the command that runs them all (``ano-optimizer demo``)."""
+"""The study: its settings, the optimizers it compares, and the command that runs it
+(``ano-optimizer demo``) over a pool of processes, saving every run as it finishes."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import inspect
+import json
 import math
+import multiprocessing
 import os
 import platform
+import queue
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .data import Dataset, DemoInputError, load_cifar10, load_digits
-from .report import format_table, plot_results, summarize, write_results
+from . import protocol
+from .data import DemoInputError, load_cifar10, load_digits
+from .tasks import OptimizerChoice, condition_key, timed, train_rl, train_supervised
 
-DEFAULT_SIGMAS = (0.0, 0.05, 0.1, 0.2)
-DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = "demo-results"
-
+TASK_NAMES = ("noise", "labels", "rl")
+DEFAULT_SIGMAS = (0.0, 0.05, 0.1, 0.2)
+DEFAULT_LABEL_NOISE = (0.0, 0.2, 0.4)
+DEFAULT_RL_ENV = "CartPole-v1"
+METRICS = {
+    "noise": "test accuracy (%)",
+    "labels": "test accuracy (%), clean test labels",
+    "rl": "mean return of the deterministic policy over the evaluation episodes",
+}
+# Each grid is centred on the optimizer's recommended rate for the paper's 100-epoch CIFAR-10
+# runs times a task factor, the same for every optimizer so the paper's ratios between them
+# stay. Digits: a run takes ~200 steps where CIFAR-10 takes 78,200, and short noisy runs favour
+# large rates (sign-based methods most: their step does not shrink with the noise), so 30.
+# RL: 3, which centres Ano on the paper's RL rate (3e-4).
+DIGITS_LR_SCALE = 30.0
+RL_LR_SCALE = 3.0
 
 # Baselines the registry does not hold: name -> ("module:Class", recommended lr, extra kwargs,
 # pip extra that provides the module). Lion's rate follows its paper (3-10x below AdamW's).
@@ -38,63 +53,90 @@ BASELINES: dict[str, tuple[str, float, dict, str | None]] = {
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One dataset + model + schedule: the digits default or the paper's CIFAR-10 setting."""
+class Budget:
+    """How much each run trains, and with which seeds."""
 
-    name: str
     epochs: int
-    quick_epochs: int
-    lr_scale: float
-    batch_size: int = 64
+    rl_steps: int
+    rl_episodes: int
+    tuning_seeds: tuple[int, ...]
+    test_seeds: tuple[int, ...]
+    sigmas: tuple[float, ...]
+    label_noise: tuple[float, ...]
 
 
-DIGITS = Setting(name="digits", epochs=20, quick_epochs=3, lr_scale=10.0)
-CIFAR10 = Setting(name="cifar10", epochs=100, quick_epochs=1, lr_scale=1.0)
+DEFAULT_BUDGET = Budget(
+    epochs=12, rl_steps=8192, rl_episodes=5, tuning_seeds=(0, 1), test_seeds=(2, 3, 4, 5, 6),
+    sigmas=DEFAULT_SIGMAS, label_noise=DEFAULT_LABEL_NOISE,
+)  # fmt: skip
+QUICK_BUDGET = Budget(
+    epochs=2, rl_steps=1024, rl_episodes=2, tuning_seeds=(0,), test_seeds=(1,),
+    sigmas=(0.0, 0.2), label_noise=(0.0, 0.4),
+)  # fmt: skip
+CIFAR10_EPOCHS = 100  # the paper's
+BATCH_SIZE = 64
+# Seconds per run on one core of this project's 2-core machine, for the estimate printed at the
+# start (the progress bar's ETA then follows the measured pace).
+_SECONDS_PER_DIGITS_EPOCH = 0.025
+_SECONDS_PER_CIFAR10_EPOCH = 150.0
+_SECONDS_PER_1K_RL_STEPS = 0.32
 
 
-@dataclass(frozen=True)
-class OptimizerChoice:
-    name: str
-    target: str  # "module:Class"
-    recommended_lr: float
-    kwargs: dict = field(default_factory=dict)
-    origin: str = "registry"
-
-    def build(self, params, lr: float) -> torch.optim.Optimizer:
-        return _load(self.target)(params, **{**self.kwargs, "lr": lr})
+# ------------------------------------------------------------------------ command-line values
 
 
-def _load(target: str):
-    module_name, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
-
-
-def _float_list(text: str) -> list[float]:
+def _number_list(text: str, what: str, low: float = 0.0, high: float = math.inf) -> list[float]:
     values = []
     for item in text.split(","):
         try:
             value = float(item)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {item!r}") from None
-        if not (math.isfinite(value) and value >= 0):
+        if not (math.isfinite(value) and low <= value <= high):
             raise argparse.ArgumentTypeError(
-                f"sigma must be a finite number >= 0, got {item.strip()!r}"
+                f"{what} must be a finite number in [{low:g}, {high:g}], got {item.strip()!r}"
             )
         values.append(value)
-    return values
+    return list(dict.fromkeys(values))
+
+
+def _sigmas(text: str) -> list[float]:
+    return _number_list(text, "sigma")
+
+
+def _fractions(text: str) -> list[float]:
+    return _number_list(text, "a label-noise fraction", 0.0, 0.9)
+
+
+def _factors(text: str) -> list[float]:
+    factors = _number_list(text, "a grid factor", 1e-6, 1e6)
+    if any(f == 0 for f in factors) or len(factors) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least two factors > 0, got {text!r}")
+    return sorted(factors)
 
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(item) for item in text.split(",")]
+        values = [int(item) for item in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
+    return list(dict.fromkeys(values))
 
 
 def _name_list(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
     if not names:
-        raise argparse.ArgumentTypeError(f"expected optimizer names, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected names, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _tasks(text: str) -> list[str]:
+    names = _name_list(text)
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown task {unknown[0]!r}; choose from {', '.join(TASK_NAMES)}"
+        )
     return names
 
 
@@ -108,95 +150,122 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _lr_override(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. ano=1e-3), got {text!r}")
-    return name.strip().lower(), _positive_float(value)
+# Study flags: with --resume, the folder's settings.json decides them all.
+_STUDY_FLAGS = (
+    "tasks", "optimizers", "sigmas", "label_noise", "rl_env", "rl_steps", "epochs",
+    "tuning_seeds", "test_seeds", "lr_grid", "cifar10", "device", "quick",
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    add = parser.add_argument
+    add(
+        "--tasks",
+        type=_tasks,
+        default=None,
+        metavar="NAMES",
+        help=f"tasks to run: {', '.join(TASK_NAMES)} (default: all)",
+    )
+    add(
         "--optimizers",
         type=_name_list,
         default=None,
         metavar="NAMES",
         help="comma-separated registry names (see `ano-optimizer list`) or torch baselines "
-        f"({', '.join(BASELINES)}); default: ano,anolog,adam,adamw, plus lion when timm is "
-        "installed",
+        f"({', '.join(BASELINES)}); default: ano,anolog,adam,adamw, plus lion with timm",
     )
-    parser.add_argument(
+    add(
         "--sigmas",
-        type=_float_list,
-        default=list(DEFAULT_SIGMAS),
-        metavar="S1,S2,...",
-        help="gradient-noise standard deviations (default: 0,0.05,0.1,0.2)",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=_int_list,
+        type=_sigmas,
         default=None,
-        metavar="N1,N2,...",
-        help="seeds: each seeds the model's initial weights, the batch order and the noise, "
-        "identically for every optimizer (default: 0,1,2; --quick: 0)",
+        metavar="S1,S2,...",
+        help="noise task: gradient-noise standard deviations (default: 0,0.05,0.1,0.2)",
     )
-    parser.add_argument(
+    add(
+        "--label-noise",
+        type=_fractions,
+        default=None,
+        metavar="F1,F2,...",
+        help="labels task: fractions of training labels replaced (default: 0,0.2,0.4)",
+    )
+    add(
+        "--rl-env",
+        default=None,
+        metavar="ID",
+        help=f"rl task: a Gymnasium id (default {DEFAULT_RL_ENV}); discrete actions train "
+        "with PPO, continuous ones (e.g. Pendulum-v1) with SAC",
+    )
+    add(
+        "--rl-steps",
+        type=_positive_int,
+        default=None,
+        help=f"rl task: environment steps per run (default {DEFAULT_BUDGET.rl_steps})",
+    )
+    add(
         "--epochs",
         type=_positive_int,
         default=None,
-        help=f"epochs per run (default: {DIGITS.epochs} on digits, {CIFAR10.epochs} on CIFAR-10; "
-        f"--quick: {DIGITS.quick_epochs} / {CIFAR10.quick_epochs})",
+        help=f"noise and labels tasks: epochs per run (default {DEFAULT_BUDGET.epochs} on "
+        f"digits, {CIFAR10_EPOCHS} on CIFAR-10)",
     )
-    parser.add_argument(
-        "--lr-scale",
-        type=_positive_float,
+    add(
+        "--tuning-seeds",
+        type=_int_list,
         default=None,
-        help="multiplies every recommended learning rate (default: 10 on digits, 1 on CIFAR-10)",
+        metavar="N1,N2,...",
+        help="seeds whose validation scores choose each learning rate (default: 0,1)",
     )
-    parser.add_argument(
-        "--lr",
-        type=_lr_override,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="exact learning rate for one optimizer, e.g. --lr ano=3e-4 (repeatable)",
+    add(
+        "--test-seeds",
+        type=_int_list,
+        default=None,
+        metavar="N1,N2,...",
+        help="other seeds, trained at the chosen rate and scored on test (default: 2,3,4,5,6)",
     )
-    parser.add_argument(
+    add(
+        "--lr-grid",
+        type=_factors,
+        default=None,
+        metavar="F1,F2,...",
+        help="factors of each optimizer's recommended rate to try, the same for all "
+        f"(default: {','.join(map(str, protocol.DEFAULT_GRID))})",
+    )
+    add(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="parallel runs, one thread each (default: the number of CPU cores)",
+    )
+    add(
         "--output",
         type=Path,
         default=Path(DEFAULT_OUTPUT),
-        help=f"folder for results.json, results.csv, runs.csv, noise_study.png "
-        f"(default: ./{DEFAULT_OUTPUT})",
+        help=f"folder for the results (default: ./{DEFAULT_OUTPUT})",
     )
-    parser.add_argument(
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the study saved in --output, skipping its completed runs",
+    )
+    add(
         "--cifar10",
         type=Path,
         default=None,
         metavar="PATH",
-        help="run the paper's setting on this CIFAR-10 python-format folder "
-        "(data_batch_1..5, test_batch)",
+        help="noise and labels tasks on this CIFAR-10 python-format folder (data_batch_1..5, "
+        "test_batch) with the paper's CNN and 100 epochs",
     )
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        help="torch device to train on, e.g. cuda (default: cpu); results are reproducible "
-        "per device",
+    add(
+        "--device", default="cpu", help="torch device for the noise and labels tasks (default: cpu)"
     )
-    parser.add_argument(
+    add(
         "--quick",
         action="store_true",
-        help="one seed and a few epochs (CI smoke run, well under a minute on digits)",
+        help="every task at a tiny scale (one seed each, few epochs and steps): under a minute",
     )
+
+
+# ------------------------------------------------------------------------ optimizers
 
 
 def _default_optimizer_names() -> list[str]:
@@ -216,8 +285,8 @@ def _signature_lr(cls) -> float | None:
 def resolve_optimizer(name: str) -> OptimizerChoice:
     """Map a registry name or a torch baseline name to an :class:`OptimizerChoice`.
 
-    Registry optimizers run at their own defaults (``spec.defaults``) and their default
-    learning rate; baselines at the rates in :data:`BASELINES`.
+    Registry optimizers run at their own defaults (``spec.defaults``) and are centred on their
+    default learning rate; baselines on the rates in :data:`BASELINES`.
     """
     from .. import registry
 
@@ -238,9 +307,7 @@ def resolve_optimizer(name: str) -> OptimizerChoice:
         if lr is None:
             lr = _signature_lr(cls)
         if lr is None:
-            raise DemoInputError(
-                f"optimizer {name!r} has no default learning rate; give one with --lr {key}=VALUE"
-            )
+            raise DemoInputError(f"optimizer {name!r} has no default learning rate")
         return OptimizerChoice(key, spec.torch_class, float(lr), kwargs, origin=spec.source)
     if key in BASELINES:
         target, lr, kwargs, extra = BASELINES[key]
@@ -255,103 +322,159 @@ def resolve_optimizer(name: str) -> OptimizerChoice:
     )
 
 
-def add_gradient_noise(params: Sequence[torch.Tensor], sigma: float, generator) -> None:
-    """Add N(0, sigma²) noise, drawn from ``generator``, to every entry of every gradient."""
-    if sigma == 0:
-        return
-    with torch.no_grad():
-        for p in params:
-            if p.grad is not None:
-                noise = torch.randn(
-                    p.grad.shape, generator=generator, dtype=p.grad.dtype, device=p.grad.device
-                )
-                p.grad.add_(noise, alpha=sigma)
+# ------------------------------------------------------------------------ settings and plan
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Return (mean cross-entropy, accuracy in %) on ``x``, ``y``."""
-    model.eval()
-    losses, correct = [], 0
-    for start in range(0, len(y), 1024):
-        logits = model(x[start : start + 1024])
-        target = y[start : start + 1024]
-        losses.append(nn.functional.cross_entropy(logits, target, reduction="sum").item())
-        correct += int((logits.argmax(dim=1) == target).sum())
-    model.train()
-    return sum(losses) / max(len(y), 1), 100.0 * correct / max(len(y), 1)
+def _check_device(name: str) -> str:
+    try:
+        torch.empty(1, device=torch.device(name))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise DemoInputError(f"--device {name!r} is not usable here: {error}") from None
+    return name
 
 
-def train_run(
-    data: Dataset,
-    choice: OptimizerChoice,
-    lr: float,
-    sigma: float,
-    seed: int,
-    epochs: int,
-    batch_size: int,
-    on_epoch: Callable[[], None] = lambda: None,
-) -> dict:
-    """Train one model; every optimizer sees the same initial weights, batches and noise."""
-    device = data.x_train.device
-    torch.manual_seed(seed)
-    model = data.make_model().to(device)
-    optimizer = choice.build(model.parameters(), lr)
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = torch.Generator().manual_seed(seed)
-    noise = torch.Generator(device=device).manual_seed(10_000 + seed)
-    history = []
-    started = time.perf_counter()
-    n = len(data.y_train)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=batches).to(device)
-        total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            index = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(data.x_train[index]), data.y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            add_gradient_noise(params, sigma, noise)
-            optimizer.step()
-            total += loss.detach() * len(index)
-            count += len(index)
-        total = float(total)
-        test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test)
-        history.append(
-            {"train_loss": total / count, "test_loss": test_loss, "test_accuracy": test_accuracy}
+def _check_rl_env(env_id: str) -> None:
+    missing = [m for m in ("stable_baselines3", "gymnasium") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DemoInputError(
+            f"the rl task needs {' and '.join(missing)}: pip install 'ano-optimizer[demo]' "
+            "(or leave it out: --tasks noise,labels)"
         )
-        on_epoch()
-        if not math.isfinite(total):
-            break  # diverged: the remaining epochs cannot recover from NaN weights
-    accuracies = [h["test_accuracy"] for h in history]
+    import gymnasium as gym
+
+    try:
+        gym.make(env_id).close()
+    except Exception as error:  # an unknown id, or an environment that needs an extra package
+        raise DemoInputError(f"--rl-env {env_id!r} cannot be made: {error}") from None
+
+
+def build_settings(args: argparse.Namespace) -> dict:
+    """Every choice of the study, checked, as saved in settings.json."""
+    base = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
+    tasks = args.tasks or list(TASK_NAMES)
+    names = args.optimizers or _default_optimizer_names()
+    choices = {}
+    for name in names:
+        choice = resolve_optimizer(name)
+        choices.setdefault(choice.name, choice)
+    tuning = tuple(args.tuning_seeds or base.tuning_seeds)
+    test = tuple(args.test_seeds or base.test_seeds)
+    shared = sorted(set(tuning) & set(test))
+    if shared:
+        raise DemoInputError(
+            f"--tuning-seeds and --test-seeds share {shared}: the reported figures must come "
+            "from seeds that did not choose the learning rate"
+        )
+    cifar = args.cifar10
+    if cifar is not None and args.quick is False and args.epochs is None:
+        epochs = CIFAR10_EPOCHS
+    else:
+        epochs = args.epochs or (1 if cifar is not None and args.quick else base.epochs)
+    rl_env = args.rl_env or DEFAULT_RL_ENV
+    if "rl" in tasks:
+        _check_rl_env(rl_env)
+    if any(t in tasks for t in ("noise", "labels")):
+        _check_device(args.device)
+    conditions = {
+        "noise": list(args.sigmas or base.sigmas),
+        "labels": list(args.label_noise or base.label_noise),
+        "rl": [rl_env],
+    }
     return {
-        "optimizer": choice.name,
-        "sigma": sigma,
-        "seed": seed,
-        "lr": lr,
-        "best_test_accuracy": max(accuracies),
-        "final_test_accuracy": accuracies[-1],
-        "diverged": len(history) < epochs,
-        "seconds": time.perf_counter() - started,
-        "history": history,
+        "tasks": {
+            task: {
+                "metric": METRICS[task],
+                "conditions": {condition_key(task, v): v for v in conditions[task]},
+                "lr_scale": RL_LR_SCALE
+                if task == "rl"
+                else (1.0 if cifar is not None else DIGITS_LR_SCALE),
+            }
+            for task in tasks
+        },
+        "optimizers": {n: asdict(c) for n, c in choices.items()},
+        "lr_grid_factors": list(args.lr_grid or protocol.DEFAULT_GRID),
+        "tuning_seeds": list(tuning),
+        "test_seeds": list(test),
+        "dataset": "cifar10" if cifar is not None else "digits",
+        "cifar10": os.fspath(cifar) if cifar is not None else None,
+        "model": "cnn" if cifar is not None else "mlp",
+        "epochs": epochs,
+        "batch_size": BATCH_SIZE,
+        "rl_steps": args.rl_steps or base.rl_steps,
+        "rl_episodes": base.rl_episodes,
+        "device": args.device,
+        "quick": bool(args.quick),
+        "threads_per_run": 1,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
 
-def _jsonable(value):
-    if isinstance(value, Path):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+def cells(settings: dict) -> list[dict]:
+    """Every (task, condition, optimizer) of the study, with its learning-rate grid."""
+    found = []
+    for task, spec in settings["tasks"].items():
+        for condition, value in spec["conditions"].items():
+            for name, choice in settings["optimizers"].items():
+                center = choice["recommended_lr"] * spec["lr_scale"]
+                found.append({
+                    "task": task, "condition": condition, "value": value, "optimizer": name,
+                    "grid": protocol.lr_grid(center, settings["lr_grid_factors"]),
+                })  # fmt: skip
+    return found
 
 
-def _check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise DemoInputError(f"--device {name!r} is not usable here: {error}") from None
-    return device
+def _run_cost(run: dict, settings: dict) -> float:
+    if run["task"] == "rl":
+        return settings["rl_steps"] / 1000 * _SECONDS_PER_1K_RL_STEPS
+    per_epoch = _SECONDS_PER_CIFAR10_EPOCH if settings["cifar10"] else _SECONDS_PER_DIGITS_EPOCH
+    return settings["epochs"] * per_epoch
+
+
+# ------------------------------------------------------------------------ the worker side
+
+_WORKER: dict = {}
+
+
+def _init_worker(settings: dict) -> None:
+    # Ctrl-C reaches every process of the terminal's group; the parent alone handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    _WORKER.clear()
+    _WORKER["settings"] = settings
+
+
+def _dataset(settings: dict):
+    if "data" not in _WORKER:
+        cifar = settings["cifar10"]
+        data = load_cifar10(Path(cifar)) if cifar else load_digits()
+        _WORKER["data"] = data.to(torch.device(settings["device"]))
+    return _WORKER["data"]
+
+
+def execute(run: dict, settings: dict | None = None) -> dict:
+    """Train one run of the plan and return it with its result (in a worker process)."""
+    settings = settings or _WORKER["settings"]
+    choice = OptimizerChoice(**settings["optimizers"][run["optimizer"]])
+    test = run["phase"] == "test"
+    if run["task"] == "rl":
+        result = timed(
+            train_rl, run["value"], choice, run["lr"], run["seed"], settings["rl_steps"],
+            settings["rl_episodes"], test=test,
+        )  # fmt: skip
+    else:
+        data = _dataset(settings)
+        sigma = run["value"] if run["task"] == "noise" else 0.0
+        if run["task"] == "labels":
+            data = data.with_label_noise(run["value"], seed=run["seed"])
+        result = timed(
+            train_supervised, data, choice, run["lr"], run["seed"], settings["epochs"],
+            settings["batch_size"], sigma=sigma, test=test,
+        )  # fmt: skip
+    return {**run, **result}
+
+
+# ------------------------------------------------------------------------ the study folder
 
 
 def _prepare_output(folder: Path) -> Path:
@@ -368,124 +491,196 @@ def _prepare_output(folder: Path) -> Path:
     return folder
 
 
-def _plan(args: argparse.Namespace):
-    setting = CIFAR10 if args.cifar10 is not None else DIGITS
-    names = args.optimizers if args.optimizers else _default_optimizer_names()
-    choices = {}
-    for name in names:
-        choice = resolve_optimizer(name)
-        choices.setdefault(choice.name, choice)
-    overrides = dict(args.lr)
-    unknown = sorted(set(overrides) - set(choices))
-    if unknown:
-        raise DemoInputError(
-            f"--lr names {', '.join(unknown)}, which is not among the optimizers being run "
-            f"({', '.join(choices)})"
-        )
-    scale = args.lr_scale if args.lr_scale is not None else setting.lr_scale
-    lrs = {n: overrides.get(n, c.recommended_lr * scale) for n, c in choices.items()}
-    epochs = args.epochs or (setting.quick_epochs if args.quick else setting.epochs)
-    seeds = args.seeds or ([0] if args.quick else list(DEFAULT_SEEDS))
-    sigmas = list(dict.fromkeys(args.sigmas))
-    return setting, choices, lrs, scale, epochs, list(dict.fromkeys(seeds)), sigmas
-
-
-def _run_all(data, setting, choices, lrs, epochs, seeds, sigmas, tqdm) -> list[dict]:
-    optimizers = list(choices)
-    print(
-        f"Gradient-noise study on {data.name}: {len(data.y_train)} training / "
-        f"{len(data.y_test)} test examples, batch {setting.batch_size}, {epochs} epochs, "
-        f"seeds {seeds}"
-    )
-    print("learning rates: " + ", ".join(f"{n} {lrs[n]:g}" for n in optimizers))
+def _read_saved_runs(path: Path) -> list[dict]:
     runs = []
-    total = len(optimizers) * len(sigmas) * len(seeds) * epochs
-    with tqdm(total=total, unit="epoch", desc="noise study", dynamic_ncols=True) as bar:
-        for sigma in sigmas:
-            for seed in seeds:
-                for name in optimizers:
-                    bar.set_postfix_str(f"{name} σ={sigma:g} seed={seed}")
-                    result = train_run(
-                        data,
-                        choices[name],
-                        lrs[name],
-                        sigma,
-                        seed,
-                        epochs,
-                        setting.batch_size,
-                        on_epoch=lambda: bar.update(1),
-                    )
-                    bar.update(epochs - len(result["history"]))
-                    runs.append(result)
-
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short when the study was killed: that run reruns
     return runs
 
 
-def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+class _RunLog:
+    """runs.jsonl: one line per completed run, flushed to disk as each run finishes."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.handle = path.open("w" if fresh else "a")
+
+    def append(self, run: dict) -> None:
+        self.handle.write(json.dumps(run) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _load_resumed(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict]]:
+    given = [f"--{f.replace('_', '-')}" for f in _STUDY_FLAGS
+             if getattr(args, f) not in (None, False, "cpu")]  # fmt: skip
+    if given:
+        raise DemoInputError(
+            f"--resume takes every setting from {folder / 'settings.json'}; drop {', '.join(given)}"
+        )
+    path = folder / "settings.json"
     try:
-        setting, choices, lrs, scale, epochs, seeds, sigmas = _plan(args)
-        output = _prepare_output(args.output)
-        device = _check_device(args.device)
-        data = load_cifar10(args.cifar10) if args.cifar10 is not None else load_digits()
-        data.to(device)
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DemoInputError(f"--resume: no study to resume in {folder} ({error})") from None
+    return settings, _read_saved_runs(folder / "runs.jsonl")
+
+
+# ------------------------------------------------------------------------ running it all
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    # fork shares the loaded modules and data with the workers, which start in milliseconds.
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _schedule(settings: dict, done: dict[tuple, dict]):
+    """(all cells, the runs to start now). Tuning runs first; the test runs of a cell whose
+    tuning is complete too."""
+    plan = cells(settings)
+    todo = []
+    for cell in plan:
+        runs = protocol.tuning_runs(
+            cell["task"], cell["condition"], cell["value"], cell["optimizer"], cell["grid"],
+            settings["tuning_seeds"],
+        )  # fmt: skip
+        todo += [r for r in runs if protocol.run_key(r) not in done]
+    todo.sort(key=lambda r: r["task"] != "rl")  # the long runs first: better packing
+    return plan, todo
+
+
+def _test_runs_for(cell: dict, settings: dict, done: dict[tuple, dict]) -> list[dict]:
+    runs = [r for r in done.values() if protocol.cell_key(r) == protocol.cell_key(cell)]
+    curve = protocol.validation_curve(runs, cell["grid"], settings["tuning_seeds"])
+    if curve is None:
+        return []
+    chosen, _ = protocol.choose(curve)
+    wanted = protocol.test_runs(
+        cell["task"], cell["condition"], cell["value"], cell["optimizer"], chosen,
+        settings["test_seeds"],
+    )  # fmt: skip
+    return [r for r in wanted if protocol.run_key(r) not in done]
+
+
+def run_study(settings: dict, done_runs: list[dict], log: _RunLog, workers: int, tqdm) -> bool:
+    """Run every missing run; return False when interrupted (what finished is in ``log``)."""
+    done = {protocol.run_key(r): r for r in done_runs}
+    plan, todo = _schedule(settings, done)
+    by_key = {protocol.cell_key(cell): cell for cell in plan}
+    for cell in plan:  # a resumed study: cells whose tuning had finished
+        todo += _test_runs_for(cell, settings, done)
+    submitted = set(done) | {protocol.run_key(r) for r in todo}
+    per_cell = len(settings["lr_grid_factors"]) * len(settings["tuning_seeds"]) + len(
+        settings["test_seeds"]
+    )
+    cost_total = sum(_run_cost(cell, settings) * per_cell for cell in plan)
+    cost_done = sum(_run_cost(r, settings) for r in done.values())
+    results: queue.Queue = queue.Queue()
+    pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(settings,))
+    bar = tqdm(total=round(cost_total, 1), initial=round(cost_done, 1), unit="s",
+               dynamic_ncols=True, desc="study", mininterval=1.0,
+               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")  # fmt: skip
+    bar.set_postfix_str(f"{len(done)}/{len(plan) * per_cell} runs")
+
+    def submit(run: dict) -> None:
+        pool.apply_async(execute, (run,), callback=results.put, error_callback=results.put)
+
+    for run in todo:
+        submit(run)
+    pending = len(todo)
+    try:
+        while pending:
+            try:
+                finished = results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            pending -= 1
+            if isinstance(finished, BaseException):
+                raise finished
+            done[protocol.run_key(finished)] = finished
+            log.append(finished)
+            bar.update(round(_run_cost(finished, settings), 1))
+            bar.set_postfix_str(f"{len(done)}/{len(plan) * per_cell} runs")
+            if finished["phase"] == "tuning":
+                cell = by_key[protocol.cell_key(finished)]
+                for run in _test_runs_for(cell, settings, done):
+                    if protocol.run_key(run) not in submitted:
+                        submitted.add(protocol.run_key(run))
+                        submit(run)
+                        pending += 1
+    except KeyboardInterrupt:
+        return False
+    finally:
+        pool.terminate()
+        pool.join()
+        bar.close()
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .report import format_tables, write_outputs
+
+    started = time.perf_counter()
+    folder = args.output
+    try:
+        if args.resume:
+            settings, saved = _load_resumed(args, folder)
+        else:
+            settings, saved = build_settings(args), []
+        _prepare_output(folder)
+        if settings["cifar10"] and any(t in settings["tasks"] for t in ("noise", "labels")):
+            load_cifar10(Path(settings["cifar10"]))  # every file checked before any training
     except DemoInputError as error:
         print(f"ano-optimizer demo: error: {error}", file=sys.stderr)
         return 2
-
-    from tqdm import tqdm
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs = _run_all(data, setting, choices, lrs, epochs, seeds, sigmas, tqdm)
-    finally:
-        torch.set_num_threads(threads)
-    optimizers = list(choices)
-    summary = summarize(runs, optimizers, sigmas)
-    runtime = time.perf_counter() - started
-    config = {
-        "arguments": {k: _jsonable(v) for k, v in vars(args).items() if not k.startswith("_")},
-        "dataset": data.name,
-        "model": "mlp" if setting is DIGITS else "cnn",
-        "n_train": len(data.y_train),
-        "n_test": len(data.y_test),
-        "batch_size": setting.batch_size,
-        "epochs": epochs,
-        "sigmas": sigmas,
-        "seeds": seeds,
-        "lr_scale": scale,
-        "optimizers": {
-            n: {
-                "class": c.target,
-                "origin": c.origin,
-                "lr": lrs[n],
-                "recommended_lr": c.recommended_lr,
-                "kwargs": c.kwargs,
-            }
-            for n, c in choices.items()
-        },
-        "runtime_seconds": runtime,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": 1,
-        "device": str(data.x_train.device),
-    }
-    write_results(output, config, runs, summary)
-    plot_results(
-        output / "noise_study.png",
-        runs,
-        summary,
-        optimizers,
-        sigmas,
-        f"{data.name}: best test accuracy",
+    if not args.resume:
+        (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+    workers = args.workers or os.cpu_count() or 1
+    plan = cells(settings)
+    per_cell = len(settings["lr_grid_factors"]) * len(settings["tuning_seeds"]) + len(
+        settings["test_seeds"]
     )
-    print()
-    print("Best test accuracy (%), mean ± std over seeds " + ",".join(map(str, seeds)) + ":")
-    print(format_table(summary, optimizers, sigmas))
-    print()
+    estimate = sum(_run_cost(c, settings) * per_cell for c in plan)
+    remaining = estimate - sum(_run_cost(r, settings) for r in saved)
     print(
-        f"runtime {runtime:.0f} s; results in {os.fspath(output)}/ (results.json, results.csv, "
-        "runs.csv, noise_study.png)"
+        f"ano-optimizer demo: tasks {', '.join(settings['tasks'])}; optimizers "
+        f"{', '.join(settings['optimizers'])}; {len(plan)} cells x {per_cell} runs "
+        f"({len(settings['lr_grid_factors'])} rates x {len(settings['tuning_seeds'])} tuning "
+        f"seeds + {len(settings['test_seeds'])} test seeds); {settings['dataset']} "
+        f"{settings['epochs']} epochs, rl {settings['rl_steps']} steps"
+    )
+    print(
+        f"{len(saved)} runs already done; estimated {remaining / workers / 60:.1f} min on "
+        f"{workers} workers, one thread each"
+    )
+    log = _RunLog(folder / "runs.jsonl", fresh=not args.resume)
+    try:
+        complete = run_study(settings, saved, log, workers, tqdm)
+    finally:
+        log.close()
+    runs = _read_saved_runs(folder / "runs.jsonl")
+    results = write_outputs(folder, settings, runs, plan)
+    print()
+    print(format_tables(results))
+    runtime = time.perf_counter() - started
+    if not complete:
+        print(
+            f"\ninterrupted after {runtime:.0f} s: {len(runs)} runs saved in {folder}/; "
+            f"continue with: ano-optimizer demo --resume --output {folder}",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"\nruntime {runtime:.0f} s; results in {os.fspath(folder)}/ (results.json, "
+        "results.csv, runs.csv, one PNG per task)"
     )
     return 0
