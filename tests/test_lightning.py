@@ -9,86 +9,106 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ano_optimizer import Ano, Anolog
 
-lightning = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("lightning.pytorch")
 
 ANO_OPTIMIZER = Path(sys.executable).with_name("ano-optimizer")
 
 
-class Regression(lightning.LightningModule):
-    """A small MLP on a fixed regression set; Ano with the usual decay / no-decay groups."""
+# Runs in its own process: torch's own OptimizerInfo tests (tests/test_torch_conformance.py)
+# freeze torch.backends' flags for the rest of the pytest process, and Lightning's Trainer sets
+# them.
+TRAIN_AND_RESUME = """
+import json, sys
+import torch
+import lightning.pytorch as pl
+from ano_optimizer import Ano, Anolog
 
-    def __init__(self, optimizer_cls=Ano, lr: float = 1e-2):
+optimizer_cls = {"Ano": Ano, "Anolog": Anolog}[sys.argv[1]]
+root = sys.argv[2]
+
+
+class Regression(pl.LightningModule):
+    def __init__(self):
         super().__init__()
         self.net = torch.nn.Sequential(
             torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
         )
-        self.optimizer_cls, self.lr = optimizer_cls, lr
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("loss", loss)
-        return loss
+        return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.ndim < 2]
-        return self.optimizer_cls(
+        return optimizer_cls(
             [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr,
+            lr=1e-2,
         )
 
 
-def _loader():
+def loader():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(96, 8, generator=generator)
     y = x[:, :1] * 2.0 - x[:, 1:2]
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
 
 
-def _trainer(tmp_path, epochs: int) -> lightning.Trainer:
-    return lightning.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+def trainer(name, epochs):
+    return pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=f"{root}/{name}",
         deterministic=True,
     )
 
 
-def _model(optimizer_cls) -> Regression:
+def model():
     torch.manual_seed(0)
-    return Regression(optimizer_cls)
+    return Regression()
+
+
+whole = model()
+run = trainer("whole", 4)
+run.fit(whole, loader())
+optimizer = run.optimizers[0]
+
+first = model()
+half = trainer("half", 2)
+half.fit(first, loader())
+half.save_checkpoint(f"{root}/half.ckpt")
+resumed = model()  # fresh weights: everything comes from the checkpoint
+trainer("resumed", 4).fit(resumed, loader(), ckpt_path=f"{root}/half.ckpt")
+
+print(json.dumps({
+    "class": type(optimizer).__name__,
+    "weight_decays": [g["weight_decay"] for g in optimizer.param_groups],
+    "steps": sorted({float(s["step"]) for s in optimizer.state.values()}),
+    "resumed_equal": all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters())),
+    "half_differs": not torch.equal(first.net[0].weight, whole.net[0].weight),
+}))
+"""
 
 
 @pytest.mark.parametrize("optimizer_cls", [Ano, Anolog])
 def test_configure_optimizers_trains_and_ckpt_path_resumes_exactly(tmp_path, optimizer_cls):
-    whole = _model(optimizer_cls)
-    trainer = _trainer(tmp_path / "whole", epochs=4)
-    trainer.fit(whole, _loader())
-    optimizer = trainer.optimizers[0]
-    assert type(optimizer) is optimizer_cls
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
-    assert {float(s["step"]) for s in optimizer.state.values()} == {12.0}
-
-    first = _model(optimizer_cls)
-    half = _trainer(tmp_path / "half", epochs=2)
-    half.fit(first, _loader())
-    checkpoint = tmp_path / "half.ckpt"
-    half.save_checkpoint(checkpoint)
-
-    resumed = _model(optimizer_cls)  # a fresh model: everything comes from the checkpoint
-    _trainer(tmp_path / "resumed", epochs=4).fit(resumed, _loader(), ckpt_path=checkpoint)
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
-    assert not torch.equal(first.net[0].weight, whole.net[0].weight)
+    result = subprocess.run(
+        [sys.executable, "-c", TRAIN_AND_RESUME, optimizer_cls.__name__, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {
+        "class": optimizer_cls.__name__,
+        "weight_decays": [0.1, 0.0],
+        "steps": [12.0],  # 4 epochs of 3 batches
+        "resumed_equal": True,  # ckpt_path resume reaches the uninterrupted weights exactly
+        "half_differs": True,
+    }
 
 
 # An unchanged LightningCLI program: it never imports ano_optimizer itself.
