@@ -169,6 +169,10 @@ def test_run_warns_once_for_a_framework_that_fails_to_import(tmp_path, error):
 # ------------------------------------------------------------------------------ ano-optimizer env
 
 
+# Imported at start-up from a directory on PYTHONPATH: Keras cannot be found.
+HIDE_KERAS = "import sys\nsys.modules['keras'] = None\n"
+
+
 def _env_report(*paths, cwd, **variables) -> dict:
     result = ano_optimizer("env", "--json", env=env_with_path(*paths, **variables), cwd=cwd)
     assert result.returncode == 0, result.stderr
@@ -209,19 +213,22 @@ def test_env_reports_versions_integrations_kernel_and_plugins(tmp_path):
 
 def test_env_without_timm_and_with_a_broken_timm(tmp_path):
     """Where timm is absent, env says so; where importing it raises, env names the error.
-    Either way the other integrations still register and env exits 0."""
+    Either way the other integrations still register and env exits 0. (Keras is hidden too:
+    its check imports TensorFlow, and the other test covers it.)"""
     absent = tmp_path / "absent"
     absent.mkdir()
-    (absent / "sitecustomize.py").write_text("import sys\nsys.modules['timm'] = None\n")
+    (absent / "sitecustomize.py").write_text(HIDE_KERAS + "sys.modules['timm'] = None\n")
     report = _env_report(absent, cwd=tmp_path, ANO_OPTIMIZER_DISABLE_PLUGINS="1")
     assert report["frameworks"]["timm"] is None
     assert report["integrations"]["timm"] == {"status": "not installed", "names": [], "error": None}
     assert report["integrations"]["transformers"]["status"] == "registered"
+    assert report["integrations"]["keras"]["status"] == "not installed"
     assert report["plugins"]["disabled"] is True and report["plugins"]["loaded"] == []
 
     broken = tmp_path / "broken"
     (broken / "timm").mkdir(parents=True)
     (broken / "timm" / "__init__.py").write_text("raise ImportError('libtimm.so: missing')\n")
+    (broken / "sitecustomize.py").write_text(HIDE_KERAS)
     report = _env_report(broken, cwd=tmp_path)
     assert report["integrations"]["timm"]["status"] == "failed"
     assert report["integrations"]["timm"]["error"] == "ImportError: libtimm.so: missing"
@@ -229,6 +236,7 @@ def test_env_without_timm_and_with_a_broken_timm(tmp_path):
 
 
 def test_env_text_names_why_the_fused_kernel_does_not_build(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HIDE_KERAS)
     result = ano_optimizer(
         "env",
         env=env_with_path(
