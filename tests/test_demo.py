@@ -28,13 +28,14 @@ from ano_optimizer.demo import protocol, study, tasks
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def demo(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def demo(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ano_optimizer.cli", "demo", *args],
         cwd=cwd or ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -52,8 +53,11 @@ def _png_size(path: Path) -> tuple[int, int]:
 def quick_run(tmp_path_factory):
     """One ``--quick`` run of the real command: every task, every default optimizer."""
     output = tmp_path_factory.mktemp("quick") / "results"
-    result = demo("--quick", "--output", str(output))
+    scratch = tmp_path_factory.mktemp("tmpdir")
+    result = demo("--quick", "--output", str(output), env={**os.environ, "TMPDIR": str(scratch)})
     assert result.returncode == 0, result.stderr[-3000:]
+    # SB3's default logger would leave a folder per model in the temporary directory.
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("SB3-")] == []
     return output, result.stdout
 
 

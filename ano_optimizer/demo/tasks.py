@@ -187,6 +187,7 @@ def train_rl(
     score is the deterministic policy's mean return over ``episodes`` evaluation episodes,
     seeded apart from training (validation and test episodes apart from each other too)."""
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.logger import Logger
 
     algorithm, algorithm_name = _rl_algorithm(env_id)
     policy_kwargs = {"optimizer_class": choice.load(), "optimizer_kwargs": dict(choice.kwargs)}
@@ -202,6 +203,8 @@ def train_rl(
             "MlpPolicy", env_id, learning_rate=lr, learning_starts=min(1000, steps // 4),
             seed=seed, device="cpu", policy_kwargs=policy_kwargs,
         )  # fmt: skip
+    # SB3's default logger makes a folder in the temporary directory for every model.
+    model.set_logger(Logger(folder=None, output_formats=[]))
     first = TEST_EPISODE_SEED if test else VALIDATION_EPISODE_SEED
     try:
         model.learn(total_timesteps=steps)
