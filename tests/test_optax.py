@@ -33,18 +33,22 @@ def x64():
     jax.config.update("jax_enable_x64", previous)
 
 
+def optax_ano(hyper: dict, *, anolog: bool = False):
+    """``ano`` (or ``anolog``) with a case's hyper-parameters, spelled as torch spells them
+    (lr, betas, eps, weight_decay, logarithmic_schedule): the table's cases and the shared ones."""
+    common = {"learning_rate": hyper["lr"], "b2": hyper["betas"][1], "eps": hyper["eps"],
+              "weight_decay": hyper["weight_decay"]}  # fmt: skip
+    if anolog:
+        return ano_optax.anolog(**common)
+    return ano_optax.ano(
+        b1=hyper["betas"][0], logarithmic_schedule=hyper["logarithmic_schedule"], **common
+    )
+
+
 def optax_for_case(case):
     """The optax transformation with the hyper-parameters of a torch case of the shared table."""
     kw = case.reference_kwargs()
-    b1, b2 = kw["betas"]
-    common = {"learning_rate": kw["lr"], "b2": b2, "eps": kw["eps"]}
-    common["weight_decay"] = kw["weight_decay"]
-    if case.cls is Anolog:
-        transformation = ano_optax.anolog(**common)
-    else:
-        transformation = ano_optax.ano(
-            b1=b1, logarithmic_schedule=kw["logarithmic_schedule"], **common
-        )
+    transformation = optax_ano(kw, anolog=case.cls is Anolog)
     # optax minimises; maximising is minimising the negated objective.
     return optax.chain(optax.scale(-1.0), transformation) if kw["maximize"] else transformation
 
@@ -115,14 +119,7 @@ def test_matches_the_shared_paper_oracle(case, x64):
     for i in range(len(case["shapes"])):
         key = f"{case['name']}/{i}"
         has_grad = data[f"{key}/has_grad"].astype(bool)
-        transformation = ano_optax.ano(
-            learning_rate=case["lr"],
-            b1=case["betas"][0],
-            b2=case["betas"][1],
-            eps=case["eps"],
-            weight_decay=case["weight_decay"],
-            logarithmic_schedule=case["logarithmic_schedule"],
-        )
+        transformation = optax_ano(case)
         grads = [
             jnp.asarray(g) for g, has in zip(data[f"{key}/grads"], has_grad, strict=True) if has
         ]
