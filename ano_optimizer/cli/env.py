@@ -38,6 +38,8 @@ FRAMEWORKS = {
     "optax": ("optax",),
     "triton": ("triton", "pytorch-triton"),
 }
+# where ano_optimizer is imported from: the parent of this cli/ folder
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _KERAS_TIMEOUT_S = 180
 _KERAS_PROBE = """
 import json, os
@@ -165,7 +167,7 @@ def collect() -> dict:
     from .. import __version__
 
     report = {
-        "ano_optimizer": {"version": __version__, "location": os.path.dirname(_package_file())},
+        "ano_optimizer": {"version": __version__, "location": _PACKAGE_DIR},
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "platform": platform.platform(),
         "torch": {
@@ -183,12 +185,6 @@ def collect() -> dict:
     _optax_integration(report)
     _fused_kernel(report)
     return report
-
-
-def _package_file() -> str:
-    import ano_optimizer
-
-    return ano_optimizer.__file__
 
 
 def render(report: dict) -> str:

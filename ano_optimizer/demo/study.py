@@ -424,6 +424,16 @@ def cells(settings: dict) -> list[dict]:
     return found
 
 
+def runs_per_cell(settings: dict) -> int:
+    """Every rate of the grid per tuning seed, then the chosen rate per test seed."""
+    grid = len(settings["lr_grid_factors"])
+    return grid * len(settings["tuning_seeds"]) + len(settings["test_seeds"])
+
+
+def _study_cost(settings: dict, plan: list[dict]) -> float:
+    return sum(_run_cost(cell, settings) for cell in plan) * runs_per_cell(settings)
+
+
 def _run_cost(run: dict, settings: dict) -> float:
     if run["task"] == "rl":
         return settings["rl_steps"] / 1000 * _SECONDS_PER_1K_RL_STEPS
@@ -541,10 +551,8 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _schedule(settings: dict, done: dict[tuple, dict]):
-    """(all cells, the runs to start now). Tuning runs first; the test runs of a cell whose
-    tuning is complete too."""
-    plan = cells(settings)
+def _schedule(settings: dict, plan: list[dict], done: dict[tuple, dict]) -> list[dict]:
+    """The tuning runs still to do, the long ones first."""
     todo = []
     for cell in plan:
         runs = protocol.tuning_runs(
@@ -553,7 +561,7 @@ def _schedule(settings: dict, done: dict[tuple, dict]):
         )  # fmt: skip
         todo += [r for r in runs if protocol.run_key(r) not in done]
     todo.sort(key=lambda r: r["task"] != "rl")  # the long runs first: better packing
-    return plan, todo
+    return todo
 
 
 def _test_runs_for(cell: dict, settings: dict, done: dict[tuple, dict]) -> list[dict]:
@@ -569,25 +577,26 @@ def _test_runs_for(cell: dict, settings: dict, done: dict[tuple, dict]) -> list[
     return [r for r in wanted if protocol.run_key(r) not in done]
 
 
-def run_study(settings: dict, done_runs: list[dict], log: _RunLog, workers: int, tqdm) -> bool:
-    """Run every missing run; return False when interrupted (what finished is in ``log``)."""
+def run_study(
+    settings: dict, plan: list[dict], done_runs: list[dict], log: _RunLog, workers: int, tqdm
+) -> bool:
+    """Run every missing run of ``plan`` (from :func:`cells`); return False when interrupted
+    (what finished is in ``log``)."""
     done = {protocol.run_key(r): r for r in done_runs}
-    plan, todo = _schedule(settings, done)
+    todo = _schedule(settings, plan, done)
     by_key = {protocol.cell_key(cell): cell for cell in plan}
     for cell in plan:  # a resumed study: cells whose tuning had finished
         todo += _test_runs_for(cell, settings, done)
     submitted = set(done) | {protocol.run_key(r) for r in todo}
-    per_cell = len(settings["lr_grid_factors"]) * len(settings["tuning_seeds"]) + len(
-        settings["test_seeds"]
-    )
-    cost_total = sum(_run_cost(cell, settings) * per_cell for cell in plan)
+    n_runs = len(plan) * runs_per_cell(settings)
+    cost_total = _study_cost(settings, plan)
     cost_done = sum(_run_cost(r, settings) for r in done.values())
     results: queue.Queue = queue.Queue()
     pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(settings,))
     bar = tqdm(total=round(cost_total, 1), initial=round(cost_done, 1), unit="s",
                dynamic_ncols=True, desc="study", mininterval=1.0,
                bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")  # fmt: skip
-    bar.set_postfix_str(f"{len(done)}/{len(plan) * per_cell} runs")
+    bar.set_postfix_str(f"{len(done)}/{n_runs} runs")
 
     def submit(run: dict) -> None:
         pool.apply_async(execute, (run,), callback=results.put, error_callback=results.put)
@@ -607,7 +616,7 @@ def run_study(settings: dict, done_runs: list[dict], log: _RunLog, workers: int,
             done[protocol.run_key(finished)] = finished
             log.append(finished)
             bar.update(round(_run_cost(finished, settings), 1))
-            bar.set_postfix_str(f"{len(done)}/{len(plan) * per_cell} runs")
+            bar.set_postfix_str(f"{len(done)}/{n_runs} runs")
             if finished["phase"] == "tuning":
                 cell = by_key[protocol.cell_key(finished)]
                 for run in _test_runs_for(cell, settings, done):
@@ -646,11 +655,8 @@ def run(args: argparse.Namespace) -> int:
         (folder / "settings.json").write_text(json.dumps(settings, indent=1))
     workers = args.workers or os.cpu_count() or 1
     plan = cells(settings)
-    per_cell = len(settings["lr_grid_factors"]) * len(settings["tuning_seeds"]) + len(
-        settings["test_seeds"]
-    )
-    estimate = sum(_run_cost(c, settings) * per_cell for c in plan)
-    remaining = estimate - sum(_run_cost(r, settings) for r in saved)
+    per_cell = runs_per_cell(settings)
+    remaining = _study_cost(settings, plan) - sum(_run_cost(r, settings) for r in saved)
     print(
         f"ano-optimizer demo: tasks {', '.join(settings['tasks'])}; optimizers "
         f"{', '.join(settings['optimizers'])}; {len(plan)} cells x {per_cell} runs "
@@ -664,7 +670,7 @@ def run(args: argparse.Namespace) -> int:
     )
     log = _RunLog(folder / "runs.jsonl", fresh=not args.resume)
     try:
-        complete = run_study(settings, saved, log, workers, tqdm)
+        complete = run_study(settings, plan, saved, log, workers, tqdm)
     finally:
         log.close()
     runs = _read_saved_runs(folder / "runs.jsonl")
