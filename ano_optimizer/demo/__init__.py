@@ -21,7 +21,7 @@ and one PNG per task. With --cifar10 PATH the noise and labels tasks run the pap
 (small CNN, 100 epochs) on a CIFAR-10 python-format folder, read with a data-only unpickler.
 
 examples:
-  ano-optimizer demo                          # all three tasks, ~4 minutes on 2 cores
+  ano-optimizer demo                          # all three tasks, ~3 minutes on 2 cores
   ano-optimizer demo --quick                  # every task at a tiny scale, under a minute
   ano-optimizer demo --tasks rl --rl-env Pendulum-v1 --rl-steps 20000
   ano-optimizer demo --resume --output demo-results
