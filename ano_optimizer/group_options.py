@@ -34,7 +34,15 @@ GROUP_OPTIONS = (
     "capturable",
     "state_dtype",
 )
-STATE_DTYPE_CHOICES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# torch.uint8: blockwise 8-bit codes (:mod:`.blockwise8`).
+STATE_DTYPE_CHOICES = (
+    None,
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    torch.uint8,
+)
 # Keys torch.optim keeps in a group beside the options (named parameters).
 _BOOKKEEPING_KEYS = ("params", "param_names")
 
@@ -43,7 +51,8 @@ def check_state_dtype(state_dtype, owner: str = "Ano") -> None:
     if not any(state_dtype is choice for choice in STATE_DTYPE_CHOICES):
         raise ValueError(
             f"{owner}: invalid state_dtype={state_dtype!r}; it must be None (the parameter's "
-            "dtype), torch.float32, torch.float64, torch.bfloat16 or torch.float16"
+            "dtype), torch.float32, torch.float64, torch.bfloat16, torch.float16 or torch.uint8 "
+            "(blockwise 8-bit)"
         )
 
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from . import blockwise8, rounding
 from . import hyperparameters as hp
-from . import rounding
 from ._torch_internals import (
     capture_health_check,
     default_foreach,
@@ -190,8 +190,7 @@ class Ano(Optimizer):
                 # (no host sync); torch's loader puts a saved step there for such groups too.
                 step_device = p.device if group["fused"] or group["capturable"] else None
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype(), device=step_device)
-                state["exp_avg"] = _new_moment(p, group["state_dtype"])
-                state["exp_avg_sq"] = _new_moment(p, group["state_dtype"])
+                state.update(_new_moments(p, group["state_dtype"]))
         params += stepped
         grads += [grad for grad in grads_or_none if grad is not None]
         exp_avgs += [state["exp_avg"] for state in states]
@@ -279,7 +278,7 @@ class Ano(Optimizer):
             index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _ = batch
             grads = check_step_tensors(
                 params, grads, exp_avgs, exp_avg_sqs, steps, owner=owner,
-                where=_describer(index, group, params),
+                where=_describer(index, group, params), scales=self._scales(params),
             )  # fmt: skip
             if group["capturable"]:
                 for position, (p, step) in enumerate(zip(params, steps, strict=True)):
@@ -289,13 +288,23 @@ class Ano(Optimizer):
             batch[2] = (params, grads, exp_avgs, exp_avg_sqs, steps)
         return batches
 
+    def _scales(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
+        """Each parameter's 8-bit moment scales, or None where its moments are not codes."""
+        states = [self.state.get(p, {}) for p in params]
+        return [
+            (state["exp_avg_scale"], state["exp_avg_sq_scale"])
+            if "exp_avg_scale" in state or "exp_avg_sq_scale" in state
+            else None
+            for state in states
+        ]
+
     def _update_group(self, index, group, lists, has_complex, grad_scale, found_inf) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
         if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
             return
         beta1, beta2 = group["betas"]
         _ano_group(
-            params, grads, exp_avgs, exp_avg_sqs, steps,
+            params, grads, exp_avgs, exp_avg_sqs, steps, scales=self._scales(params),
             foreach=group["foreach"], fused=group["fused"],
             grad_scale=grad_scale if group["fused"] else None,
             found_inf=found_inf if group["fused"] else None,
@@ -317,6 +326,25 @@ class Ano(Optimizer):
             if params:
                 lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
                 self._update_group(index, group, lists, has_complex, grad_scale, found_inf)
+
+
+def _new_moments(param: Tensor, state_dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """A parameter's zero moments (and their scales, for 8-bit codes)."""
+    if state_dtype is torch.uint8:
+        if _is_dtensor(param):
+            raise ValueError(
+                "Ano: state_dtype=torch.uint8 does not take DTensor parameters (FSDP2, tensor "
+                "parallel) yet; use state_dtype=torch.bfloat16 there"
+            )
+        if blockwise8.takes_codes(param):
+            return blockwise8.quantized_moments(param)
+        state_dtype = blockwise8.float_state_dtype(param, state_dtype)
+    return {key: _new_moment(param, state_dtype) for key in ("exp_avg", "exp_avg_sq")}
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(t, dtensor_module.DTensor)
 
 
 def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
@@ -571,6 +599,7 @@ def _ano_group(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
+    scales: list[tuple[Tensor, Tensor] | None] | None = None,
     foreach: bool | None,
     fused: bool | None,
     grad_scale: Tensor | None,
@@ -598,6 +627,20 @@ def _ano_group(
         "logarithmic_schedule": logarithmic_schedule,
         "maximize": maximize,
     }
+    if scales is not None and any(s is not None for s in scales):
+        coded = [i for i, s in enumerate(scales) if s is not None]
+        tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        m_scales, v_scales = ([scales[i][k] for i in coded] for k in (0, 1))
+        p8, g8, m8, v8, s8 = ([t[i] for i in coded] for t in tensors)
+        amp = {"grad_scale": grad_scale, "found_inf": found_inf} if fused else {}
+        blockwise8.blockwise8_step(
+            p8, g8, m8, v8, m_scales, v_scales, s8, fused=bool(fused), **amp, **scalars
+        )
+        rest = [i for i, s in enumerate(scales) if s is None]
+        if not rest:
+            return
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = ([t[i] for i in rest] for t in tensors)
+        has_complex = has_complex and any(p.is_complex() for p in params)
     if fused:
         fused_ano(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale=grad_scale,

@@ -19,11 +19,12 @@ import sys
 import torch
 from torch import Tensor
 
+from . import blockwise8
 from ._torch_internals import scalar_dtype
 from .group_options import GROUP_OPTIONS, check_group_options
 from .tensor_checks import STATE_DTYPES, storage_holds
 
-__all__ = ["checked_state_dict", "keep_state_dtype_on_load", "moment_for"]
+__all__ = ["checked_state_dict", "keep_state_dtype_on_load", "moment_for", "moments_for"]
 
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # Options every saved Ano/Anolog group holds (the flags were added over time: a group
@@ -112,6 +113,9 @@ def _checked_group(index: int, saved, group: dict, defaults: dict, owner: str) -
             f"{where} holds {len(saved['params'])} parameters in the state dict and "
             f"{len(group['params'])} in this optimizer"
         )
+    # How the moments are stored is this optimizer's choice, not the checkpoint's: saved
+    # moments are converted into it (8-bit codes dequantized, float moments quantized).
+    saved["state_dtype"] = group["state_dtype"]
     return saved
 
 
@@ -128,8 +132,45 @@ def _checked_entry(entry, param: Tensor, where: str, owner: str) -> dict:
     entry = dict(entry)
     entry["step"] = _checked_step(entry["step"], fail)
     for key in ("exp_avg", "exp_avg_sq"):
-        _check_moment(entry[key], key, param, fail)
+        moment, scale = entry[key], entry.get(f"{key}_scale")
+        if scale is not None or (isinstance(moment, Tensor) and moment.dtype == torch.uint8):
+            _check_codes(moment, scale, key, param, fail)
+        else:
+            _check_moment(moment, key, param, fail)
     return entry
+
+
+def _check_codes(codes, scale, key: str, param: Tensor, fail) -> None:
+    """8-bit codes and their block scales (:mod:`.blockwise8`)."""
+    expected = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.shape != expected:
+        shown = (
+            f"a {codes.dtype} tensor of shape {tuple(codes.shape)}"
+            if isinstance(codes, Tensor)
+            else type(codes).__name__
+        )
+        fail(
+            f"state[{key!r}] must be 8-bit codes (torch.uint8 of shape {expected}) beside "
+            f"state['{key}_scale'], got {shown}"
+        )
+    blocks = blockwise8.num_blocks(codes.numel())
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != (blocks,):
+        shown = (
+            f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            if isinstance(scale, Tensor)
+            else repr(scale)
+        )
+        fail(
+            f"state['{key}_scale'] must be a float32 tensor of shape ({blocks},) beside its "
+            f"8-bit codes, got {shown}"
+        )
+    if _local(codes) is not codes or _local(scale) is not scale or _local(param) is not param:
+        fail("8-bit codes cannot be loaded into or from DTensors yet")
+    for what, t in ((f"state[{key!r}]", codes), (f"state['{key}_scale']", scale)):
+        if t.layout != torch.strided or (_readable(t) and not storage_holds(t)):
+            fail(f"{what} must be a dense tensor with storage holding its elements")
+    if _readable(scale) and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        fail(f"state['{key}_scale'] holds NaN, infinite or negative values")
 
 
 def _checked_step(step, fail):
@@ -226,9 +267,39 @@ def _restore_state_dtype(optimizer) -> None:
             if entry is None or param not in optimizer.state:
                 continue
             state = optimizer.state[param]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in entry and isinstance(entry[key], Tensor):
-                    state[key] = moment_for(param, entry[key], group.get("state_dtype"))
+            moments = moments_for(param, entry, group.get("state_dtype"))
+            for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+                if key not in moments:  # torch's loader copied a saved scale
+                    state.pop(key, None)
+            state.update(moments)
+
+
+def moments_for(param: Tensor, entry: dict, state_dtype: torch.dtype | None) -> dict:
+    """A saved entry's moments as ``param``'s state in ``state_dtype``: 8-bit codes are copied
+    as they are, or dequantized into another state dtype; moments of another dtype are
+    converted (:func:`moment_for`), and quantized to nearest for a ``torch.uint8`` group."""
+    moments = {}
+    wants_codes = state_dtype is torch.uint8 and blockwise8.takes_codes(param)
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        saved, scale = entry.get(key), entry.get(f"{key}_scale")
+        if not isinstance(saved, Tensor):
+            continue
+        if scale is not None and wants_codes:
+            moments[key] = saved.to(param.device, copy=True).contiguous()
+            moments[f"{key}_scale"] = scale.to(param.device, torch.float32, copy=True)
+            continue
+        if scale is not None:
+            flat = blockwise8.dequantize(saved.reshape(-1), scale.float(), signed=signed)
+            saved = flat.view(saved.shape)
+        if wants_codes:
+            values = moment_for(param, saved, torch.float32).contiguous()
+            codes, scale = blockwise8.quantize(values, None, signed=signed)
+            moments[key], moments[f"{key}_scale"] = codes, scale
+        else:
+            moments[key] = moment_for(
+                param, saved, blockwise8.float_state_dtype(param, state_dtype)
+            )
+    return moments
 
 
 def moment_for(param: Tensor, saved: Tensor, state_dtype: torch.dtype | None) -> Tensor:

@@ -119,11 +119,15 @@ def check_step_tensors(
     *,
     owner: str,
     where: Callable[[int], str],
+    scales: Sequence[tuple[Tensor, Tensor] | None] | None = None,
 ) -> list[Tensor]:
     """Raise ``RuntimeError`` naming the parameter (``where(i)``) and the problem where a tensor
     cannot be stepped; change nothing. Return the gradients, with negative- and conjugate-bit
-    views resolved into plain tensors (the paths hand gradients to kernels by address)."""
-    if _usual(params, grads, exp_avgs, exp_avg_sqs, steps):
+    views resolved into plain tensors (the paths hand gradients to kernels by address).
+    ``scales`` holds each parameter's 8-bit moment scales (``exp_avg_scale``,
+    ``exp_avg_sq_scale``), or None where its moments are not codes."""
+    coded = scales is not None and any(s is not None for s in scales)
+    if not coded and _usual(params, grads, exp_avgs, exp_avg_sqs, steps):
         return list(grads)
     checked = list(grads)
     for i, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(
@@ -158,8 +162,9 @@ def check_step_tensors(
             fail(f"its gradient {problem}")
         if grad.is_neg() or grad.is_conj():
             checked[i] = grad.resolve_neg().resolve_conj()
-        for role, state in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            _check_moment(param, state, role, fail)
+        pair = scales[i] if scales is not None else None
+        for k, (role, state) in enumerate((("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))):
+            _check_moment(param, state, role, fail, None if pair is None else pair[k])
         _check_step(param, step, fail)
     return checked
 
@@ -222,9 +227,12 @@ _NBYTES = torch.UntypedStorage.nbytes
 _DATA_PTR = torch.UntypedStorage.data_ptr
 
 
-def _check_moment(param: Tensor, state, role: str, fail) -> None:
+def _check_moment(param: Tensor, state, role: str, fail, scale=None) -> None:
     if not isinstance(state, Tensor):
         fail(f"state[{role!r}] is {type(state).__name__}, not a tensor")
+    if scale is not None:
+        _check_codes(param, state, role, scale, fail)
+        return
     real_view = param.is_complex() and not state.is_complex()
     expected = (*param.shape, 2) if real_view else tuple(param.shape)
     if tuple(state.shape) != expected:
@@ -241,6 +249,36 @@ def _check_moment(param: Tensor, state, role: str, fail) -> None:
     problem = written_problem(state)
     if problem is not None:
         fail(f"state[{role!r}] {problem}")
+
+
+def _check_codes(param: Tensor, codes: Tensor, role: str, scale, fail) -> None:
+    """8-bit moment codes and their block scales (:mod:`.blockwise8`)."""
+    expected = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:
+        fail(
+            f"state[{role!r}] must hold 8-bit codes (torch.uint8 of shape {expected}) beside "
+            f"state['{role}_scale'], got a {codes.dtype} tensor of shape {tuple(codes.shape)}"
+        )
+    blocks = -(-codes.numel() // 256)
+    if (
+        not isinstance(scale, Tensor)
+        or scale.dtype != torch.float32
+        or tuple(scale.shape) != (blocks,)
+    ):
+        shown = (
+            f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            if isinstance(scale, Tensor)
+            else type(scale).__name__
+        )
+        fail(f"state['{role}_scale'] must be a float32 tensor of shape ({blocks},), got {shown}")
+    for what, t in ((f"state[{role!r}]", codes), (f"state['{role}_scale']", scale)):
+        if t.device != param.device:
+            fail(f"{what} is on {t.device}, the parameter on {param.device}")
+        if not t.is_contiguous() or type(t).__torch_dispatch__ is not _PLAIN:
+            fail(f"{what} must be a plain contiguous tensor")
+        problem = written_problem(t)
+        if problem is not None:
+            fail(f"{what} {problem}")
 
 
 def _check_step(param: Tensor, step, fail) -> None:

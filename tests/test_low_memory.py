@@ -132,7 +132,7 @@ def test_state_dict_round_trip_keeps_state_dtype_and_values(param_dtype, state_d
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
-    restored = Ano(model.parameters(), lr=1e-2)
+    restored = Ano(model.parameters(), lr=1e-2, state_dtype=state_dtype)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.param_groups[0]["state_dtype"] == state_dtype
     for p in model.parameters():

@@ -1,0 +1,235 @@
+"""Blockwise 8-bit moments (``state_dtype=torch.uint8``): the format, and its eager step.
+
+A moment of ``n`` elements is kept as ``n`` one-byte codes and one float32 scale per block of
+:data:`BLOCK` consecutive elements (the block's largest magnitude), as in bitsandbytes and
+torchao: 2 + 8/256 bytes per parameter for both moments instead of 8. Tensors of fewer than
+:data:`MIN_NUMEL` elements (biases, norms) keep float32 moments: their scales would cost more
+than they save.
+
+A code is the top bits of the float32 value ``x / scale`` (in [-1, 1]): a small floating-point
+number with 31 binades below 1, so a block's small elements keep their size relative to its
+largest one (a linear map would round everything under ``scale / 254`` to zero, and Ano's step
+is ``sign(m)``: those coordinates would stop moving).
+
+- ``exp_avg`` (signed): sign, 5 exponent bits, 2 mantissa bits;
+- ``exp_avg_sq`` (never negative): 5 exponent bits, 3 mantissa bits.
+
+Magnitude code 0 is 0; values under ``2**-31 · scale`` round to it. Cutting the float32 bits
+makes quantizing a handful of integer operations per element, which keeps the fused kernels
+memory-bound; a table of 256 levels (bitsandbytes' dynamic map) needs a binary search.
+
+Writes round stochastically with :mod:`.rounding`'s hashed noise: Ano's second moment moves by
+``(1 - β2) · g²`` per step, often less than a code's spacing (6-12 % of the value), so rounding
+to nearest would absorb its decreases and keep it too high. The noise is decided by the step
+count, so every path writes the same codes and a resumed run continues bit for bit. Conversions
+on load (float32 state into an 8-bit optimizer) round to nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import rounding
+from .fused.inductor import _ano_math
+from .step_scalars import _amp_tensors, _hyper_tensor, _no_noise, _step_scalars
+
+__all__ = [
+    "BLOCK",
+    "MIN_NUMEL",
+    "blockwise8_ano",
+    "blockwise8_step",
+    "dequantize",
+    "float_state_dtype",
+    "num_blocks",
+    "quantize",
+    "quantized_moments",
+    "takes_codes",
+]
+
+BLOCK = 256
+MIN_NUMEL = 4096
+# The float32 bit patterns of the formats: a code's magnitude m > 0 stands for the float
+# whose bits are (m + OFFSET) << SHIFT.
+_SIGNED_SHIFT, _SIGNED_OFFSET, _SIGNED_MAX = 21, 384, 127
+_UNSIGNED_SHIFT, _UNSIGNED_OFFSET, _UNSIGNED_MAX = 20, 768, 255
+# Rounding to nearest: half of the discarded bits' range, as 16-bit noise.
+_NEAREST = 1 << 15
+
+
+def num_blocks(numel: int) -> int:
+    return -(-numel // BLOCK)
+
+
+def takes_codes(param: Tensor) -> bool:
+    """Whether ``param``'s moments are 8-bit codes in a ``torch.uint8`` group."""
+    return _real_numel(param) >= MIN_NUMEL
+
+
+def float_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of float moments in a group of ``state_dtype``: a ``torch.uint8`` group keeps
+    a small tensor's moments in float32 (float64 for a float64 parameter; None: the
+    parameter's own dtype)."""
+    if state_dtype is not torch.uint8:
+        return state_dtype
+    real = torch.view_as_real(param) if param.is_complex() else param
+    wide = torch.promote_types(real.dtype, torch.float32)
+    return None if not param.is_complex() and wide == param.dtype else wide
+
+
+def _real_numel(param: Tensor) -> int:
+    return param.numel() * (2 if param.is_complex() else 1)
+
+
+def quantized_moments(param: Tensor) -> dict[str, Tensor]:
+    """Zero 8-bit moments for ``param`` (a complex one as its real view): the four state
+    tensors ``exp_avg``, ``exp_avg_sq`` (codes) and ``exp_avg_scale``, ``exp_avg_sq_scale``."""
+    like = torch.view_as_real(param) if param.is_complex() else param
+    blocks = num_blocks(like.numel())
+    return {
+        "exp_avg": torch.zeros(like.shape, dtype=torch.uint8, device=param.device),
+        "exp_avg_sq": torch.zeros(like.shape, dtype=torch.uint8, device=param.device),
+        "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
+        "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
+    }
+
+
+def _per_element(scale: Tensor, numel: int) -> Tensor:
+    return scale.repeat_interleave(BLOCK)[:numel]
+
+
+def dequantize(codes: Tensor, scale: Tensor, *, signed: bool) -> Tensor:
+    """The float32 values of ``codes`` (flat, a whole number of blocks from a block's start)
+    under their blocks' ``scale``."""
+    c = codes.reshape(-1).to(torch.int32)
+    if signed:
+        magnitude = c & 0x7F
+        bits = ((magnitude + _SIGNED_OFFSET) << _SIGNED_SHIFT) | ((c >> 7) << 31)
+    else:
+        magnitude = c
+        bits = (magnitude + _UNSIGNED_OFFSET) << _UNSIGNED_SHIFT
+    unit = torch.where(magnitude > 0, bits, 0).view(torch.float32)
+    return unit * _per_element(scale, c.numel())
+
+
+def block_absmax(x: Tensor) -> Tensor:
+    """Each block's largest magnitude (NaN where the block holds one)."""
+    pad = (-x.numel()) % BLOCK
+    flat = x.reshape(-1).abs()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, BLOCK).amax(1)
+
+
+def quantize(x: Tensor, noise: Tensor | None, *, signed: bool) -> tuple[Tensor, Tensor]:
+    """Codes (uint8, shaped like ``x``) and block scales (float32) of float32 ``x``, rounded
+    with ``noise`` (int32 in [0, 2**16), like ``x``: stochastic) or to nearest (None)."""
+    scale = block_absmax(x)
+    inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
+    unit = x.reshape(-1) * _per_element(inverse, x.numel())
+    bits = unit.view(torch.int32)
+    magnitude_bits = bits & 0x7FFFFFFF
+    noise = _NEAREST if noise is None else noise.reshape(-1)
+    if signed:
+        cut = (magnitude_bits + (noise << (_SIGNED_SHIFT - 16))) >> _SIGNED_SHIFT
+        magnitude = (cut - _SIGNED_OFFSET).clamp(0, _SIGNED_MAX)
+        codes = magnitude | torch.where((bits < 0) & (magnitude > 0), 128, 0)
+    else:
+        cut = (magnitude_bits + (noise << (_UNSIGNED_SHIFT - 16))) >> _UNSIGNED_SHIFT
+        codes = (cut - _UNSIGNED_OFFSET).clamp(0, _UNSIGNED_MAX)
+    return codes.to(torch.uint8).view(x.shape), scale
+
+
+# Elements per block of the eager step: a whole number of scale blocks, whose float32
+# temporaries stay small.
+_EAGER_NUMEL = 1 << 16
+
+
+def blockwise8_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    exp_avg_sq_scales: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    fused: bool,
+    **scalars,
+) -> None:
+    """The step of checked tensors with 8-bit moments: on the CPU with ``fused=True`` one
+    call of the C++ group kernel where it takes them all, else :func:`blockwise8_ano`."""
+    blockwise8_ano(
+        params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
+        **scalars,
+    )  # fmt: skip
+
+
+def blockwise8_ano(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    exp_avg_sq_scales: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    logarithmic_schedule: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """The eager step of (checked) tensors with 8-bit moments, in place.
+
+    Per block of the tensor: the moments are dequantized to float32, updated with the fused
+    kernels' arithmetic (:func:`.fused.inductor._ano_math`, so that this path and the fused
+    one write the same bits), and quantized again; the parameter is updated from the float32
+    moments. ``grad_scale`` and ``found_inf`` act as in the fused path (a step with
+    ``found_inf`` set changes nothing)."""
+    if not params:
+        return
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    device = params[0].device
+    torch._foreach_add_(state_steps, 1.0)
+    weights, corrections = _step_scalars(
+        state_steps, beta1, beta2, logarithmic_schedule, torch.float32, device
+    )
+    hyper = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
+    skip, inv_scale = _amp_tensors(grad_scale, None, device)
+    no_noise = _no_noise(device)
+    for i, (param, grad, m_codes, v_codes) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)
+    ):
+        if param.is_complex():
+            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
+        work = param if param.is_contiguous() else param.contiguous()
+        p, g = work.view(-1), grad.reshape(-1)
+        m_flat, v_flat = m_codes.view(-1), v_codes.view(-1)
+        m_scale, v_scale = exp_avg_scales[i], exp_avg_sq_scales[i]
+        v_noise = rounding.noise_parameter_tensor(state_steps[i].reshape(()), _V_STREAM)
+        for start in range(0, p.numel(), _EAGER_NUMEL):
+            end = min(start + _EAGER_NUMEL, p.numel())
+            scales = slice(start // BLOCK, num_blocks(end))
+            m = dequantize(m_flat[start:end], m_scale[scales], signed=True)
+            v = dequantize(v_flat[start:end], v_scale[scales], signed=False)
+            _ano_math(
+                p[start:end], g[start:end], m, v, weights[i], corrections[i], hyper, skip,
+                inv_scale, no_noise, maximize=maximize,
+            )  # fmt: skip
+            codes, scale = quantize(m, None, signed=True)
+            m_flat[start:end].copy_(codes)
+            m_scale[scales].copy_(scale)
+            codes, scale = quantize(v, rounding.hashed_noise(v, v_noise, start), signed=False)
+            v_flat[start:end].copy_(codes)
+            v_scale[scales].copy_(scale)
+        if work is not param:
+            param.copy_(work)
+
+
+_V_STREAM = rounding.EXP_AVG_SQ_STREAM
