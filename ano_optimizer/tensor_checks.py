@@ -274,8 +274,6 @@ def _check_codes(param: Tensor, codes: Tensor, role: str, scale, fail) -> None:
     for what, t in ((f"state[{role!r}]", codes), (f"state['{role}_scale']", scale)):
         if t.device != param.device:
             fail(f"{what} is on {t.device}, the parameter on {param.device}")
-        if not t.is_contiguous() or type(t).__torch_dispatch__ is not _PLAIN:
-            fail(f"{what} must be a plain contiguous tensor")
         problem = written_problem(t)
         if problem is not None:
             fail(f"{what} {problem}")

@@ -35,7 +35,9 @@ CHOICES = ("group", "per_tensor", "portable", "copy_floor")
 
 # The element loop of cpu_kernel.cpp's update_block, from its template line to its closing brace.
 _UPDATE_BLOCK = re.compile(
-    r"^template <bool kMaximize, bool kScaled, bool kDecayed>\nvoid update_block\(.*?^\}\n",
+    # The float/bfloat16 loop (the 8-bit one takes uint8_t codes, not STATE_T).
+    r"^template <bool kMaximize, bool kScaled, bool kDecayed>\nvoid update_block\(\n"
+    r"(?:.*\n){2}    STATE_T\* __restrict__ exp_avg,.*?^\}\n",
     re.MULTILINE | re.DOTALL,
 )
 _COPY_BLOCK = """template <bool kMaximize, bool kScaled, bool kDecayed>
@@ -63,9 +65,16 @@ def _shipped_source() -> str:
 
 @functools.cache
 def _variant(state_dtype: torch.dtype, choice: str):
-    if state_dtype not in cpu._CPU_STATE_TYPES or not tensor_objects_lead_with_their_impl():
+    if not tensor_objects_lead_with_their_impl():
         return None
     source = _shipped_source()
+    if state_dtype == torch.uint8:
+        if choice != "portable":
+            return None
+        defines = {"STATE_T": "uint8_t", "ANO_CODES": "1", "ANO_NO_INTRINSICS": "1"}
+        return build_cpu_kernel(source, cpu._CPU_ARGTYPES, **defines)
+    if state_dtype not in cpu._CPU_STATE_TYPES:
+        return None
     if choice == "copy_floor":
         source, replaced = _UPDATE_BLOCK.subn(lambda _: _COPY_BLOCK, source)
         if replaced != 1:

@@ -38,8 +38,11 @@ PATHS = {
     "capturable": {"capturable": True},
     "bf16-state": {"state_dtype": torch.bfloat16},
     "bf16-state-fused": {"state_dtype": torch.bfloat16, "fused": True},
+    "8bit-state": {"state_dtype": torch.uint8},
+    "8bit-state-fused": {"state_dtype": torch.uint8, "fused": True},
 }
-SHAPES = [(5,), (4, 3), (2, 3, 2, 2), (17,)]
+# (64, 65) is large enough for 8-bit codes (blockwise8.MIN_NUMEL); the others keep float state.
+SHAPES = [(5,), (4, 3), (2, 3, 2, 2), (17,), (64, 65)]
 
 
 class Wrapper(torch.Tensor):

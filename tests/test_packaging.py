@@ -96,6 +96,7 @@ def test_wheel_contents(wheel):
     assert "[ano_optimizer.optimizers]" in entry_text
     assert "ano = ano_optimizer.registry.builtins:ANO" in entry_text
     assert "anolog = ano_optimizer.registry.builtins:ANOLOG" in entry_text
+    assert "ano8bit = ano_optimizer.registry.builtins:ANO8BIT" in entry_text
     assert "ano-optimizer = ano_optimizer.cli:main" in entry_text
 
 
@@ -163,8 +164,8 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
     )
     assert report["top_level_integrations"] is False
     assert report["entry_points"] == [
-        ["ano", "ano_optimizer.registry.builtins:ANO", str(installed)],
-        ["anolog", "ano_optimizer.registry.builtins:ANOLOG", str(installed)],
+        [name, f"ano_optimizer.registry.builtins:{name.upper()}", str(installed)]
+        for name in ("ano", "ano8bit", "anolog", "anolog8bit")
     ]
     assert report["sources"]["ano"] == report["sources"]["anolog"] == "built-in"
     for name, error in report["errors"].items():

@@ -24,7 +24,11 @@ from plugin_fixture import (
     write_plugin,
 )
 
+from ano_optimizer.registry.builtins import BUILTIN_SPECS
 from ano_optimizer.registry.plugins import DISABLE_PLUGINS_ENV, plugins_disabled
+
+# The names this project registers itself (the registry lists them sorted).
+BUILTIN_NAMES = sorted(spec.name for spec in BUILTIN_SPECS)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +99,7 @@ def test_plugin_optimizer_is_available_by_name(tmp_path):
     report = probe(write_plugin(tmp_path))
     assert report["warnings"] == []
     # The built-ins come through the project's own entry points, as a plugin's do.
-    assert report["own_entry_points"] == ["ano", "anolog"]
+    assert report["own_entry_points"] == BUILTIN_NAMES
     assert {"ano", "anolog", PLUGIN_NAME} <= set(report["names"])
     assert PLUGIN_NAME in report["torch_names"]
     assert report["sources"][PLUGIN_NAME] == PLUGIN_DISTRIBUTION
@@ -175,8 +179,8 @@ def test_bad_plugins_warn_once_each_and_the_rest_keeps_working(bad_plugins):
 def test_env_var_disables_plugins(bad_plugins):
     report = probe(bad_plugins, ANO_OPTIMIZER_DISABLE_PLUGINS="1")
     assert report["warnings"] == []
-    assert report["names"] == ["ano", "anolog"]
-    assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
+    assert report["names"] == BUILTIN_NAMES
+    assert report["sources"] == dict.fromkeys(BUILTIN_NAMES, "built-in")
 
 
 def test_builtins_without_project_metadata(tmp_path):
@@ -190,8 +194,8 @@ def test_builtins_without_project_metadata(tmp_path):
     assert report["module"] == str(source / "ano_optimizer" / "__init__.py")
     assert report["own_entry_points"] == []
     assert report["warnings"] == []
-    assert report["names"] == ["ano", "anolog"]
-    assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
+    assert report["names"] == BUILTIN_NAMES
+    assert report["sources"] == dict.fromkeys(BUILTIN_NAMES, "built-in")
 
 
 @pytest.mark.parametrize(
@@ -297,8 +301,8 @@ def test_builtins_are_known_by_their_objects_not_by_a_distribution_name(tmp_path
     write_distribution(stale, "ano_optimizer", {"anolog": "ano_optimizer.registry.builtins:ANOLOG"})
     report = probe(stale, cwd=tmp_path)
     assert report["own_entry_points"] == [] and report["warnings"] == []
-    assert report["names"] == ["ano", "anolog"]
-    assert report["sources"] == {"ano": "built-in", "anolog": "built-in"}
+    assert report["names"] == BUILTIN_NAMES
+    assert report["sources"] == dict.fromkeys(BUILTIN_NAMES, "built-in")
 
 
 def test_descriptions_with_control_characters_are_refused(tmp_path):

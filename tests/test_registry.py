@@ -109,7 +109,8 @@ def test_list_optimizers_filters():
     names = list_optimizers()
     assert names == sorted(names)
     assert {"ano", "anolog"} <= set(names)
-    assert list_optimizers("anol*") == ["anolog"]
+    assert list_optimizers("anol*") == ["anolog", "anolog8bit"]
+    assert list_optimizers("*8bit", framework="keras") == []
     assert list_optimizers("ANO") == ["ano"]
     assert list_optimizers("zz*") == []
     assert {"ano", "anolog"} <= set(list_optimizers(framework="keras"))

@@ -65,6 +65,21 @@ def _cpu_group_call(
     return outcome[0]
 
 
+def cpu_codes_call(lists, scalars: tuple, maximize, log, check_only: bool = False) -> bool:
+    """:func:`_cpu_group_call` for 8-bit moments (:mod:`..blockwise8`): ``lists`` holds seven
+    role lists, params, grads, exp_avgs, exp_avg_sqs (codes), exp_avg_scales,
+    exp_avg_sq_scales and steps."""
+    kernel = _cpu_kernel(torch.uint8)
+    if kernel is None:
+        return False
+    roles, outcome = tuple(lists), [False]
+    kernel(
+        id(roles), _TENSOR_TYPES[0], _TENSOR_TYPES[1], id(outcome), *scalars,
+        _CPU_BLOCK, int(maximize), int(log), int(check_only),
+    )  # fmt: skip
+    return outcome[0]
+
+
 # The two tensor types whose objects the kernel reads directly, and their addresses.
 _KERNEL_TYPES = {torch.Tensor, torch.nn.Parameter}
 _TENSOR_TYPES = (id(torch.Tensor), id(torch.nn.Parameter))
@@ -124,7 +139,10 @@ def _cpu_kernel(state_dtype: torch.dtype):
         if not tensor_objects_lead_with_their_impl():
             raise RuntimeError("this torch's tensor objects do not hold their TensorImpl first")
         source = (resources.files("ano_optimizer.fused") / "cpu_kernel.cpp").read_text()
-        defines = {"STATE_T": _CPU_STATE_TYPES[state_dtype]}
+        if state_dtype == torch.uint8:
+            defines = {"STATE_T": "uint8_t", "ANO_CODES": "1"}
+        else:
+            defines = {"STATE_T": _CPU_STATE_TYPES[state_dtype]}
         return build_cpu_kernel(source, _CPU_ARGTYPES, **defines)
     except Exception as error:  # any build or load failure: the per-tensor kernel still works
         warnings.warn(

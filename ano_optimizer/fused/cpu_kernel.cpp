@@ -2,7 +2,8 @@
 //
 // Compiled at run time by Inductor's C++ toolchain (the compiler, flags, OpenMP runtime and
 // on-disk cache that torch.compile uses on CPU) with STATE_T set to float or uint16_t (the bits
-// of a bfloat16). One OpenMP region covers all tensors: the work is cut into equal blocks and
+// of a bfloat16), or to uint8_t with ANO_CODES for 8-bit codes with per-block scales
+// (blockwise8.py; the group then has 7 role lists: the two moments' scales after the moments). One OpenMP region covers all tensors: the work is cut into equal blocks and
 // every block knows its tensor, so 161 small and large tensors cost one parallel region and one
 // call from Python, not 161.
 //
@@ -93,7 +94,8 @@ inline float sign_times(float x, float y) {
     return float_of((bits_of(1.0f) | (bits_of(x) & kSignBit)) & nonzero) * y;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ANO_NO_INTRINSICS)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ANO_NO_INTRINSICS) && \
+    !defined(ANO_CODES)
 #define ANO_AVX512 1
 
 // The same loop by hand for AVX-512, 16 elements at a time, with the same operations in the same
@@ -224,6 +226,7 @@ int64_t update_vectors(
 }  // namespace avx512
 #endif
 
+#ifndef ANO_CODES
 // The flags are template parameters so that what they switch leaves the loop: as a run-time
 // flag GCC kept maximize's negation in the bfloat16 loop, a blend per vector; and a multiply by
 // an inv_scale or decay of exactly 1 changes no bit, so it is left out.
@@ -274,6 +277,236 @@ void update_block(
         noise_v += rounding_v.multiplier;
     }
 }
+#endif
+
+#ifdef ANO_CODES
+// blockwise8.py's formats: a code's bits shifted into a float32 (its bit 7 to the sign bit of
+// exp_avg's codes, the rest to the top of the exponent field: a tiny float, subnormal where its
+// exponent is 0), times 2**96 and the block's scale, is its value; exp_avg keeps a sign, 5
+// exponent and 2 mantissa bits, exp_avg_sq 5 exponent and 3 mantissa bits.
+constexpr int64_t kCodeBlock = 256;
+constexpr float kRescale = 0x1p96f;
+constexpr float kUnscale = 0x1p-96f;
+
+inline float decode_signed(uint8_t code) {
+    const uint32_t c = code;
+    return float_of(((c & 0x80u) << 24) | ((c & 0x7Fu) << 21)) * kRescale;
+}
+
+inline float decode_unsigned(uint8_t code) {
+    return float_of(static_cast<uint32_t>(code) << 20) * kRescale;
+}
+
+// Rounds to nearest: half of the 21 bits cut. (The magnitude's bits plus the rounding bits stay
+// below 2**32, and NaN's magnitude saturates, as in blockwise8.py.)
+inline uint8_t encode_signed(float unit) {
+    const uint32_t bits = bits_of(unit);
+    const uint32_t magnitude = std::min(((bits & 0x7FFFFFFFu) + (0x8000u << 5)) >> 21, 127u);
+    return static_cast<uint8_t>(magnitude | ((bits >> 24) & 0x80u));
+}
+
+// Rounds stochastically: 16 noise bits above the lowest 4 of the 20 cut.
+inline uint8_t encode_unsigned(float unit, uint32_t noise) {
+    return static_cast<uint8_t>(
+        std::min(((bits_of(unit) & 0x7FFFFFFFu) + (noise << 4)) >> 20, 255u));
+}
+
+// The largest |x| of a block as the integer maximum of the magnitudes' bits: the order of
+// non-negative floats, with NaN above infinity, as torch's amax propagates NaN.
+inline uint32_t larger_magnitude(uint32_t a, float x) { return std::max(a, bits_of(x) & 0x7FFFFFFFu); }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ANO_NO_INTRINSICS)
+#define ANO_CODES_AVX512 1
+// The two loops of update_block below, 16 elements at a time, with the same operations.
+namespace avx512_codes {
+
+inline __m512i widen(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m512 decode_signed(const uint8_t* p) {
+    const __m512i code = widen(p);
+    // (code << 24) at the sign bit, (code << 21) without the code's bit 7 elsewhere; 0xE4 is
+    // C ? A : B.
+    const __m512i bits = _mm512_ternarylogic_epi32(
+        _mm512_slli_epi32(code, 24), _mm512_and_si512(_mm512_slli_epi32(code, 21), _mm512_set1_epi32(0x0FE00000)),
+        _mm512_set1_epi32(static_cast<int>(kSignBit)), 0xE4);
+    return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(kRescale));
+}
+
+inline __m512 decode_unsigned(const uint8_t* p) {
+    return _mm512_mul_ps(
+        _mm512_castsi512_ps(_mm512_slli_epi32(widen(p), 20)), _mm512_set1_ps(kRescale));
+}
+
+inline void encode_signed(uint8_t* p, __m512 unit) {
+    const __m512i bits = _mm512_castps_si512(unit);
+    const __m512i magnitude = _mm512_min_epu32(
+        _mm512_srli_epi32(
+            _mm512_add_epi32(
+                _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x8000 << 5)),
+            21),
+        _mm512_set1_epi32(127));
+    // magnitude | ((bits >> 24) & 0x80); 0xF8 is A | (B & C).
+    const __m512i code = _mm512_ternarylogic_epi32(
+        magnitude, _mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80), 0xF8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(code));
+}
+
+inline void encode_unsigned(uint8_t* p, __m512 unit, __m512i noise) {
+    const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(unit), _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i code = _mm512_min_epu32(
+        _mm512_srli_epi32(_mm512_add_epi32(magnitude, _mm512_slli_epi32(noise, 4)), 20),
+        _mm512_set1_epi32(255));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(code));
+}
+
+inline __m512 sign_times(__m512 x, __m512 y) {
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    const __m512i signed_one = _mm512_maskz_ternarylogic_epi32(
+        nonzero, _mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(kSignBit)),
+        _mm512_set1_epi32(static_cast<int>(bits_of(1.0f))), 0xEA);
+    return _mm512_mul_ps(_mm512_castsi512_ps(signed_one), y);
+}
+
+}  // namespace avx512_codes
+#endif
+
+// update_block for 8-bit moments: per block of kCodeBlock elements, decode, update as above
+// (the same arithmetic), keep the new moments in float32 while the block's new scales are
+// found, then encode them. begin is a multiple of kCodeBlock.
+template <bool kMaximize, bool kScaled, bool kDecayed>
+void update_block(
+    float* __restrict__ param,
+    const float* __restrict__ grad,
+    uint8_t* __restrict__ exp_avg,
+    uint8_t* __restrict__ exp_avg_sq,
+    float* __restrict__ exp_avg_scale,
+    float* __restrict__ exp_avg_sq_scale,
+    int64_t begin,
+    int64_t end,
+    float momentum_weight,
+    float correction,
+    float lr,
+    float beta2,
+    float eps,
+    float decay,
+    float inv_scale,
+    Noise rounding_v) {
+    const float one_minus_beta2 = 1.0f - beta2;
+    const float eps_c = eps * correction;
+    const float step_size = lr * correction;
+    alignas(64) float m_block[kCodeBlock];
+    alignas(64) float v_block[kCodeBlock];
+    for (int64_t first = begin; first < end; first += kCodeBlock) {
+        const int64_t n = std::min(kCodeBlock, end - first);
+        const int64_t b = first / kCodeBlock;
+        const float m_scale = exp_avg_scale[b], v_scale = exp_avg_sq_scale[b];
+        uint32_t m_max = 0, v_max = 0;
+        int64_t j = 0;
+#ifdef ANO_CODES_AVX512
+        {
+            namespace v8 = avx512_codes;
+            const __m512 weight_v = _mm512_set1_ps(momentum_weight);
+            const __m512 one_minus_beta2_v = _mm512_set1_ps(one_minus_beta2);
+            const __m512 eps_c_v = _mm512_set1_ps(eps_c);
+            const __m512 step_size_v = _mm512_set1_ps(step_size);
+            const __m512 decay_v = _mm512_set1_ps(decay);
+            const __m512 inv_scale_v = _mm512_set1_ps(inv_scale);
+            const __m512 m_scale_v = _mm512_set1_ps(m_scale);
+            const __m512 v_scale_v = _mm512_set1_ps(v_scale);
+            const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(kSignBit));
+            const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+            __m512i m_max_v = _mm512_setzero_si512(), v_max_v = _mm512_setzero_si512();
+            for (; j + 16 <= n; j += 16) {
+                const int64_t i = first + j;
+                __m512 g = _mm512_loadu_ps(grad + i);
+                if constexpr (kScaled) g = _mm512_mul_ps(g, inv_scale_v);
+                if constexpr (kMaximize)
+                    g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
+                const __m512 m = _mm512_mul_ps(v8::decode_signed(exp_avg + i), m_scale_v);
+                const __m512 v = _mm512_mul_ps(v8::decode_unsigned(exp_avg_sq + i), v_scale_v);
+                const __m512 p = _mm512_loadu_ps(param + i);
+                const __m512 g2 = _mm512_mul_ps(g, g);
+                const __m512 v_new = _mm512_add_ps(
+                    v, _mm512_mul_ps(one_minus_beta2_v,
+                                     _mm512_sub_ps(v8::sign_times(_mm512_sub_ps(g2, v), g2), v)));
+                const __m512 m_new = _mm512_add_ps(m, _mm512_mul_ps(weight_v, _mm512_sub_ps(g, m)));
+                const __m512 ratio = _mm512_div_ps(
+                    _mm512_abs_ps(g), _mm512_add_ps(_mm512_sqrt_ps(v_new), eps_c_v));
+                const __m512 kept = kDecayed ? _mm512_mul_ps(p, decay_v) : p;
+                _mm512_storeu_ps(
+                    param + i,
+                    _mm512_sub_ps(kept, v8::sign_times(m_new, _mm512_mul_ps(step_size_v, ratio))));
+                _mm512_store_ps(m_block + j, m_new);
+                _mm512_store_ps(v_block + j, v_new);
+                m_max_v = _mm512_max_epu32(m_max_v, _mm512_and_si512(_mm512_castps_si512(m_new), magnitude));
+                v_max_v = _mm512_max_epu32(v_max_v, _mm512_and_si512(_mm512_castps_si512(v_new), magnitude));
+            }
+            m_max = _mm512_reduce_max_epu32(m_max_v);
+            v_max = _mm512_reduce_max_epu32(v_max_v);
+        }
+#endif
+        for (; j < n; ++j) {
+            const int64_t i = first + j;
+            float g = grad[i];
+            if constexpr (kScaled) g = g * inv_scale;
+            if constexpr (kMaximize) g = -g;
+            const float m = decode_signed(exp_avg[i]) * m_scale;
+            const float v = decode_unsigned(exp_avg_sq[i]) * v_scale;
+            const float p = param[i];
+            const float g2 = g * g;
+            const float v_new = v + one_minus_beta2 * (sign_times(g2 - v, g2) - v);
+            const float m_new = m + momentum_weight * (g - m);
+            const float ratio = std::fabs(g) / (std::sqrt(v_new) + eps_c);
+            const float kept = kDecayed ? p * decay : p;
+            param[i] = kept - sign_times(m_new, step_size * ratio);
+            m_block[j] = m_new;
+            v_block[j] = v_new;
+            m_max = larger_magnitude(m_max, m_new);
+            v_max = larger_magnitude(v_max, v_new);
+        }
+        const float m_new_scale = float_of(m_max), v_new_scale = float_of(v_max);
+        exp_avg_scale[b] = m_new_scale;
+        exp_avg_sq_scale[b] = v_new_scale;
+        const float m_inverse = m_new_scale > 0.0f ? 1.0f / m_new_scale : 0.0f;
+        const float v_inverse = v_new_scale > 0.0f ? 1.0f / v_new_scale : 0.0f;
+        // unit = (x * inverse) * 2**-96, two products as in blockwise8.py.
+        const uint32_t noise_first =
+            static_cast<uint32_t>(first) * rounding_v.multiplier + rounding_v.offset;
+        j = 0;
+#ifdef ANO_CODES_AVX512
+        {
+            const __m512 m_inverse_v = _mm512_set1_ps(m_inverse);
+            const __m512 v_inverse_v = _mm512_set1_ps(v_inverse);
+            const __m512 unscale = _mm512_set1_ps(kUnscale);
+            const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            const __m512i multiplier = _mm512_set1_epi32(static_cast<int>(rounding_v.multiplier));
+            const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+            __m512i lane_noise = _mm512_add_epi32(
+                _mm512_set1_epi32(static_cast<int>(noise_first)), _mm512_mullo_epi32(lanes, multiplier));
+            const __m512i noise_step = _mm512_set1_epi32(static_cast<int>(16u * rounding_v.multiplier));
+            for (; j + 16 <= n; j += 16) {
+                avx512_codes::encode_signed(
+                    exp_avg + first + j,
+                    _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(m_block + j), m_inverse_v), unscale));
+                avx512_codes::encode_unsigned(
+                    exp_avg_sq + first + j,
+                    _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(v_block + j), v_inverse_v), unscale),
+                    _mm512_and_si512(lane_noise, low16));
+                lane_noise = _mm512_add_epi32(lane_noise, noise_step);
+            }
+        }
+#endif
+        for (; j < n; ++j) {
+            exp_avg[first + j] = encode_signed(m_block[j] * m_inverse * kUnscale);
+            const uint32_t noise =
+                (noise_first + static_cast<uint32_t>(j) * rounding_v.multiplier) & 0xFFFFu;
+            exp_avg_sq[first + j] = encode_unsigned(v_block[j] * v_inverse * kUnscale, noise);
+        }
+    }
+}
+#endif
 
 using Update = decltype(&update_block<false, false, false>);
 
@@ -348,22 +581,40 @@ int64_t length(PyObject* sequence) {
     return PyTuple_Check(sequence) ? PyTuple_GET_SIZE(sequence) : -1;
 }
 
-// The checks of kernel()'s pass 1 over a group's 5 x tensors TensorImpls, which impl_of(k, t,
+// The checks of kernel()'s pass 1 over a group's kRoles x tensors TensorImpls, which impl_of(k, t,
 // dtype) finds (nullptr: refused); true, with impls filled, where every tensor passes.
+#ifdef ANO_CODES
+constexpr int64_t kRoles = 7;
+constexpr c10::ScalarType kDtypes[kRoles] = {
+    c10::ScalarType::Float, c10::ScalarType::Float, c10::ScalarType::Byte,
+    c10::ScalarType::Byte,  c10::ScalarType::Float, c10::ScalarType::Float,
+    c10::ScalarType::Float};
+#else
+constexpr int64_t kRoles = 5;
+constexpr c10::ScalarType kState =
+    std::is_same_v<STATE_T, float> ? c10::ScalarType::Float : c10::ScalarType::BFloat16;
+constexpr c10::ScalarType kDtypes[kRoles] = {
+    c10::ScalarType::Float, c10::ScalarType::Float, kState, kState, c10::ScalarType::Float};
+#endif
+constexpr int64_t kStepRole = kRoles - 1;
+
 template <typename ImplOf>
 bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf impl_of) {
-    constexpr c10::ScalarType kState =
-        std::is_same_v<STATE_T, float> ? c10::ScalarType::Float : c10::ScalarType::BFloat16;
-    constexpr c10::ScalarType kDtypes[5] = {
-        c10::ScalarType::Float, c10::ScalarType::Float, kState, kState, c10::ScalarType::Float};
     for (int64_t t = 0; t < tensors; ++t) {
-        for (int64_t k = 0; k < 5; ++k) {
+        for (int64_t k = 0; k < kRoles; ++k) {
             impls[k * tensors + t] = impl_of(k, t, kDtypes[k]);
             if (impls[k * tensors + t] == nullptr) return false;
         }
         for (int64_t k = 1; k < 4; ++k)
             if (!same_order(impls[t], impls[k * tensors + t])) return false;
-        if (impls[4 * tensors + t]->numel() != 1) return false;
+#ifdef ANO_CODES
+        // The codes walk in the parameter's memory order, which for 8-bit codes is theirs.
+        if (!impls[t]->is_contiguous()) return false;
+        const int64_t blocks = (impls[t]->numel() + kCodeBlock - 1) / kCodeBlock;
+        for (int64_t k = 4; k < 6; ++k)
+            if (impls[k * tensors + t]->numel() != blocks) return false;
+#endif
+        if (impls[kStepRole * tensors + t]->numel() != 1) return false;
     }
     return true;
 }
@@ -386,8 +637,8 @@ void update_group(
     for (int64_t t = 0; t < tensors; ++t) numels[t] = impls[t]->numel();
     // Pass 2: the autograd versions, the addresses (mutable_data materializes a copy-on-write
     // storage) and the step counts.
-    std::vector<char*> pointers(5 * tensors);
-    for (int64_t i = 0; i < 5 * tensors; ++i) {
+    std::vector<char*> pointers(kRoles * tensors);
+    for (int64_t i = 0; i < kRoles * tensors; ++i) {
         if (i / tensors != 1) impls[i]->bump_version();
         pointers[i] = static_cast<char*>(
             i / tensors == 1 ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
@@ -398,7 +649,7 @@ void update_group(
     std::vector<float> weight(tensors), correction(tensors);
     std::vector<Noise> rounding_m(tensors), rounding_v(tensors);
     for (int64_t t = 0; t < tensors; ++t) {
-        float* step = reinterpret_cast<float*>(pointers[4 * tensors + t]);
+        float* step = reinterpret_cast<float*>(pointers[kStepRole * tensors + t]);
         *step = *step + 1.0f;
         correction[t] = std::sqrt(-std::pow(beta2, *step) + 1.0f);
         weight[t] = logarithmic_schedule ? 1.0f / std::log(*step + 2.0f) : momentum_weight;
@@ -446,6 +697,10 @@ void update_group(
                 reinterpret_cast<const float*>(pointers[1 * tensors + t]),
                 reinterpret_cast<STATE_T*>(pointers[2 * tensors + t]),
                 reinterpret_cast<STATE_T*>(pointers[3 * tensors + t]),
+#ifdef ANO_CODES
+                reinterpret_cast<float*>(pointers[4 * tensors + t]),
+                reinterpret_cast<float*>(pointers[5 * tensors + t]),
+#endif
                 begin,
                 std::min(begin + block_size, numels[t]),
                 weight[t],
@@ -455,7 +710,9 @@ void update_group(
                 eps,
                 decay,
                 inv_scale,
+#ifndef ANO_CODES
                 rounding_m[t],
+#endif
                 rounding_v[t]);
         }
     }
@@ -464,7 +721,8 @@ void update_group(
 }  // namespace
 
 // roles: the address (CPython's id) of a tuple of 5 lists (or tuples) of n tensors: params,
-// grads, exp_avgs, exp_avg_sqs and steps. tensor_type, parameter_type: the addresses of
+// grads, exp_avgs, exp_avg_sqs and steps (with ANO_CODES 7: exp_avg_scales and
+// exp_avg_sq_scales before the steps). tensor_type, parameter_type: the addresses of
 // torch.Tensor and torch.nn.Parameter. outcome: the address of a one-item list. check_only: 1
 // to check the tensors and report whether the kernel takes them, changing nothing (a step over
 // several groups checks every group before it updates any).
@@ -501,12 +759,12 @@ extern "C" void kernel(
     PyObject* role_lists = reinterpret_cast<PyObject*>(roles);
     if (!PyList_Check(outcome_list) || PyList_GET_SIZE(outcome_list) != 1)
         throw std::runtime_error("outcome must be a list of one item");
-    if (!PyTuple_Check(role_lists) || PyTuple_GET_SIZE(role_lists) != 5)
-        throw std::runtime_error("roles must be a tuple of 5 lists");
+    if (!PyTuple_Check(role_lists) || PyTuple_GET_SIZE(role_lists) != kRoles)
+        throw std::runtime_error("roles must be a tuple of one list per role");
     const int64_t tensors = length(PyTuple_GET_ITEM(role_lists, 0));
-    for (int64_t k = 0; k < 5; ++k)
+    for (int64_t k = 0; k < kRoles; ++k)
         if (length(PyTuple_GET_ITEM(role_lists, k)) != tensors || tensors < 0)
-            throw std::runtime_error("roles must be 5 lists of one tensor per parameter");
+            throw std::runtime_error("roles must be lists of one tensor per parameter");
     const auto finish = [&](bool taken) {
         PyObject* previous = PyList_GET_ITEM(outcome_list, 0);
         PyList_SET_ITEM(outcome_list, 0, Py_NewRef(taken ? Py_True : Py_False));
@@ -516,7 +774,7 @@ extern "C" void kernel(
     // Pass 1 reads and checks; nothing changes until every tensor has passed.
     const auto types = std::make_pair(
         reinterpret_cast<PyTypeObject*>(tensor_type), reinterpret_cast<PyTypeObject*>(parameter_type));
-    std::vector<c10::TensorImpl*> impls(5 * tensors);
+    std::vector<c10::TensorImpl*> impls(kRoles * tensors);
     const auto impl_of = [&](int64_t k, int64_t t, c10::ScalarType dtype) {
         PyObject* object = item(PyTuple_GET_ITEM(role_lists, k), t);
         return taken(object, types.first, types.second, dtype, k != 1);

@@ -1,0 +1,173 @@
+"""8-bit Ano (``state_dtype=torch.uint8``): saved-state bytes and fused CPU step time.
+
+    python -m benchmarks.state_8bit [--sets resnet50 gpt2-small] [--rounds 15] [--threads 2]
+                                    [--json results.json]
+
+For each parameter set (fp32 parameters of the real model's shapes): the bytes of
+``torch.save(optimizer.state_dict())`` after one step for Ano with float32, bfloat16 and 8-bit
+state and for ``AdamW`` and torchao's ``AdamW8bit`` (where torchao imports), with their ratio
+to float32-state Ano; then, in one process, fused Ano with float32 and 8-bit state and
+``AdamW(fused=True)``, each stepped once per round with the rounds interleaved, as median time
+and median per-round ratio to ``AdamW(fused=True)``. The quantizer row times quantizing 1 M
+float32 values the way each format does on the CPU: this project's bit-cut
+(:func:`ano_optimizer.blockwise8.quantize`) and torchao's dynamic-map binary search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+
+import torch
+
+from ano_optimizer import Ano, blockwise8
+from benchmarks.shapes import PARAMETER_SETS
+from benchmarks.step_time import make_params
+
+
+def _torchao_adamw8bit():
+    try:
+        from torchao.optim import AdamW8bit
+    except Exception:  # not installed, or not for this torch
+        return None
+    return AdamW8bit
+
+
+def state_bytes(optimizer) -> int:
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def saved_sizes(shapes) -> dict[str, int]:
+    rows = {
+        "Ano, float32 state": lambda ps: Ano(ps),
+        "Ano, bfloat16 state": lambda ps: Ano(ps, state_dtype=torch.bfloat16),
+        "Ano, 8-bit state": lambda ps: Ano(ps, state_dtype=torch.uint8, fused=True),
+        "AdamW": lambda ps: torch.optim.AdamW(ps, fused=True),
+    }
+    adamw8bit = _torchao_adamw8bit()
+    if adamw8bit is not None:
+        rows["torchao AdamW8bit"] = adamw8bit
+    sizes = {}
+    for label, make in rows.items():
+        optimizer = make(make_params(shapes))
+        if label == "torchao AdamW8bit":
+            # Its state is created on the first step, which torch.compiles: the size is the
+            # same without stepping once the state exists, so it is created without stepping.
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    optimizer.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": optimizer._new_buffer(p, True),
+                        "exp_avg_sq": optimizer._new_buffer(p, False),
+                    }
+        else:
+            optimizer.step()
+        sizes[label] = state_bytes(optimizer)
+        del optimizer
+    return sizes
+
+
+def step_times(shapes, rounds: int) -> dict[str, list[float]]:
+    rows = {
+        "Ano fused, float32 state": lambda ps: Ano(ps, lr=1e-4, fused=True),
+        "Ano fused, 8-bit state": lambda ps: Ano(ps, lr=1e-4, fused=True, state_dtype=torch.uint8),
+        "AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    }
+    optimizers = {label: make(make_params(shapes)) for label, make in rows.items()}
+    for optimizer in optimizers.values():
+        optimizer.step()
+        optimizer.step()
+    times: dict[str, list[float]] = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def quantizer_times(rounds: int = 9) -> dict[str, float]:
+    x = torch.randn(1 << 20).abs()
+    times = {}
+
+    def median(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    times["bit-cut (this project, eager torch)"] = median(
+        lambda: blockwise8.quantize(x, None, signed=False)
+    )
+    try:
+        from torchao.optim.quant_utils import (
+            create_dynamic_map,
+            quantize_8bit_with_qmap,
+            scale_tensor,
+        )
+    except Exception:
+        return times
+    qmap = torch.tensor(create_dynamic_map(False))
+
+    def torchao_quantize():
+        unit, _ = scale_tensor(x, 256)
+        quantize_8bit_with_qmap(unit, qmap)
+
+    times["dynamic map (torchao, eager torch)"] = median(torchao_quantize)
+    return times
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=list(PARAMETER_SETS))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report: dict = {"threads": args.threads, "rounds": args.rounds, "sets": {}}
+    for name in args.sets:
+        shapes = PARAMETER_SETS[name]()
+        count = sum(torch.Size(s).numel() for s in shapes)
+        print(f"\n{name}: {len(shapes)} tensors, {count / 1e6:.1f} M parameters", flush=True)
+        sizes = saved_sizes(shapes)
+        base = sizes["Ano, float32 state"]
+        print(f"  {'saved state':38s} {'MB':>8s} {'vs fp32-state Ano':>18s}")
+        for label, size in sizes.items():
+            print(f"  {label:38s} {size / 1e6:8.1f} {size / base:18.3f}")
+        times = step_times(shapes, args.rounds)
+        adamw = times["AdamW(fused=True)"]
+        print(
+            f"  {'step (median of ' + str(args.rounds) + ' rounds)':38s} {'ms':>8s} {'vs AdamW fused':>18s}"
+        )
+        rows = {}
+        for label, samples in times.items():
+            ratio = statistics.median(a / b for a, b in zip(samples, adamw, strict=True))
+            rows[label] = {"median_ms": statistics.median(samples) * 1e3, "ratio_to_adamw": ratio}
+            print(f"  {label:38s} {rows[label]['median_ms']:8.1f} {ratio:18.3f}", flush=True)
+        report["sets"][name] = {
+            "parameters": count,
+            "saved_bytes": sizes,
+            "saved_ratio_to_fp32_ano": {k: v / base for k, v in sizes.items()},
+            "step": rows,
+        }
+    quantizers = quantizer_times()
+    print("\n  quantizing 1 M float32 values (median)")
+    for label, seconds in quantizers.items():
+        print(f"  {label:38s} {seconds * 1e3:8.2f} ms")
+    report["quantize_1m_ms"] = {k: v * 1e3 for k, v in quantizers.items()}
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

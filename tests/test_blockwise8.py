@@ -1,0 +1,419 @@
+"""8-bit moments (``state_dtype=torch.uint8``): the format's round trips and error bounds, the
+eager and fused paths against each other, exact resume, conversions between state kinds, the
+checks, and the ``ano8bit`` / ``anolog8bit`` names through timm and Hugging Face."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from ano_optimizer import Ano, Anolog, blockwise8, create_optimizer
+from benchmarks.kernels import cpu_kernel
+
+U8 = torch.uint8
+
+
+def heterogeneous(n: int, seed: int = 0, signed: bool = True) -> torch.Tensor:
+    """Values spanning ~8 decades, within and across blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
+    return x if signed else x.abs()
+
+
+# ----------------------------------------------------------------------------- the format
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["exp_avg", "exp_avg_sq"])
+def test_round_to_nearest_error_is_half_a_code_spacing(signed):
+    x = heterogeneous(256 * 40 + 17, signed=signed)
+    codes, scale = blockwise8.quantize(x, None, signed=signed)
+    assert codes.dtype == U8 and codes.shape == x.shape
+    assert scale.shape == (blockwise8.num_blocks(x.numel()),)
+    back = blockwise8.dequantize(codes, scale, signed=signed)
+    per_element = scale.repeat_interleave(256)[: x.numel()]
+    normal = x.abs() >= per_element * 2.0**-30  # below: subnormal codes, absolute error
+    relative = ((back - x).abs() / x.abs())[normal]
+    # 2 (signed) or 3 (unsigned) mantissa bits: half a spacing is 2**-3 or 2**-4.
+    assert relative.max() <= (2.0**-3 if signed else 2.0**-4) * (1 + 1e-6)
+    assert ((back - x).abs()[~normal] <= per_element[~normal] * 2.0**-32).all()
+    assert torch.equal(torch.sign(back[normal]), torch.sign(x[normal]))
+    # Each block's largest magnitude is its scale, and comes back exactly.
+    largest = x.abs().reshape(-1)[: 256 * 40].view(40, 256).amax(1)
+    assert torch.equal(scale[:40], largest)
+
+
+def test_stochastic_rounding_is_unbiased_and_bounded():
+    x = heterogeneous(4096, signed=False)
+    _, scale = blockwise8.quantize(x, None, signed=False)
+    total = torch.zeros_like(x)
+    draws = 256
+    for step in range(draws):
+        noise = blockwise8.rounding.hashed_noise(x, blockwise8.rounding.noise_parameters(step, 2))
+        c, s = blockwise8.quantize(x, noise, signed=False)
+        back = blockwise8.dequantize(c, s, signed=False)
+        normal = x >= s.repeat_interleave(256) * 2.0**-30
+        assert (((back - x).abs() / x)[normal] <= 2.0**-3).all()  # one spacing at most
+        total += back
+    mean = total / draws
+    normal = x >= scale.repeat_interleave(256) * 2.0**-30
+    bias = ((mean - x) / x)[normal]
+    assert bias.abs().median() < 0.004
+    assert bias.mean().abs() < 0.001
+
+
+def test_every_code_decodes_to_a_finite_value_in_order():
+    codes = torch.arange(256, dtype=U8)
+    scale = torch.ones(1)
+    signed = blockwise8.dequantize(codes, scale, signed=True)
+    unsigned = blockwise8.dequantize(codes, scale, signed=False)
+    assert torch.isfinite(signed).all() and torch.isfinite(unsigned).all()
+    assert signed[0] == 0 and unsigned[0] == 0
+    assert (signed[1:128].diff() > 0).all() and torch.equal(signed[128:], -signed[:128])
+    assert (unsigned.diff() > 0).all()
+    assert signed[124] == 1.0 and unsigned[248] == 1.0  # a block's largest value
+    assert signed[1] == 2.0**-32 and unsigned[1] == 2.0**-33
+
+
+def test_zeros_and_non_finite_values_quantize_without_error():
+    codes, scale = blockwise8.quantize(torch.zeros(300), None, signed=True)
+    assert not codes.any() and not scale.any()
+    x = torch.randn(512)
+    x[3], x[300] = float("nan"), float("inf")
+    for signed in (True, False):
+        codes, scale = blockwise8.quantize(x if signed else x.abs(), None, signed=signed)
+        back = blockwise8.dequantize(codes, scale, signed=signed)
+        assert torch.isnan(back[:256]).all()  # a NaN takes its block with it
+        assert not torch.isfinite(back[256:]).all()
+
+
+# ------------------------------------------------------------------------- the optimizer
+
+
+def model_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 300), torch.nn.Tanh(), torch.nn.Linear(300, 70, bias=False)
+    )
+    return model, torch.randn(128, 64), torch.randint(0, 70, (128,))
+
+
+def train(model, optimizer, x, y, steps):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_large_tensors_get_codes_and_small_ones_float32():
+    model, x, y = model_and_data()
+    optimizer = Ano(model.parameters(), lr=1e-2, state_dtype=U8)
+    train(model, optimizer, x, y, 2)
+    weight, bias = optimizer.state[model[0].weight], optimizer.state[model[0].bias]
+    assert weight["exp_avg"].dtype == weight["exp_avg_sq"].dtype == U8
+    assert weight["exp_avg_scale"].shape == (300 * 64 // 256,)
+    assert bias["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in bias
+
+
+def state_bytes(optimizer) -> int:
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def test_saved_state_is_about_a_quarter_and_loads_with_weights_only():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    full, small = Ano(model.parameters()), Ano(model.parameters(), state_dtype=U8)
+    full.step()
+    small.step()
+    assert state_bytes(small) < 0.28 * state_bytes(full)
+    buffer = io.BytesIO()
+    torch.save(small.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["state"][0]["exp_avg"].dtype == U8
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"maximize": True, "weight_decay": 0.1}, {"logarithmic_schedule": True}],
+    ids=["ano", "maximize-decay", "anolog"],
+)
+def test_eager_fused_and_portable_kernels_write_the_same_state(options):
+    """The same gradients (independent of the parameters) through the eager 8-bit path, the
+    fused C++ kernel (AVX-512 where built with it) and its portable loop: the codes and scales
+    are equal bit for bit at every step; parameters agree to float32 rounding (the eager
+    arithmetic rounds a few results differently, by at most an ulp per step)."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(300, 64), (70, 300), (4096,), (5000,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * (k + 1) for s in shapes] for k in range(5)]
+    runs = {}
+    for name, kernel, fused in (
+        ("eager", "group", False),
+        ("fused", "group", True),
+        ("portable", "portable", True),
+    ):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = Ano(params, lr=1e-2, state_dtype=U8, fused=fused, **options)
+        trace = []
+        with cpu_kernel(kernel):
+            for step_grads in grads:
+                for p, g in zip(params, step_grads, strict=True):
+                    p.grad = g.clone()
+                optimizer.step()
+                trace.append(
+                    [
+                        {k: v.clone() for k, v in optimizer.state[p].items()}
+                        | {"param": p.detach().clone()}
+                        for p in params
+                    ]
+                )
+        runs[name] = trace
+    # Anolog's 1 / ln(k + 2) comes from torch's log on the eager path and from C++'s in the
+    # kernel, which can differ by an ulp: its moments then agree to rounding, not bit for bit.
+    exact = not options.get("logarithmic_schedule")
+    for other in ("fused", "portable"):
+        for mine, theirs in zip(runs["eager"], runs[other], strict=True):
+            for a, b in zip(mine, theirs, strict=True):
+                assert torch.equal(a["step"], b["step"])
+                for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+                    if exact:
+                        assert torch.equal(a[key], b[key]), (other, key)
+                    elif key.endswith("scale"):
+                        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=0)
+                    else:
+                        differ = a[key] != b[key]
+                        assert differ.float().mean() < 1e-3, (other, key)
+                        gap = (a[key].int() - b[key].int()).abs()[differ]
+                        assert (gap <= 1).all(), (other, key)
+                torch.testing.assert_close(a["param"], b["param"], rtol=1e-6, atol=1e-7)
+    for a, b in zip(runs["fused"][-1], runs["portable"][-1], strict=True):
+        assert torch.equal(a["param"], b["param"])  # the two C++ loops: the same bits
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_resume_from_a_checkpoint_is_bit_exact(fused):
+    model, x, y = model_and_data()
+    start = copy.deepcopy(model)
+    optimizer = Anolog(model.parameters(), lr=1e-2, state_dtype=U8, fused=fused)
+    train(model, optimizer, x, y, 6)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    train(model, optimizer, x, y, 6)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    start.load_state_dict(checkpoint["model"])
+    resumed = Anolog(start.parameters(), lr=1e-2, state_dtype=U8, fused=fused)
+    resumed.load_state_dict(checkpoint["optimizer"])
+    train(start, resumed, x, y, 6)
+    for a, b in zip(model.parameters(), start.parameters(), strict=True):
+        assert torch.equal(a, b)
+        for key, value in optimizer.state[a].items():
+            assert torch.equal(value, resumed.state[b][key])
+
+
+def test_an_8bit_state_dict_loads_dequantized_into_float32_state_and_back():
+    model, x, y = model_and_data()
+    eight = Ano(model.parameters(), lr=1e-2, state_dtype=U8)
+    train(model, eight, x, y, 4)
+    full = Ano(model.parameters(), lr=1e-2)
+    full.load_state_dict(eight.state_dict())
+    assert full.param_groups[0]["state_dtype"] is None
+    weight = model[0].weight
+    codes = eight.state[weight]
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        expected = blockwise8.dequantize(codes[key], codes[f"{key}_scale"], signed=signed)
+        assert full.state[weight][key].dtype == torch.float32
+        assert torch.equal(full.state[weight][key], expected.view(weight.shape))
+        assert f"{key}_scale" not in full.state[weight]
+    # Float32 state into an 8-bit optimizer: quantized to nearest on load.
+    again = Ano(model.parameters(), lr=1e-2, state_dtype=U8)
+    again.load_state_dict(full.state_dict())
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+        assert torch.equal(again.state[weight][key], codes[key])  # a round trip is exact
+    # bfloat16 state into 8-bit, and a small tensor stays float32.
+    half = Ano(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    train(model, half, x, y, 2)
+    from_half = Ano(model.parameters(), lr=1e-2, state_dtype=U8)
+    from_half.load_state_dict(half.state_dict())
+    assert from_half.state[weight]["exp_avg"].dtype == U8
+    assert from_half.state[model[0].bias]["exp_avg"].dtype == torch.float32
+    train(model, from_half, x, y, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda s: s.__setitem__("exp_avg_scale", -s["exp_avg_scale"] - 1),
+            "NaN, infinite or negative",
+        ),
+        (lambda s: s.__setitem__("exp_avg_sq_scale", s["exp_avg_sq_scale"][:-1]), r"shape \(75,\)"),
+        (lambda s: s.__setitem__("exp_avg", s["exp_avg"].float()), "must be 8-bit codes"),
+        (lambda s: s.pop("exp_avg_sq_scale"), "must be a float32 tensor"),
+    ],
+    ids=["negative-scale", "short-scale", "float-codes", "no-scale"],
+)
+def test_a_bad_8bit_state_dict_is_refused_and_changes_nothing(change, message):
+    model, x, y = model_and_data()
+    optimizer = Ano(model.parameters(), lr=1e-2, state_dtype=U8)
+    train(model, optimizer, x, y, 2)
+    saved = optimizer.state_dict()
+    bad = copy.deepcopy(saved)
+    change(bad["state"][0])
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(bad)
+    after = optimizer.state_dict()
+    for key, value in before["state"][0].items():
+        assert torch.equal(value, after["state"][0][key])
+    train(model, optimizer, x, y, 1)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_a_step_with_bad_scales_raises_and_changes_nothing(fused):
+    model, x, y = model_and_data()
+    optimizer = Ano(model.parameters(), lr=1e-2, state_dtype=U8, fused=fused)
+    train(model, optimizer, x, y, 1)
+    weight = model[0].weight
+    optimizer.state[weight]["exp_avg_scale"] = torch.zeros(3)
+    before = {
+        p: (p.detach().clone(), {k: v.clone() for k, v in s.items()})
+        for p, s in optimizer.state.items()
+    }
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(
+        RuntimeError, match=r"exp_avg_scale'\] must be a float32 tensor of shape \(75,\)"
+    ):
+        optimizer.step()
+    for p, (value, state) in before.items():
+        assert torch.equal(p, value)
+        for key, t in state.items():
+            assert torch.equal(optimizer.state[p][key], t)
+
+
+def test_a_skipped_amp_step_changes_nothing_on_both_fused_routes():
+    """GradScaler hands a fused optimizer its scale and inf flag: an inf step is skipped by the
+    C++ kernel and by the eager route a kernel-less build takes."""
+    for kernel in ("group", "per_tensor"):
+        model, x, y = model_and_data()
+        optimizer = Ano(model.parameters(), lr=1e-2, state_dtype=U8, fused=True)
+        train(model, optimizer, x, y, 1)
+        before = copy.deepcopy(optimizer.state_dict())
+        weights = [p.detach().clone() for p in model.parameters()]
+        optimizer.grad_scale, optimizer.found_inf = torch.tensor(8.0), torch.tensor(1.0)
+        with cpu_kernel(kernel):
+            optimizer.step()
+        for p, w in zip(model.parameters(), weights, strict=True):
+            assert torch.equal(p, w)
+        for key, value in before["state"][0].items():
+            assert torch.equal(optimizer.state_dict()["state"][0][key], value)
+
+
+def test_unscaling_in_the_kernel_matches_unscaled_gradients():
+    gen = torch.Generator().manual_seed(0)
+    start, grad = torch.randn(8192, generator=gen), torch.randn(8192, generator=gen)
+    results = []
+    for scale in (None, 1024.0):
+        p = torch.nn.Parameter(start.clone())
+        optimizer = Ano([p], lr=1e-2, state_dtype=U8, fused=True)
+        p.grad = grad * (scale or 1.0)
+        if scale:
+            optimizer.grad_scale, optimizer.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        optimizer.step()
+        results.append((p.detach().clone(), optimizer.state[p]["exp_avg_sq"].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.complex64, torch.bfloat16, torch.float64], ids=["complex64", "bf16", "f64"]
+)
+def test_other_parameter_dtypes_step_on_8bit_state_like_float32_state(dtype):
+    torch.manual_seed(0)
+    start = torch.randn(64, 80, dtype=dtype)
+    grads = [torch.randn(64, 80, dtype=dtype) for _ in range(8)]
+    finals = []
+    for state_dtype, fused in ((None, False), (U8, False), (U8, True)):
+        p = torch.nn.Parameter(start.clone())
+        optimizer = Ano([p], lr=1e-3, state_dtype=state_dtype, fused=fused)
+        for g in grads:
+            p.grad = g.clone()
+            optimizer.step()
+        finals.append(p.detach())
+        if state_dtype is U8:
+            assert optimizer.state[p]["exp_avg"].dtype == U8
+    moved = (finals[0] - start).abs().mean()
+    for final in finals[1:]:
+        # 8-bit moments give a close but not equal path: within a tenth of the distance moved.
+        assert (final - finals[0]).abs().mean() < 0.1 * moved
+
+
+def test_8bit_state_trains_as_well_as_float32_state():
+    losses = {}
+    for state_dtype in (None, U8):
+        model, x, y = model_and_data()
+        optimizer = Ano(model.parameters(), lr=3e-3, state_dtype=state_dtype, fused=True)
+        train(model, optimizer, x, y, 80)
+        losses[state_dtype] = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert losses[U8] < 0.2 * 4.25  # from ln(70) = 4.25
+    assert abs(losses[U8] - losses[None]) < 0.25 * losses[None] + 0.05
+
+
+# ------------------------------------------------------------------------------ by name
+
+
+def test_the_names_create_8bit_optimizers_with_weight_decay_groups():
+    model, x, y = model_and_data()
+    optimizer = create_optimizer(model, "anolog8bit", lr=1e-2, weight_decay=0.1)
+    assert isinstance(optimizer, Anolog)
+    assert {g["state_dtype"] for g in optimizer.param_groups} == {U8}
+    train(model, optimizer, x, y, 1)
+    assert optimizer.state[model[0].weight]["exp_avg"].dtype == U8
+
+
+def test_timm_takes_ano8bit_and_lookahead_ano8bit():
+    timm_optim = pytest.importorskip("timm.optim")
+    from ano_optimizer.integrations import timm as timm_integration
+
+    timm_integration.register()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128))
+    optimizer = timm_optim.create_optimizer_v2(model, "ano8bit", lr=1e-3, weight_decay=0.05)
+    assert isinstance(optimizer, Ano)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.05]
+    assert {g["state_dtype"] for g in optimizer.param_groups} == {U8}
+    wrapped = timm_optim.create_optimizer_v2(model, "lookahead_ano8bit", lr=1e-3)
+    model(torch.randn(4, 64)).sum().backward()
+    wrapped.step()
+    assert wrapped._base_optimizer.state[model[0].weight]["exp_avg"].dtype == U8
+
+
+def test_hugging_face_trainer_trains_with_optim_ano8bit(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from ano_optimizer.integrations import transformers as hf
+
+    hf.register()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=1, n_head=2)
+    )
+    ids = torch.randint(0, 64, (16, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), optim="ano8bit", learning_rate=3e-3, max_steps=6,
+        per_device_train_batch_size=4, report_to="none", use_cpu=True, disable_tqdm=True,
+        save_strategy="no", seed=0, weight_decay=0.1,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(optimizer, Ano)
+    coded = [p for p, s in optimizer.state.items() if s["exp_avg"].dtype == U8]
+    assert model.transformer.wte.weight in coded
+    assert all(p.numel() >= blockwise8.MIN_NUMEL for p in coded)
