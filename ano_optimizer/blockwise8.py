@@ -31,10 +31,14 @@ bit. Conversions on load (float32 state into an 8-bit optimizer) round to neares
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 from torch import Tensor
 
 from . import rounding
+from .fused import cpu_kernel_takes
 from .fused.cpu import _cpu_scalars, cpu_codes_call
 from .fused.inductor import _ano_math
 from .step_scalars import _amp_tensors, _hyper_tensor, _no_noise, _step_scalars
@@ -44,11 +48,15 @@ __all__ = [
     "MIN_NUMEL",
     "blockwise8_ano",
     "blockwise8_step",
+    "cpu_kernels_take",
     "dequantize",
     "float_state_dtype",
-    "num_blocks",
+    "matrix_shape",
+    "on_shards",
     "quantize",
     "quantized_moments",
+    "scale_shape",
+    "split_coded",
     "takes_codes",
 ]
 
@@ -64,13 +72,24 @@ _UNSCALE = 2.0**-96
 _NEAREST = 1 << 15
 
 
-def num_blocks(numel: int) -> int:
-    return -(-numel // BLOCK)
+def matrix_shape(shape) -> tuple[int, int]:
+    """The rows and columns blocks are laid out in: ``shape[0]`` rows of all the other
+    dimensions (a tensor's blocks never cross a row, so that a tensor sharded on its first
+    dimension shards its scales alike)."""
+    rows = shape[0]
+    return rows, (math.prod(shape) // rows if rows else 0)
+
+
+def scale_shape(shape) -> tuple[int, int]:
+    """The shape of the scales of codes of ``shape``: one per row and block of the row."""
+    rows, cols = matrix_shape(shape)
+    return rows, -(-cols // BLOCK)
 
 
 def takes_codes(param: Tensor) -> bool:
-    """Whether ``param``'s moments are 8-bit codes in a ``torch.uint8`` group."""
-    return _real_numel(param) >= MIN_NUMEL
+    """Whether ``param``'s moments are 8-bit codes in a ``torch.uint8`` group: tensors of two
+    or more dimensions and at least :data:`MIN_NUMEL` values."""
+    return param.dim() >= 2 and _real_numel(param) >= MIN_NUMEL
 
 
 def float_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -90,48 +109,114 @@ def _real_numel(param: Tensor) -> int:
 
 def quantized_moments(param: Tensor) -> dict[str, Tensor]:
     """Zero 8-bit moments for ``param`` (a complex one as its real view): the four state
-    tensors ``exp_avg``, ``exp_avg_sq`` (codes) and ``exp_avg_scale``, ``exp_avg_sq_scale``."""
+    tensors ``exp_avg``, ``exp_avg_sq`` (codes) and ``exp_avg_scale``, ``exp_avg_sq_scale``.
+    For a DTensor parameter they are DTensors placed like it (sharded on dimension 0 or
+    replicated)."""
     like = torch.view_as_real(param) if param.is_complex() else param
-    blocks = num_blocks(like.numel())
+    dtensor = _dtensor_module(param)
+    if dtensor is not None:
+        return _sharded_moments(param, dtensor)
+    scales = scale_shape(like.shape)
     return {
         "exp_avg": torch.zeros(like.shape, dtype=torch.uint8, device=param.device),
         "exp_avg_sq": torch.zeros(like.shape, dtype=torch.uint8, device=param.device),
-        "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
-        "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
+        "exp_avg_scale": torch.zeros(scales, dtype=torch.float32, device=param.device),
+        "exp_avg_sq_scale": torch.zeros(scales, dtype=torch.float32, device=param.device),
     }
 
 
-def _per_element(scale: Tensor, numel: int) -> Tensor:
-    return scale.repeat_interleave(BLOCK)[:numel]
+def _dtensor_module(t: Tensor):
+    module = sys.modules.get("torch.distributed.tensor")
+    return module if module is not None and isinstance(t, module.DTensor) else None
+
+
+def _sharded_moments(param: Tensor, dtensor) -> dict[str, Tensor]:
+    placements = param.placements
+    if param.is_complex() or not all(
+        p.is_replicate() or (p.is_shard() and p.dim == 0) for p in placements
+    ):
+        raise ValueError(
+            "Ano: state_dtype=torch.uint8 takes DTensor parameters sharded on their first "
+            f"dimension or replicated (as FSDP2 shards them), got a {param.dtype} parameter "
+            f"placed {tuple(placements)}; use state_dtype=torch.bfloat16 for it"
+        )
+    local = param.to_local()
+    rows, blocks = scale_shape(param.shape)
+    moments = {}
+    for key, shape, dtype, global_shape in (
+        ("exp_avg", local.shape, torch.uint8, param.shape),
+        ("exp_avg_sq", local.shape, torch.uint8, param.shape),
+        ("exp_avg_scale", (local.shape[0], blocks), torch.float32, (rows, blocks)),
+        ("exp_avg_sq_scale", (local.shape[0], blocks), torch.float32, (rows, blocks)),
+    ):
+        moments[key] = dtensor.DTensor.from_local(
+            torch.zeros(shape, dtype=dtype, device=local.device), param.device_mesh,
+            placements, run_check=False, shape=torch.Size(global_shape),
+            stride=torch.empty(global_shape, device="meta").stride(),
+        )  # fmt: skip
+    return moments
+
+
+def on_shards(function, *tensors, **options):
+    """``function`` (:func:`dequantize` or :func:`quantize`) of plain tensors, or of DTensors'
+    local shards, its results placed back like the first: rows never share a block, so the
+    shards of a tensor sharded on dimension 0 are quantized as they are."""
+    first = tensors[0]
+    dtensor = _dtensor_module(first)
+    if dtensor is None:
+        return function(*tensors, **options)
+    local = [t.to_local() if isinstance(t, dtensor.DTensor) else t for t in tensors]
+    results = function(*local, **options)
+    rows = first.shape[0]
+
+    def placed(result: Tensor) -> Tensor:
+        shape = (rows, *result.shape[1:])
+        return dtensor.DTensor.from_local(
+            result, first.device_mesh, first.placements, run_check=False,
+            shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride(),
+        )  # fmt: skip
+
+    return tuple(map(placed, results)) if isinstance(results, tuple) else placed(results)
+
+
+def _per_element(scale: Tensor, cols: int) -> Tensor:
+    """Each element's block scale, for ``scale`` of shape (rows, blocks): (rows, cols)."""
+    return scale.repeat_interleave(BLOCK, dim=1)[:, :cols]
 
 
 def dequantize(codes: Tensor, scale: Tensor, *, signed: bool) -> Tensor:
-    """The float32 values of ``codes`` (flat, a whole number of blocks from a block's start)
-    under their blocks' ``scale``."""
-    c = codes.reshape(-1).to(torch.int32)
+    """The float32 values of ``codes`` under their blocks' ``scale`` (see :func:`scale_shape`),
+    shaped like ``codes``."""
+    rows, cols = matrix_shape(codes.shape)
+    c = codes.reshape(rows, cols).to(torch.int32)
     bits = ((c & 0x80) << 24) | ((c & 0x7F) << _SIGNED_SHIFT) if signed else c << _UNSIGNED_SHIFT
-    return bits.view(torch.float32) * _RESCALE * _per_element(scale, c.numel())
+    values = bits.view(torch.float32) * _RESCALE * _per_element(scale.reshape(rows, -1), cols)
+    return values.view(codes.shape)
 
 
 def block_absmax(x: Tensor) -> Tensor:
-    """Each block's largest magnitude (NaN where the block holds one)."""
-    pad = (-x.numel()) % BLOCK
-    flat = x.reshape(-1).abs()
+    """Each block's largest magnitude (NaN where the block holds one), of shape
+    :func:`scale_shape`."""
+    rows, cols = matrix_shape(x.shape)
+    pad = (-cols) % BLOCK
+    flat = x.reshape(rows, cols).abs()
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, BLOCK).amax(1)
+        flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
+    return flat.view(rows, -1, BLOCK).amax(2)
 
 
 def quantize(x: Tensor, noise: Tensor | None, *, signed: bool) -> tuple[Tensor, Tensor]:
-    """Codes (uint8, shaped like ``x``) and block scales (float32) of float32 ``x``, rounded
-    with ``noise`` (int32 in [0, 2**16), like ``x``: stochastic) or to nearest (None)."""
+    """Codes (uint8, shaped like ``x``) and block scales (float32, :func:`scale_shape`) of
+    float32 ``x``, rounded with ``noise`` (int32 in [0, 2**16), like ``x``: stochastic) or to
+    nearest (None)."""
+    rows, cols = matrix_shape(x.shape)
     scale = block_absmax(x)
     inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
-    unit = x.reshape(-1) * _per_element(inverse, x.numel()) * _UNSCALE
+    unit = x.reshape(rows, cols) * _per_element(inverse, cols) * _UNSCALE
     bits = unit.view(torch.int32)
     # NaN counts as infinity, so that adding the rounding bits cannot overflow.
     magnitude = (bits & 0x7FFFFFFF).clamp_max(0x7F800000)
-    noise = _NEAREST if noise is None else noise.reshape(-1)
+    noise = _NEAREST if noise is None else noise.reshape(rows, cols)
     if signed:
         cut = ((magnitude + (noise << (_SIGNED_SHIFT - 16))) >> _SIGNED_SHIFT).clamp_max(127)
         codes = cut | ((bits >> 24) & 0x80)
@@ -140,9 +225,47 @@ def quantize(x: Tensor, noise: Tensor | None, *, signed: bool) -> tuple[Tensor, 
     return codes.to(torch.uint8).view(x.shape), scale
 
 
-# Elements per block of the eager step: a whole number of scale blocks, whose float32
-# temporaries stay small.
+# Elements per chunk of the eager step (whole rows, at least one), whose float32 temporaries
+# stay small.
 _EAGER_NUMEL = 1 << 16
+
+
+def split_coded(lists, scales) -> tuple[tuple | None, tuple]:
+    """The five role lists of a group split by ``scales`` (one per tensor: its two moment
+    scales, or None): the seven role lists of the tensors with 8-bit moments (params, grads,
+    exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps; None if there are none),
+    and the five of the others."""
+    if scales is None or all(s is None for s in scales):
+        return None, tuple(lists)
+    coded = [i for i, s in enumerate(scales) if s is not None]
+    rest = [i for i, s in enumerate(scales) if s is None]
+    params, grads, exp_avgs, exp_avg_sqs, steps = ([t[i] for i in coded] for t in lists)
+    m_scales, v_scales = ([scales[i][k] for i in coded] for k in (0, 1))
+    return (
+        (params, grads, exp_avgs, exp_avg_sqs, m_scales, v_scales, steps),
+        tuple([t[i] for i in rest] for t in lists),
+    )
+
+
+def cpu_kernels_take(lists, scales, maximize: bool, logarithmic_schedule: bool) -> bool:
+    """Whether the CPU group kernels take a group's tensors whole (the 8-bit one those with
+    codes, the float one the others); nothing changes."""
+    coded, rest = split_coded(lists, scales)
+    if rest[0] and not cpu_kernel_takes(rest, maximize, logarithmic_schedule):
+        return False
+    if coded is None:
+        return True
+    if not coded[0][0].is_cpu:
+        return False
+    coded = (_real_views(coded[0]), _real_views(coded[1]), *coded[2:])
+    return cpu_codes_call(coded, _CHECK_SCALARS, maximize, logarithmic_schedule, check_only=True)
+
+
+_CHECK_SCALARS = (0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0)
+
+
+def _real_views(tensors: list[Tensor]) -> list[Tensor]:
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
 
 def blockwise8_step(
@@ -160,9 +283,10 @@ def blockwise8_step(
     """The step of checked tensors with 8-bit moments: on the CPU with ``fused=True`` one
     call of the C++ group kernel where it takes them all, else :func:`blockwise8_ano`."""
     if fused and params and params[0].is_cpu and not torch.compiler.is_compiling():
-        real = [torch.view_as_real(t) if t.is_complex() else t for t in params]
-        real_grads = [torch.view_as_real(t) if t.is_complex() else t for t in grads]
-        lists = (real, real_grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales)
+        lists = (
+            _real_views(params), _real_views(grads), exp_avgs, exp_avg_sqs, exp_avg_scales,
+            exp_avg_sq_scales,
+        )  # fmt: skip
         kernel_scalars = _cpu_scalars(
             scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["eps"],
             scalars["weight_decay"], scalars.get("grad_scale"), scalars.get("found_inf"),
@@ -224,24 +348,27 @@ def blockwise8_ano(
         # Blocks follow the elements' logical order; other layouts are stepped as copies.
         given = (param, m_codes, v_codes, exp_avg_scales[i], exp_avg_sq_scales[i])
         work = [t if t.is_contiguous() else t.contiguous() for t in given]
-        p, m_flat, v_flat, m_scale, v_scale = (t.view(-1) for t in work)
-        g = grad.reshape(-1)
+        rows, cols = matrix_shape(work[0].shape)
+        p, m_all, v_all = (t.view(rows, cols) for t in work[:3])
+        m_scale, v_scale = (t.view(rows, -1) for t in work[3:])
+        g = grad.reshape(rows, cols)
         v_noise = rounding.noise_parameter_tensor(state_steps[i].reshape(()), _V_STREAM)
-        for start in range(0, p.numel(), _EAGER_NUMEL):
-            end = min(start + _EAGER_NUMEL, p.numel())
-            scales = slice(start // BLOCK, num_blocks(end))
-            m = dequantize(m_flat[start:end], m_scale[scales], signed=True)
-            v = dequantize(v_flat[start:end], v_scale[scales], signed=False)
+        chunk = max(1, _EAGER_NUMEL // max(cols, 1))
+        for first in range(0, rows, chunk):
+            part = slice(first, first + chunk)
+            m = dequantize(m_all[part], m_scale[part], signed=True)
+            v = dequantize(v_all[part], v_scale[part], signed=False)
             _ano_math(
-                p[start:end], g[start:end], m, v, weights[i], corrections[i], hyper, skip,
-                inv_scale, no_noise, maximize=maximize,
+                p[part], g[part], m, v, weights[i], corrections[i], hyper, skip, inv_scale,
+                no_noise, maximize=maximize,
             )  # fmt: skip
             codes, scale = quantize(m, None, signed=True)
-            m_flat[start:end].copy_(codes)
-            m_scale[scales].copy_(scale)
-            codes, scale = quantize(v, rounding.hashed_noise(v, v_noise, start), signed=False)
-            v_flat[start:end].copy_(codes)
-            v_scale[scales].copy_(scale)
+            m_all[part].copy_(codes)
+            m_scale[part].copy_(scale)
+            noise = rounding.hashed_noise(v, v_noise, first * cols)
+            codes, scale = quantize(v, noise, signed=False)
+            v_all[part].copy_(codes)
+            v_scale[part].copy_(scale)
         for target, result in zip(given, work, strict=True):
             if result is not target:
                 target.copy_(result)

@@ -33,7 +33,7 @@ from ._torch_internals import (
     group_by_device_and_dtype,
     scalar_dtype,
 )
-from .fused import cpu_kernel_takes, fused_ano
+from .fused import fused_ano
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
 from .step_scalars import _step_scalars, unscale_or_skip
@@ -239,9 +239,9 @@ class Ano(Optimizer):
             self._new_state = None
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for done, (index, group, lists, has_complex) in enumerate(batches):
+        for done, (index, group, lists, has_complex, scales) in enumerate(batches):
             try:
-                self._update_group(index, group, lists, has_complex, grad_scale, found_inf)
+                self._update_group(index, group, lists, scales, has_complex, grad_scale, found_inf)
             except Exception as error:
                 # The error keeps its type (torch.OutOfMemoryError stays catchable as such)
                 # and says what had changed.
@@ -265,20 +265,23 @@ class Ano(Optimizer):
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             if params:
+                scales = self._scales(group, params)
                 lists = (*_local_shard_lists(params, grads, exp_avgs, exp_avg_sqs), steps)
-                batches.append([index, group, lists, has_complex])
+                batches.append([index, group, lists, has_complex, scales])
         if all(
             group["fused"]
             and not group["capturable"]
-            and cpu_kernel_takes(lists, group["maximize"], group["logarithmic_schedule"])
-            for _, group, lists, _ in batches
+            and blockwise8.cpu_kernels_take(
+                lists, scales, group["maximize"], group["logarithmic_schedule"]
+            )
+            for _, group, lists, _, scales in batches
         ):
             return batches
         for batch in batches:
-            index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _ = batch
+            index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales = batch
             grads = check_step_tensors(
                 params, grads, exp_avgs, exp_avg_sqs, steps, owner=owner,
-                where=_describer(index, group, params), scales=self._scales(params),
+                where=_describer(index, group, params), scales=scales,
             )  # fmt: skip
             if group["capturable"]:
                 for position, (p, step) in enumerate(zip(params, steps, strict=True)):
@@ -288,23 +291,28 @@ class Ano(Optimizer):
             batch[2] = (params, grads, exp_avgs, exp_avg_sqs, steps)
         return batches
 
-    def _scales(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
-        """Each parameter's 8-bit moment scales, or None where its moments are not codes."""
+    def _scales(
+        self, group: dict, params: list[Tensor]
+    ) -> list[tuple[Tensor, Tensor] | None] | None:
+        """Each parameter's 8-bit moment scales, or None where its moments are not codes; None
+        for a group whose ``state_dtype`` is not ``torch.uint8`` (its moments are floats)."""
+        if group["state_dtype"] is not torch.uint8:
+            return None
         states = [self.state.get(p, {}) for p in params]
         return [
-            (state["exp_avg_scale"], state["exp_avg_sq_scale"])
+            _local_shards(state["exp_avg_scale"], state["exp_avg_sq_scale"])
             if "exp_avg_scale" in state or "exp_avg_sq_scale" in state
             else None
             for state in states
         ]
 
-    def _update_group(self, index, group, lists, has_complex, grad_scale, found_inf) -> None:
+    def _update_group(self, index, group, lists, scales, has_complex, grad_scale, found_inf):
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
         if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
             return
         beta1, beta2 = group["betas"]
         _ano_group(
-            params, grads, exp_avgs, exp_avg_sqs, steps, scales=self._scales(params),
+            params, grads, exp_avgs, exp_avg_sqs, steps, scales=scales,
             foreach=group["foreach"], fused=group["fused"],
             grad_scale=grad_scale if group["fused"] else None,
             found_inf=found_inf if group["fused"] else None,
@@ -325,26 +333,17 @@ class Ano(Optimizer):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             if params:
                 lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
-                self._update_group(index, group, lists, has_complex, grad_scale, found_inf)
+                scales = self._scales(group, params)
+                self._update_group(index, group, lists, scales, has_complex, grad_scale, found_inf)
 
 
 def _new_moments(param: Tensor, state_dtype: torch.dtype | None) -> dict[str, Tensor]:
     """A parameter's zero moments (and their scales, for 8-bit codes)."""
     if state_dtype is torch.uint8:
-        if _is_dtensor(param):
-            raise ValueError(
-                "Ano: state_dtype=torch.uint8 does not take DTensor parameters (FSDP2, tensor "
-                "parallel) yet; use state_dtype=torch.bfloat16 there"
-            )
         if blockwise8.takes_codes(param):
             return blockwise8.quantized_moments(param)
         state_dtype = blockwise8.float_state_dtype(param, state_dtype)
     return {key: _new_moment(param, state_dtype) for key in ("exp_avg", "exp_avg_sq")}
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    return dtensor_module is not None and isinstance(t, dtensor_module.DTensor)
 
 
 def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
@@ -627,20 +626,17 @@ def _ano_group(
         "logarithmic_schedule": logarithmic_schedule,
         "maximize": maximize,
     }
-    if scales is not None and any(s is not None for s in scales):
-        coded = [i for i, s in enumerate(scales) if s is not None]
-        tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        m_scales, v_scales = ([scales[i][k] for i in coded] for k in (0, 1))
-        p8, g8, m8, v8, s8 = ([t[i] for i in coded] for t in tensors)
-        amp = {"grad_scale": grad_scale, "found_inf": found_inf} if fused else {}
-        blockwise8.blockwise8_step(
-            p8, g8, m8, v8, m_scales, v_scales, s8, fused=bool(fused), **amp, **scalars
+    if scales is not None:
+        coded, rest = blockwise8.split_coded(
+            (params, grads, exp_avgs, exp_avg_sqs, state_steps), scales
         )
-        rest = [i for i, s in enumerate(scales) if s is None]
-        if not rest:
-            return
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = ([t[i] for i in rest] for t in tensors)
-        has_complex = has_complex and any(p.is_complex() for p in params)
+        if coded is not None:
+            amp = {"grad_scale": grad_scale, "found_inf": found_inf} if fused else {}
+            blockwise8.blockwise8_step(*coded, fused=bool(fused), **amp, **scalars)
+            params, grads, exp_avgs, exp_avg_sqs, state_steps = rest
+            if not params:
+                return
+            has_complex = has_complex and any(p.is_complex() for p in params)
     if fused:
         fused_ano(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale=grad_scale,

@@ -153,19 +153,17 @@ def _check_codes(codes, scale, key: str, param: Tensor, fail) -> None:
             f"state[{key!r}] must be 8-bit codes (torch.uint8 of shape {expected}) beside "
             f"state['{key}_scale'], got {shown}"
         )
-    blocks = blockwise8.num_blocks(codes.numel())
-    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != (blocks,):
+    blocks = blockwise8.scale_shape(codes.shape)
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != blocks:
         shown = (
             f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
             if isinstance(scale, Tensor)
             else repr(scale)
         )
         fail(
-            f"state['{key}_scale'] must be a float32 tensor of shape ({blocks},) beside its "
+            f"state['{key}_scale'] must be a float32 tensor of shape {blocks} beside its "
             f"8-bit codes, got {shown}"
         )
-    if _local(codes) is not codes or _local(scale) is not scale or _local(param) is not param:
-        fail("8-bit codes cannot be loaded into or from DTensors yet")
     for what, t in ((f"state[{key!r}]", codes), (f"state['{key}_scale']", scale)):
         if t.layout != torch.strided or (_readable(t) and not storage_holds(t)):
             fail(f"{what} must be a dense tensor with storage holding its elements")
@@ -289,11 +287,10 @@ def moments_for(param: Tensor, entry: dict, state_dtype: torch.dtype | None) -> 
             moments[f"{key}_scale"] = scale.to(param.device, torch.float32, copy=True)
             continue
         if scale is not None:
-            flat = blockwise8.dequantize(saved.reshape(-1), scale.float(), signed=signed)
-            saved = flat.view(saved.shape)
+            saved = blockwise8.on_shards(blockwise8.dequantize, saved, scale.float(), signed=signed)
         if wants_codes:
             values = moment_for(param, saved, torch.float32).contiguous()
-            codes, scale = blockwise8.quantize(values, None, signed=signed)
+            codes, scale = blockwise8.on_shards(blockwise8.quantize, values, None, signed=signed)
             moments[key], moments[f"{key}_scale"] = codes, scale
         else:
             moments[key] = moment_for(

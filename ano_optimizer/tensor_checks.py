@@ -259,18 +259,15 @@ def _check_codes(param: Tensor, codes: Tensor, role: str, scale, fail) -> None:
             f"state[{role!r}] must hold 8-bit codes (torch.uint8 of shape {expected}) beside "
             f"state['{role}_scale'], got a {codes.dtype} tensor of shape {tuple(codes.shape)}"
         )
-    blocks = -(-codes.numel() // 256)
-    if (
-        not isinstance(scale, Tensor)
-        or scale.dtype != torch.float32
-        or tuple(scale.shape) != (blocks,)
-    ):
+    rows = expected[0]
+    blocks = (rows, -(-(codes.numel() // rows) // 256)) if rows else (0, 0)
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != blocks:
         shown = (
             f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
             if isinstance(scale, Tensor)
             else type(scale).__name__
         )
-        fail(f"state['{role}_scale'] must be a float32 tensor of shape ({blocks},), got {shown}")
+        fail(f"state['{role}_scale'] must be a float32 tensor of shape {blocks}, got {shown}")
     for what, t in ((f"state[{role!r}]", codes), (f"state['{role}_scale']", scale)):
         if t.device != param.device:
             fail(f"{what} is on {t.device}, the parameter on {param.device}")

@@ -22,7 +22,14 @@ import torch
 
 from . import protocol
 from .data import DemoInputError, load_cifar10, load_digits
-from .tasks import OptimizerChoice, condition_key, timed, train_rl, train_supervised
+from .tasks import (
+    OptimizerChoice,
+    condition_key,
+    timed,
+    to_settings,
+    train_rl,
+    train_supervised,
+)
 
 DEFAULT_OUTPUT = "demo-results"
 TASK_NAMES = ("noise", "labels", "rl")
@@ -302,7 +309,7 @@ def resolve_optimizer(name: str) -> OptimizerChoice:
             cls = registry.get_optimizer_class(key, "torch")
         except ImportError as error:
             raise DemoInputError(f"optimizer {name!r} cannot be loaded: {error}") from None
-        kwargs = dict(spec.defaults)
+        kwargs = {key: to_settings(value) for key, value in spec.defaults.items()}
         lr = kwargs.pop("lr", None)
         if lr is None:
             lr = _signature_lr(cls)

@@ -47,7 +47,23 @@ class OptimizerChoice:
         return obj
 
     def build(self, params, lr: float) -> torch.optim.Optimizer:
-        return self.load()(params, **{**self.kwargs, "lr": lr})
+        kwargs = {key: from_settings(value) for key, value in self.kwargs.items()}
+        return self.load()(params, **{**kwargs, "lr": lr})
+
+
+def to_settings(value):
+    """A keyword argument as settings.json keeps it: a torch dtype (``state_dtype`` of the
+    8-bit names) as ``{"torch.dtype": "uint8"}``, anything else as it is."""
+    if isinstance(value, torch.dtype):
+        return {"torch.dtype": str(value).removeprefix("torch.")}
+    return value
+
+
+def from_settings(value):
+    """The inverse of :func:`to_settings`."""
+    if isinstance(value, dict) and set(value) == {"torch.dtype"}:
+        return getattr(torch, value["torch.dtype"])
+    return value
 
 
 @dataclass(frozen=True)

@@ -385,6 +385,7 @@ void update_block(
     float* __restrict__ exp_avg_sq_scale,
     int64_t begin,
     int64_t end,
+    int64_t cols,
     float momentum_weight,
     float correction,
     float lr,
@@ -398,9 +399,13 @@ void update_block(
     const float step_size = lr * correction;
     alignas(64) float m_block[kCodeBlock];
     alignas(64) float v_block[kCodeBlock];
-    for (int64_t first = begin; first < end; first += kCodeBlock) {
-        const int64_t n = std::min(kCodeBlock, end - first);
-        const int64_t b = first / kCodeBlock;
+    // Rows begin .. end of the tensor, as (rows, cols); a block never crosses a row.
+    const int64_t row_blocks = (cols + kCodeBlock - 1) / kCodeBlock;
+    for (int64_t row = begin / cols; row * cols < end; ++row)
+    for (int64_t k = 0; k < row_blocks; ++k) {
+        const int64_t first = row * cols + k * kCodeBlock;
+        const int64_t n = std::min(kCodeBlock, cols - k * kCodeBlock);
+        const int64_t b = row * row_blocks + k;
         const float m_scale = exp_avg_scale[b], v_scale = exp_avg_sq_scale[b];
         uint32_t m_max = 0, v_max = 0;
         int64_t j = 0;
@@ -610,7 +615,11 @@ bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf
 #ifdef ANO_CODES
         // The codes walk in the parameter's memory order, which for 8-bit codes is theirs.
         if (!impls[t]->is_contiguous()) return false;
-        const int64_t blocks = (impls[t]->numel() + kCodeBlock - 1) / kCodeBlock;
+        // Scales: one per row (the first dimension) and block of kCodeBlock of the row.
+        if (impls[t]->dim() < 1) return false;
+        const int64_t rows = impls[t]->size(0);
+        const int64_t cols = rows > 0 ? impls[t]->numel() / rows : 0;
+        const int64_t blocks = rows * ((cols + kCodeBlock - 1) / kCodeBlock);
         for (int64_t k = 4; k < 6; ++k)
             if (impls[k * tensors + t]->numel() != blocks) return false;
 #endif
@@ -667,12 +676,19 @@ void update_group(
     // tail of a large one is a short block, and they do not spread evenly, so one thread would
     // work longer than the other while it waited.
     std::vector<int64_t> block_tensor, block_begin, elements_before{0};
+    std::vector<int64_t> cols(tensors, 1);
     for (int64_t t = 0; t < tensors; ++t) {
-        for (int64_t begin = 0; begin < numels[t]; begin += block_size) {
+        int64_t step = block_size;
+#ifdef ANO_CODES
+        // Whole rows per unit of work: a scale block never crosses a row.
+        const int64_t rows = impls[t]->size(0);
+        cols[t] = rows > 0 ? std::max<int64_t>(numels[t] / rows, 1) : 1;
+        step = std::max<int64_t>(block_size / cols[t], 1) * cols[t];
+#endif
+        for (int64_t begin = 0; begin < numels[t]; begin += step) {
             block_tensor.push_back(t);
             block_begin.push_back(begin);
-            elements_before.push_back(
-                elements_before.back() + std::min(block_size, numels[t] - begin));
+            elements_before.push_back(elements_before.back() + std::min(step, numels[t] - begin));
         }
     }
     const int64_t blocks = static_cast<int64_t>(block_tensor.size());
@@ -692,6 +708,7 @@ void update_group(
         for (int64_t b = first; b < last; ++b) {
             const int64_t t = block_tensor[b];
             const int64_t begin = block_begin[b];
+            const int64_t end = b + 1 < blocks && block_tensor[b + 1] == t ? block_begin[b + 1] : numels[t];
             update(
                 reinterpret_cast<float*>(pointers[t]),
                 reinterpret_cast<const float*>(pointers[1 * tensors + t]),
@@ -702,7 +719,10 @@ void update_group(
                 reinterpret_cast<float*>(pointers[5 * tensors + t]),
 #endif
                 begin,
-                std::min(begin + block_size, numels[t]),
+                end,
+#ifdef ANO_CODES
+                cols[t],
+#endif
                 weight[t],
                 correction[t],
                 lr,
