@@ -13,6 +13,7 @@ steps stay the same.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -122,6 +123,18 @@ def has_internal_overlap(t: Tensor) -> bool:
     if probe is not None:
         return probe(t) == 1  # 0: no overlap, 1: overlap, 2: too complex to tell
     return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
+def local_shard_offset(t: Tensor) -> int:
+    """The index, in the whole tensor's row-major order, of the first element of a DTensor's
+    local shard (sharded on dimension 0 or replicated); 0 for a plain tensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(t, dtensor.DTensor) or t.dim() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return offset[0] * (t.numel() // t.shape[0] if t.shape[0] else 0)
 
 
 def tensor_objects_lead_with_their_impl() -> bool:

@@ -232,17 +232,17 @@ _EAGER_NUMEL = 1 << 16
 
 def split_coded(lists, scales) -> tuple[tuple | None, tuple]:
     """The five role lists of a group split by ``scales`` (one per tensor: its two moment
-    scales, or None): the seven role lists of the tensors with 8-bit moments (params, grads,
-    exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps; None if there are none),
-    and the five of the others."""
+    scales and noise offset, or None): the eight role lists of the tensors with 8-bit moments
+    (params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, noise
+    offsets; None if there are none), and the five of the others."""
     if scales is None or all(s is None for s in scales):
         return None, tuple(lists)
     coded = [i for i, s in enumerate(scales) if s is not None]
     rest = [i for i, s in enumerate(scales) if s is None]
     params, grads, exp_avgs, exp_avg_sqs, steps = ([t[i] for i in coded] for t in lists)
-    m_scales, v_scales = ([scales[i][k] for i in coded] for k in (0, 1))
+    m_scales, v_scales, offsets = ([scales[i][k] for i in coded] for k in (0, 1, 2))
     return (
-        (params, grads, exp_avgs, exp_avg_sqs, m_scales, v_scales, steps),
+        (params, grads, exp_avgs, exp_avg_sqs, m_scales, v_scales, steps, offsets),
         tuple([t[i] for i in rest] for t in lists),
     )
 
@@ -276,12 +276,15 @@ def blockwise8_step(
     exp_avg_scales: list[Tensor],
     exp_avg_sq_scales: list[Tensor],
     state_steps: list[Tensor],
+    noise_offsets: list[int],
     *,
     fused: bool,
     **scalars,
 ) -> None:
     """The step of checked tensors with 8-bit moments: on the CPU with ``fused=True`` one
-    call of the C++ group kernel where it takes them all, else :func:`blockwise8_ano`."""
+    call of the C++ group kernel where it takes them all, else :func:`blockwise8_ano`.
+    ``noise_offsets``: the index of each tensor's first element in its whole tensor (a shard's
+    rows round as the unsharded tensor's)."""
     if fused and params and params[0].is_cpu and not torch.compiler.is_compiling():
         lists = (
             _real_views(params), _real_views(grads), exp_avgs, exp_avg_sqs, exp_avg_scales,
@@ -292,13 +295,13 @@ def blockwise8_step(
             scalars["weight_decay"], scalars.get("grad_scale"), scalars.get("found_inf"),
         )  # fmt: skip
         if cpu_codes_call(
-            (*lists, state_steps), kernel_scalars, scalars["maximize"],
+            (*lists, state_steps, noise_offsets), kernel_scalars, scalars["maximize"],
             scalars["logarithmic_schedule"],
         ):  # fmt: skip
             return
     blockwise8_ano(
         params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
-        **scalars,
+        noise_offsets, **scalars,
     )  # fmt: skip
 
 
@@ -310,6 +313,7 @@ def blockwise8_ano(
     exp_avg_scales: list[Tensor],
     exp_avg_sq_scales: list[Tensor],
     state_steps: list[Tensor],
+    noise_offsets: list[int] | None = None,
     *,
     beta1: float,
     beta2: float,
@@ -365,7 +369,8 @@ def blockwise8_ano(
             codes, scale = quantize(m, None, signed=True)
             m_all[part].copy_(codes)
             m_scale[part].copy_(scale)
-            noise = rounding.hashed_noise(v, v_noise, first * cols)
+            start = (noise_offsets[i] if noise_offsets else 0) + first * cols
+            noise = rounding.hashed_noise(v, v_noise, start % 65536)  # the low 16 bits count
             codes, scale = quantize(v, noise, signed=False)
             v_all[part].copy_(codes)
             v_scale[part].copy_(scale)

@@ -31,6 +31,7 @@ from ._torch_internals import (
     capture_health_check,
     default_foreach,
     group_by_device_and_dtype,
+    local_shard_offset,
     scalar_dtype,
 )
 from .fused import fused_ano
@@ -294,16 +295,22 @@ class Ano(Optimizer):
     def _scales(
         self, group: dict, params: list[Tensor]
     ) -> list[tuple[Tensor, Tensor] | None] | None:
-        """Each parameter's 8-bit moment scales, or None where its moments are not codes; None
-        for a group whose ``state_dtype`` is not ``torch.uint8`` (its moments are floats)."""
+        """Each parameter's 8-bit moment scales and the index of its first element in the whole
+        tensor (not 0 for a shard), or None where its moments are not codes; None for a group
+        whose ``state_dtype`` is not ``torch.uint8`` (its moments are floats)."""
         if group["state_dtype"] is not torch.uint8:
             return None
         states = [self.state.get(p, {}) for p in params]
         return [
-            _local_shards(state["exp_avg_scale"], state["exp_avg_sq_scale"])
+            (
+                *_local_shards(state["exp_avg_scale"], state["exp_avg_sq_scale"]),
+                # Rounding noise follows the whole tensor's element index, so a shard rounds
+                # as the same rows of the unsharded tensor do.
+                local_shard_offset(p),
+            )
             if "exp_avg_scale" in state or "exp_avg_sq_scale" in state
             else None
-            for state in states
+            for p, state in zip(params, states, strict=True)
         ]
 
     def _update_group(self, index, group, lists, scales, has_complex, grad_scale, found_inf):

@@ -119,13 +119,13 @@ def check_step_tensors(
     *,
     owner: str,
     where: Callable[[int], str],
-    scales: Sequence[tuple[Tensor, Tensor] | None] | None = None,
+    scales: Sequence[tuple[Tensor, Tensor, int] | None] | None = None,
 ) -> list[Tensor]:
     """Raise ``RuntimeError`` naming the parameter (``where(i)``) and the problem where a tensor
     cannot be stepped; change nothing. Return the gradients, with negative- and conjugate-bit
     views resolved into plain tensors (the paths hand gradients to kernels by address).
     ``scales`` holds each parameter's 8-bit moment scales (``exp_avg_scale``,
-    ``exp_avg_sq_scale``), or None where its moments are not codes."""
+    ``exp_avg_sq_scale``, and the noise offset), or None where its moments are not codes."""
     coded = scales is not None and any(s is not None for s in scales)
     if not coded and _usual(params, grads, exp_avgs, exp_avg_sqs, steps):
         return list(grads)

@@ -184,6 +184,32 @@ def test_distributed_checkpoint_resumes_exactly_in_fresh_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_and_dcp_with_8bit_state_equal_the_unsharded_run(tmp_path):
+    """8-bit codes and their per-row scales shard with the rows (4 / 3 of the first weight's 7),
+    and the rounding noise counts the whole tensor's elements: each path equals one process bit
+    for bit, and a DCP checkpoint resumes exactly."""
+    import fsdp2_8bit
+
+    torchrun("fsdp2_8bit.py", "--out", str(tmp_path), "--steps", str(STEPS))
+    for path in fsdp2_8bit.PATHS:
+        weights, info = result(tmp_path, f"fsdp2-8bit-{path}")
+        assert info["codes_are_dtensors"] and info["codes_dtype"] == "torch.uint8", info
+        assert info["local_rows"] == [4, 4] and info["scale_shape"] == [7, 3], info
+        assert info["step"] == STEPS and info["resumed_codes_dtype"] == "torch.uint8"
+        with one_thread():
+            want = fsdp2_8bit.reference_run(STEPS, path)
+        initial = dict(fsdp2_8bit.make_model().named_parameters())
+        for name, expected in want.items():
+            assert not torch.equal(expected, initial[name]), name
+            assert torch.equal(weights[name], expected), (path, name)
+        uninterrupted, _ = result(tmp_path, f"dcp-8bit-{path}-uninterrupted")
+        resumed, _ = result(tmp_path, f"dcp-8bit-{path}-resumed")
+        for name, expected in uninterrupted.items():
+            assert torch.equal(expected, weights[name]), (path, name)
+            assert torch.equal(resumed[name], expected), (path, name)
+
+
+@pytest.mark.slow
 def test_zero_redundancy_optimizer_consolidates_and_resumes(tmp_path):
     name = "ano"
     torchrun("zero.py", "--out", str(tmp_path), "--optimizer", name, "--steps", str(STEPS))

@@ -66,9 +66,10 @@ def _cpu_group_call(
 
 
 def cpu_codes_call(lists, scalars: tuple, maximize, log, check_only: bool = False) -> bool:
-    """:func:`_cpu_group_call` for 8-bit moments (:mod:`..blockwise8`): ``lists`` holds seven
+    """:func:`_cpu_group_call` for 8-bit moments (:mod:`..blockwise8`): ``lists`` holds eight
     role lists, params, grads, exp_avgs, exp_avg_sqs (codes), exp_avg_scales,
-    exp_avg_sq_scales and steps."""
+    exp_avg_sq_scales, steps, and the noise offsets (Python ints: the index of each tensor's
+    first element in its whole tensor)."""
     kernel = _cpu_kernel(torch.uint8)
     if kernel is None:
         return False

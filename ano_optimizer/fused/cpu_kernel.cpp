@@ -3,7 +3,8 @@
 // Compiled at run time by Inductor's C++ toolchain (the compiler, flags, OpenMP runtime and
 // on-disk cache that torch.compile uses on CPU) with STATE_T set to float or uint16_t (the bits
 // of a bfloat16), or to uint8_t with ANO_CODES for 8-bit codes with per-block scales
-// (blockwise8.py; the group then has 7 role lists: the two moments' scales after the moments). One OpenMP region covers all tensors: the work is cut into equal blocks and
+// (blockwise8.py; the group then has 8 role lists: the two moments' scales after the moments,
+// and the rounding noise offsets last). One OpenMP region covers all tensors: the work is cut into equal blocks and
 // every block knows its tensor, so 161 small and large tensors cost one parallel region and one
 // call from Python, not 161.
 //
@@ -386,6 +387,7 @@ void update_block(
     int64_t begin,
     int64_t end,
     int64_t cols,
+    int64_t noise_offset,
     float momentum_weight,
     float correction,
     float lr,
@@ -478,7 +480,7 @@ void update_block(
         const float v_inverse = v_new_scale > 0.0f ? 1.0f / v_new_scale : 0.0f;
         // unit = (x * inverse) * 2**-96, two products as in blockwise8.py.
         const uint32_t noise_first =
-            static_cast<uint32_t>(first) * rounding_v.multiplier + rounding_v.offset;
+            static_cast<uint32_t>(noise_offset + first) * rounding_v.multiplier + rounding_v.offset;
         j = 0;
 #ifdef ANO_CODES_AVX512
         {
@@ -602,6 +604,12 @@ constexpr c10::ScalarType kDtypes[kRoles] = {
     c10::ScalarType::Float, c10::ScalarType::Float, kState, kState, c10::ScalarType::Float};
 #endif
 constexpr int64_t kStepRole = kRoles - 1;
+// 8-bit codes: after the tensor roles, a list of each tensor's rounding-noise offset.
+#ifdef ANO_CODES
+constexpr int64_t kOffsetLists = 1;
+#else
+constexpr int64_t kOffsetLists = 0;
+#endif
 
 template <typename ImplOf>
 bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf impl_of) {
@@ -633,6 +641,7 @@ bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf
 void update_group(
     int64_t tensors,
     const std::vector<c10::TensorImpl*>& impls,
+    const std::vector<int64_t>& noise_offsets,
     float lr,
     float momentum_weight,
     float beta2,
@@ -722,6 +731,7 @@ void update_group(
                 end,
 #ifdef ANO_CODES
                 cols[t],
+                noise_offsets[t],
 #endif
                 weight[t],
                 correction[t],
@@ -741,8 +751,8 @@ void update_group(
 }  // namespace
 
 // roles: the address (CPython's id) of a tuple of 5 lists (or tuples) of n tensors: params,
-// grads, exp_avgs, exp_avg_sqs and steps (with ANO_CODES 7: exp_avg_scales and
-// exp_avg_sq_scales before the steps). tensor_type, parameter_type: the addresses of
+// grads, exp_avgs, exp_avg_sqs and steps (with ANO_CODES 8: exp_avg_scales and
+// exp_avg_sq_scales before the steps, and a list of Python ints, the noise offsets, after). tensor_type, parameter_type: the addresses of
 // torch.Tensor and torch.nn.Parameter. outcome: the address of a one-item list. check_only: 1
 // to check the tensors and report whether the kernel takes them, changing nothing (a step over
 // several groups checks every group before it updates any).
@@ -779,10 +789,10 @@ extern "C" void kernel(
     PyObject* role_lists = reinterpret_cast<PyObject*>(roles);
     if (!PyList_Check(outcome_list) || PyList_GET_SIZE(outcome_list) != 1)
         throw std::runtime_error("outcome must be a list of one item");
-    if (!PyTuple_Check(role_lists) || PyTuple_GET_SIZE(role_lists) != kRoles)
+    if (!PyTuple_Check(role_lists) || PyTuple_GET_SIZE(role_lists) != kRoles + kOffsetLists)
         throw std::runtime_error("roles must be a tuple of one list per role");
     const int64_t tensors = length(PyTuple_GET_ITEM(role_lists, 0));
-    for (int64_t k = 0; k < kRoles; ++k)
+    for (int64_t k = 0; k < kRoles + kOffsetLists; ++k)
         if (length(PyTuple_GET_ITEM(role_lists, k)) != tensors || tensors < 0)
             throw std::runtime_error("roles must be lists of one tensor per parameter");
     const auto finish = [&](bool taken) {
@@ -801,6 +811,17 @@ extern "C" void kernel(
     };
     const bool all_taken = checked_group(tensors, impls, impl_of);
     if (!all_taken) return finish(false);
+    // 8-bit codes: the index of each tensor's first element in its whole tensor (a shard's),
+    // which the rounding noise counts from; Python ints.
+    std::vector<int64_t> noise_offsets(tensors, 0);
+    for (int64_t t = 0; t < kOffsetLists * tensors; ++t) {
+        PyObject* offset = item(PyTuple_GET_ITEM(role_lists, kRoles), t);
+        noise_offsets[t] = PyLong_Check(offset) ? PyLong_AsLongLong(offset) : -1;
+        if (noise_offsets[t] < 0) {
+            PyErr_Clear();
+            return finish(false);
+        }
+    }
     // GradScaler found inf/nan: every tensor keeps its values and its step count.
     if (skip || check_only) return finish(true);
     // The update touches no Python object, so other Python threads run meanwhile, as during a
@@ -810,7 +831,7 @@ extern "C" void kernel(
     for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::incref(impl);
     Py_BEGIN_ALLOW_THREADS
     update_group(
-        tensors, impls, lr, momentum_weight, beta2, eps, weight_decay, inv_scale, block_size,
+        tensors, impls, noise_offsets, lr, momentum_weight, beta2, eps, weight_decay, inv_scale, block_size,
         maximize, logarithmic_schedule);
     Py_END_ALLOW_THREADS
     for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::decref(impl);
