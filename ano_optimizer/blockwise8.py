@@ -31,8 +31,10 @@ bit. Conversions on load (float32 state into an 8-bit optimizer) round to neares
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import warnings
 
 import torch
 from torch import Tensor
@@ -299,9 +301,12 @@ def blockwise8_step(
             scalars["logarithmic_schedule"],
         ):  # fmt: skip
             return
+    kernel = None
+    if fused and params and not params[0].is_cpu and not torch.compiler.is_compiling():
+        kernel = proven_codes_kernel(scalars["maximize"], params[0].device)
     blockwise8_ano(
         params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
-        noise_offsets, **scalars,
+        noise_offsets, kernel=kernel, **scalars,
     )  # fmt: skip
 
 
@@ -324,8 +329,10 @@ def blockwise8_ano(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    kernel=None,
 ) -> None:
-    """The eager step of (checked) tensors with 8-bit moments, in place.
+    """The eager step of (checked) tensors with 8-bit moments, in place; ``kernel``
+    (:func:`proven_codes_kernel`) steps each plain contiguous tensor whole instead.
 
     Per block of the tensor: the moments are dequantized to float32, updated with the fused
     kernels' arithmetic (:func:`.fused.inductor._ano_math`, so that this path and the fused
@@ -349,14 +356,24 @@ def blockwise8_ano(
     ):
         if param.is_complex():
             param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-        # Blocks follow the elements' logical order; other layouts are stepped as copies.
         given = (param, m_codes, v_codes, exp_avg_scales[i], exp_avg_sq_scales[i])
+        v_noise = rounding.noise_parameter_tensor(state_steps[i].reshape(()), _V_STREAM)
+        offset = noise_offsets[i] if noise_offsets else 0
+        if kernel is not None and all(t.is_contiguous() for t in (*given, grad)):
+            rows, cols = matrix_shape(param.shape)
+            start = torch.full((), offset % 65536, dtype=torch.int32, device=device)
+            kernel(
+                param.view(rows, cols), grad.view(rows, cols), m_codes.view(rows, cols),
+                v_codes.view(rows, cols), exp_avg_scales[i], exp_avg_sq_scales[i], weights[i],
+                corrections[i], hyper, skip, inv_scale, v_noise.to(device), start,
+            )  # fmt: skip
+            continue
+        # Blocks follow the elements' logical order; other layouts are stepped as copies.
         work = [t if t.is_contiguous() else t.contiguous() for t in given]
         rows, cols = matrix_shape(work[0].shape)
         p, m_all, v_all = (t.view(rows, cols) for t in work[:3])
         m_scale, v_scale = (t.view(rows, -1) for t in work[3:])
         g = grad.reshape(rows, cols)
-        v_noise = rounding.noise_parameter_tensor(state_steps[i].reshape(()), _V_STREAM)
         chunk = max(1, _EAGER_NUMEL // max(cols, 1))
         for first in range(0, rows, chunk):
             part = slice(first, first + chunk)
@@ -369,7 +386,7 @@ def blockwise8_ano(
             codes, scale = quantize(m, None, signed=True)
             m_all[part].copy_(codes)
             m_scale[part].copy_(scale)
-            start = (noise_offsets[i] if noise_offsets else 0) + first * cols
+            start = offset + first * cols
             noise = rounding.hashed_noise(v, v_noise, start % 65536)  # the low 16 bits count
             codes, scale = quantize(v, noise, signed=False)
             v_all[part].copy_(codes)
@@ -380,3 +397,66 @@ def blockwise8_ano(
 
 
 _V_STREAM = rounding.EXP_AVG_SQ_STREAM
+
+
+def codes_update(
+    param, grad, m_codes, v_codes, m_scale, v_scale, weight, correction, hyper, skip,
+    inv_scale, v_noise, start, *, maximize: bool,
+) -> None:  # fmt: skip
+    """One tensor's 8-bit step as :func:`blockwise8_ano` computes it, in place, written for
+    ``torch.compile``: (rows, cols) views of contiguous tensors, the noise parameters and the
+    noise offset ``start`` (mod 2**16) as tensors, so that nothing recompiles from step to
+    step. The GPU's fused kernel (:func:`compiled_codes_update`)."""
+    rows, cols = param.shape
+    m = dequantize(m_codes, m_scale, signed=True)
+    v = dequantize(v_codes, v_scale, signed=False)
+    no_noise = torch.zeros(4, dtype=torch.int64, device=param.device)
+    _ano_math(
+        param, grad, m, v, weight, correction, hyper, skip, inv_scale, no_noise,
+        maximize=maximize,
+    )  # fmt: skip
+    codes, scale = quantize(m, None, signed=True)
+    m_codes.copy_(codes)
+    m_scale.copy_(scale)
+    multiplier, offset = v_noise.to(torch.int32).unbind(0)
+    index = torch.arange(rows * cols, device=param.device, dtype=torch.int32) + start
+    noise = (((index & 0xFFFF) * multiplier + offset) & 0xFFFF).view(rows, cols)
+    codes, scale = quantize(v, noise, signed=False)
+    v_codes.copy_(codes)
+    v_scale.copy_(scale)
+
+
+@functools.cache
+def compiled_codes_update(maximize: bool):
+    """:func:`codes_update` compiled once per ``maximize``, with dynamic shapes."""
+    return torch.compile(
+        functools.partial(codes_update, maximize=maximize), dynamic=True, fullgraph=True
+    )
+
+
+@functools.cache
+def proven_codes_kernel(maximize: bool, device: torch.device):
+    """:func:`compiled_codes_update` run first on tiny tensors on ``device``, where compiling
+    happens: a failure (no Triton, an Inductor error) surfaces here, before a step changes
+    anything. None, with one warning, where it fails; those steps run the eager math."""
+    try:
+        kernel = compiled_codes_update(maximize)
+        floats = [torch.zeros(2, 300, device=device) for _ in range(2)]
+        codes = [torch.zeros(2, 300, dtype=torch.uint8, device=device) for _ in range(2)]
+        scales = [torch.zeros(2, 2, device=device) for _ in range(2)]
+        scalars = [torch.full((), v, device=device) for v in (0.1, 1.0, 0.0, 1.0)]
+        hyper = torch.zeros(5, dtype=torch.float64, device=device)
+        noise = torch.ones(2, dtype=torch.int64, device=device)
+        start = torch.zeros((), dtype=torch.int32, device=device)
+        weight, correction, skip, inv_scale = scalars
+        kernel(*floats, *codes, *scales, weight, correction, hyper, skip, inv_scale, noise, start)
+        return kernel
+    except Exception as error:  # any compile or run failure: the eager math still works
+        warnings.warn(
+            f"Ano fused=True: torch.compile could not build the 8-bit kernel on {device} "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0][:300]}); 8-bit "
+            "tensors there are stepped with the same math run eagerly (slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None

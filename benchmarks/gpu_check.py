@@ -13,9 +13,11 @@
 5. The hand-written Triton group kernel (``ano_optimizer/fused/triton.py``) against the
    per-tensor compiled kernel: equivalence, and step time on ResNet-50's 161 tensors, where
    one launch per tensor costs most. Decides whether it should become the default.
-6. Bandwidth on ~1 B parameters (64 tensors): GB/s of fused Ano (float32 and bfloat16 state;
-   per-tensor and Triton kernels), ``AdamW(fused=True)`` and a compiled 4-read/3-write copy
-   kernel, timed with CUDA events.
+6. 8-bit state: the compiled per-tensor kernel ``fused=True`` uses on CUDA against the eager
+   8-bit step there and the C++ kernel on the CPU (``check_8bit``).
+7. Bandwidth on ~1 B parameters (64 tensors of rows of 1024): GB/s of fused Ano (float32,
+   bfloat16 and 8-bit state; per-tensor and Triton kernels), ``AdamW(fused=True)`` and a
+   compiled 4-read/3-write copy kernel, timed with CUDA events.
 Prints each result as it goes and writes them all as JSON; exits 1 if a check fails.
 ``--device cpu`` runs checks 1-3 only, as a smoke test of this script (``tests/test_gpu_check.py``).
 """
@@ -309,12 +311,61 @@ def _copy_kernel(p, g, m, v):
     v.add_(g.to(v.dtype))
 
 
+def check_8bit(device) -> dict:
+    """8-bit state (``state_dtype=torch.uint8``) on CUDA: the compiled per-tensor kernel of
+    ``fused=True`` against the eager 8-bit step on the GPU and against the C++ kernel on the
+    CPU, 8 steps on the same gradients (independent of the parameters): codes and scales
+    equal, or within one code on at most 0.1 % of the values; parameters to 1e-5."""
+    shapes = [(300, 64), (70, 300), (64, 64, 3, 3), (5, 1000)]
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(8)]
+    runs = {}
+    for label, where, fused in (
+        ("compiled", device, True),
+        ("eager", device, False),
+        ("cpu kernel", torch.device("cpu"), True),
+    ):
+        params = [torch.nn.Parameter(t.to(where)) for t in start]
+        optimizer = Ano(params, lr=1e-2, weight_decay=0.05, state_dtype=torch.uint8, fused=fused)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.to(where)
+            optimizer.step()
+        runs[label] = [
+            {"param": p.detach().cpu(), **{k: v.cpu() for k, v in optimizer.state[p].items()}}
+            for p in params
+        ]
+    report: dict = {}
+    for other in ("eager", "cpu kernel"):
+        worst_codes, worst_param = 0.0, 0.0
+        for a, b in zip(runs["compiled"], runs[other], strict=True):
+            for key in ("exp_avg", "exp_avg_sq"):
+                differ = a[key] != b[key]
+                gap = (a[key].int() - b[key].int()).abs()
+                worst_codes = max(worst_codes, float(differ.float().mean()))
+                if differ.any() and int(gap.max()) > 1:
+                    worst_codes = 1.0
+            for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=0)
+            worst_param = max(worst_param, float(((a["param"] - b["param"]).abs()).max()))
+        report[other] = {"codes_off_fraction": worst_codes, "param_max_diff": worst_param}
+    report["ok"] = all(
+        r["codes_off_fraction"] <= 1e-3 and r["param_max_diff"] <= 1e-5
+        for r in report.values()
+        if isinstance(r, dict)
+    )
+    return report
+
+
 def check_bandwidth(device, billions: float) -> dict:
-    per = int(billions * 1e9 / 64)
+    # Rows of 1024: 2-D tensors, which 8-bit state stores as codes (1-D ones keep float32).
+    rows = int(billions * 1e9 / 64 / 1024)
+    per = rows * 1024
     results = {}
 
     def make():
-        params = [torch.nn.Parameter(torch.zeros(per, device=device)) for _ in range(64)]
+        params = [torch.nn.Parameter(torch.zeros(rows, 1024, device=device)) for _ in range(64)]
         for p in params:
             p.grad = torch.full_like(p, 1e-3)
         return params
@@ -322,6 +373,7 @@ def check_bandwidth(device, billions: float) -> dict:
     for label, factory, bytes_per in (
         ("Ano fused", lambda ps: Ano(ps, fused=True), 28),
         ("Ano fused bf16 state", lambda ps: Ano(ps, fused=True, state_dtype=torch.bfloat16), 20),
+        ("Ano fused 8-bit state", lambda ps: Ano(ps, fused=True, state_dtype=torch.uint8), 16),
         ("Ano fused, Triton kernel", AnoOnTriton, 28),
         ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True), 28),
     ):
@@ -367,6 +419,7 @@ def main(argv=None) -> int:
         ("grad_scaler", check_grad_scaler, False),
         ("cuda_graph", check_cuda_graph, True),
         ("triton_kernel", check_triton_kernel, True),
+        ("8bit", check_8bit, True),
         ("bandwidth", lambda d: check_bandwidth(d, args.billions), True),
     ]
     for check_name, check, needs_cuda in checks:

@@ -10,7 +10,9 @@ to float32-state Ano; then, in one process, fused Ano with float32 and 8-bit sta
 ``AdamW(fused=True)``, each stepped once per round with the rounds interleaved, as median time
 and median per-round ratio to ``AdamW(fused=True)``. The quantizer row times quantizing 1 M
 float32 values the way each format does on the CPU: this project's bit-cut
-(:func:`ano_optimizer.blockwise8.quantize`) and torchao's dynamic-map binary search.
+(:func:`ano_optimizer.blockwise8.quantize`) and torchao's dynamic-map binary search. Last, the formats' error against float32 state on a
+synthetic gradient sequence (:func:`format_errors`): this project's choice of rounding, the
+alternatives, bfloat16, and torchao's dynamic map.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import statistics
 import time
 
 import torch
 
-from ano_optimizer import Ano, blockwise8
+from ano_optimizer import Ano, blockwise8, rounding
 from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 
@@ -125,6 +128,73 @@ def quantizer_times(rounds: int = 9) -> dict[str, float]:
     return times
 
 
+def _round_trip(kind: str, signed: bool, x: torch.Tensor, step: int) -> torch.Tensor:
+    """``x`` stored and read back in one of the compared formats."""
+    stream = rounding.EXP_AVG_STREAM if signed else rounding.EXP_AVG_SQ_STREAM
+    if kind == "bfloat16":
+        return rounding.stochastic_round_to_bfloat16(x, step, stream).float()
+    if kind == "dynamic map":
+        from torchao.optim.quant_utils import (
+            create_dynamic_map,
+            quantize_8bit_with_qmap,
+            scale_tensor,
+        )
+
+        qmap = torch.tensor(create_dynamic_map(signed))
+        unit, scale = scale_tensor(x.reshape(-1), blockwise8.BLOCK)
+        codes = quantize_8bit_with_qmap(unit, qmap)
+        return (qmap[codes.long()].view(-1, blockwise8.BLOCK) * scale.view(-1, 1)).view(x.shape)
+    stochastic = kind == "stochastic" or (kind == "shipped" and not signed)
+    noise = (
+        rounding.hashed_noise(x, rounding.noise_parameters(step, stream)) if stochastic else None
+    )
+    return blockwise8.dequantize(*blockwise8.quantize(x, noise, signed=signed), signed=signed)
+
+
+def format_errors(steps: int = 1000, beta2s=(0.99, 0.999)) -> dict[str, dict[str, float]]:
+    """How far each format's update strays from float32 state's on one synthetic gradient
+    sequence (64 rows of 256 values whose scales span about 8 decades, a slowly varying
+    magnitude, the same gradients for every format): the relative error of the update over
+    the last quarter of the steps, and the final ``exp_avg_sq`` over float32 state's (mean)."""
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.exp(torch.randn(64, 256, generator=gen) * 1.5)
+    kinds = {
+        "this project (exp_avg nearest, exp_avg_sq stochastic)": "shipped",
+        "both rounded to nearest": "nearest",
+        "both rounded stochastically": "stochastic",
+        "bfloat16, stochastic": "bfloat16",
+    }
+    if _torchao_adamw8bit() is not None:
+        kinds["torchao's dynamic map, nearest"] = "dynamic map"
+    results: dict[str, dict[str, float]] = {}
+    for beta2 in beta2s:
+
+        def run(kind: str | None, beta2: float = beta2):
+            m, v = torch.zeros(64, 256), torch.zeros(64, 256)
+            noise_gen = torch.Generator().manual_seed(1)
+            updates = []
+            for k in range(1, steps + 1):
+                g = (0.3 + torch.randn(64, 256, generator=noise_gen)) * scales
+                g = g * (1 + 0.5 * math.sin(k / 100))
+                v = v + (1 - beta2) * (torch.sign(g * g - v) * g * g - v)
+                m = m + 0.08 * (g - m)
+                c = (1 - beta2**k) ** 0.5
+                if k > steps * 3 // 4:
+                    updates.append(torch.sign(m) * g.abs() * c / (v.sqrt() + 1e-8 * c))
+                if kind is not None:
+                    m, v = _round_trip(kind, True, m, k), _round_trip(kind, False, v, k)
+            return torch.stack(updates), v
+
+        reference, v_reference = run(None)
+        for label, kind in kinds.items():
+            updates, v = run(kind)
+            results.setdefault(label, {})[f"update error, beta2={beta2}"] = float(
+                (updates - reference).norm() / reference.norm()
+            )
+            results[label][f"v / float32 v, beta2={beta2}"] = float((v / v_reference).mean())
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(PARAMETER_SETS))
@@ -164,6 +234,13 @@ def main(argv=None) -> None:
     for label, seconds in quantizers.items():
         print(f"  {label:38s} {seconds * 1e3:8.2f} ms")
     report["quantize_1m_ms"] = {k: v * 1e3 for k, v in quantizers.items()}
+    errors = format_errors()
+    columns = list(next(iter(errors.values())))
+    print("\n  | format | " + " | ".join(columns) + " |")
+    print("  |---|" + "---:|" * len(columns))
+    for label, row in errors.items():
+        print(f"  | {label} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    report["format_errors"] = errors
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -5,6 +5,7 @@ checks, and the ``ano8bit`` / ``anolog8bit`` names through timm and Hugging Face
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import pytest
@@ -421,3 +422,44 @@ def test_hugging_face_trainer_trains_with_optim_ano8bit(tmp_path):
     coded = [p for p, s in optimizer.state.items() if s["exp_avg"].dtype == U8]
     assert model.transformer.wte.weight in coded
     assert all(p.numel() >= blockwise8.MIN_NUMEL for p in coded)
+
+
+def test_the_gpu_kernel_traces_whole_and_computes_the_eager_step():
+    """``fused=True`` on a GPU steps each 8-bit tensor with one compiled ``codes_update``
+    (``benchmarks/gpu_check.py`` checks Inductor's kernel on CUDA). Here it is traced whole
+    (fullgraph, dynamic shapes) by Dynamo and AOTAutograd and run on the CPU, where it must
+    write the eager step's state and parameters exactly."""
+    traced = torch.compile(
+        functools.partial(blockwise8.codes_update, maximize=True),
+        backend="aot_eager", dynamic=True, fullgraph=True,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    for shape in ((300, 64), (70, 300), (5, 1000)):
+        start, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        p = torch.nn.Parameter(start.clone())
+        optimizer = Ano([p], lr=1e-2, weight_decay=0.1, state_dtype=U8, maximize=True)
+        for _ in range(2):  # a nonzero state to start from
+            p.grad = torch.randn(shape, generator=gen)
+            optimizer.step()
+        state = {k: v.clone() for k, v in optimizer.state[p].items()}
+        param = p.detach().clone()
+        p.grad = grad.clone()
+        optimizer.step()  # the eager 8-bit step
+
+        step = state["step"] + 1
+        weights, corrections = blockwise8._step_scalars(
+            [step], 0.92, 0.99, False, torch.float32, p.device
+        )
+        hyper = blockwise8._hyper_tensor(1e-2, 0.92, 0.99, 1e-8, 0.1, p.device)
+        skip, inv_scale = blockwise8._amp_tensors(None, None, p.device)
+        noise = blockwise8.rounding.noise_parameter_tensor(
+            step, blockwise8.rounding.EXP_AVG_SQ_STREAM
+        )
+        traced(
+            param, grad, state["exp_avg"], state["exp_avg_sq"], state["exp_avg_scale"],
+            state["exp_avg_sq_scale"], weights[0], corrections[0], hyper, skip, inv_scale, noise,
+            torch.zeros((), dtype=torch.int32),
+        )  # fmt: skip
+        assert torch.equal(param, p.detach())
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+            assert torch.equal(state[key], optimizer.state[p][key]), (shape, key)

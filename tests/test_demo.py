@@ -522,3 +522,19 @@ def test_every_malformed_cifar10_folder_stops_before_training(
     assert message in err, err
     assert name in err
     assert not (output / "runs.jsonl").exists()
+
+
+def test_an_8bit_name_trains_every_task_with_its_state_dtype_kept_in_the_settings(tmp_path):
+    """``ano8bit``'s registry defaults hold a torch dtype: settings.json keeps it as a name, and
+    the supervised and RL runs build Ano with 8-bit state from it."""
+    assert main(["demo", "--optimizers", "ano8bit", "--tasks", "noise,rl", "--quick",
+                 "--output", str(tmp_path)]) == 0  # fmt: skip
+    results = _read_json(tmp_path)
+    choice = results["settings"]["optimizers"]["ano8bit"]
+    assert choice["kwargs"] == {"state_dtype": {"torch.dtype": "uint8"}}
+    assert tasks.OptimizerChoice(**choice).options() == {"state_dtype": torch.uint8}
+    optimizer = tasks.OptimizerChoice(**choice).build(torch.nn.Linear(64, 64).parameters(), 1e-3)
+    assert optimizer.param_groups[0]["state_dtype"] is torch.uint8
+    for task in ("noise", "rl"):
+        for condition in results["tasks"][task]["conditions"].values():
+            assert math.isfinite(condition["optimizers"]["ano8bit"]["test_mean"])

@@ -35,7 +35,7 @@ def test_gpu_check_runs_its_device_independent_checks_on_cpu(tmp_path):
     assert report["equivalence"]["moment_excess"] <= 1
     assert report["recompiles"]["new_graphs"] == 0
     assert report["grad_scaler"]["step"] == 1.0
-    for name in ("cuda_graph", "triton_kernel", "bandwidth"):
+    for name in ("cuda_graph", "triton_kernel", "8bit", "bandwidth"):
         assert report[name] == {"skipped": "needs CUDA"}
 
 

@@ -46,9 +46,12 @@ class OptimizerChoice:
             obj = getattr(obj, part)
         return obj
 
+    def options(self) -> dict:
+        """The fixed keyword arguments, as the optimizer takes them."""
+        return {key: from_settings(value) for key, value in self.kwargs.items()}
+
     def build(self, params, lr: float) -> torch.optim.Optimizer:
-        kwargs = {key: from_settings(value) for key, value in self.kwargs.items()}
-        return self.load()(params, **{**kwargs, "lr": lr})
+        return self.load()(params, **{**self.options(), "lr": lr})
 
 
 def to_settings(value):
@@ -206,7 +209,7 @@ def train_rl(
     from stable_baselines3.common.logger import Logger
 
     algorithm, algorithm_name = _rl_algorithm(env_id)
-    policy_kwargs = {"optimizer_class": choice.load(), "optimizer_kwargs": dict(choice.kwargs)}
+    policy_kwargs = {"optimizer_class": choice.load(), "optimizer_kwargs": choice.options()}
     if algorithm_name == "PPO":
         # A small-budget PPO setting for classic control (RL Zoo's CartPole values, fewer epochs).
         env = make_vec_env(env_id, n_envs=8, seed=seed)

@@ -1,16 +1,20 @@
-"""What bfloat16 optimizer state costs in quality: float32 vs bfloat16 ``exp_avg``/``exp_avg_sq``.
+"""What narrower optimizer state costs in quality: float32, bfloat16 and 8-bit moments.
 
-    python -m benchmarks.fused_bf16_quality [--seeds 0 1 2] [--threads 2]
+    python -m benchmarks.state_quality [--seeds 0 1 2] [--threads 2]
 
-Two small tasks, each trained with the same seeds and data order under both state dtypes:
+Two small tasks, each trained with the same seeds and data order for every row: Ano with
+float32, bfloat16 and 8-bit (``state_dtype=torch.uint8``) state, and as the 8-bit baseline
+``torch.optim.AdamW`` against torchao's ``AdamW8bit`` (where torchao imports; its step is
+``torch.compile``d, about 15 s on the first step here):
 
 - digits: the demo's MLP on scikit-learn's digits (``ano_optimizer.demo.data``), 20 epochs,
-  batch 64, Ano lr 1e-3; final training loss and test accuracy;
+  batch 64, lr 1e-3; final training loss and test accuracy;
 - transformer: a 2-layer causal Transformer (d_model 64) learning the next token of sequences
-  drawn from a fixed random Markov chain (vocabulary 32), 300 steps of batch 32, Ano lr 1e-3
-  with beta2 = 0.999 (where round-to-nearest state would drift); held-out loss and accuracy.
+  drawn from a fixed random Markov chain (vocabulary 32), 300 steps of batch 32, lr 1e-3 with
+  betas (0.9, 0.999) (where round-to-nearest state would drift); held-out loss and accuracy.
 
-Prints a Markdown table: mean ± std over seeds per state dtype, and the per-seed gap.
+Prints a Markdown table: mean ± std over seeds per row, and the mean per-seed gap of each
+narrower state to its optimizer's float32 state.
 """
 
 from __future__ import annotations
@@ -27,11 +31,36 @@ from ano_optimizer import Ano
 from ano_optimizer.demo.data import load_digits
 
 
-def digits_run(seed: int, state_dtype) -> tuple[float, float]:
+def _torchao_adamw8bit():
+    try:
+        from torchao.optim import AdamW8bit
+    except Exception:  # not installed, or not for this torch
+        return None
+    return AdamW8bit
+
+
+ROWS = {
+    "Ano, float32 state": lambda ps, betas: Ano(ps, lr=1e-3, betas=betas),
+    "Ano, bfloat16 state": lambda ps, betas: Ano(
+        ps, lr=1e-3, betas=betas, state_dtype=torch.bfloat16
+    ),
+    "Ano, 8-bit state": lambda ps, betas: Ano(ps, lr=1e-3, betas=betas, state_dtype=torch.uint8),
+    "AdamW": lambda ps, betas: torch.optim.AdamW(ps, lr=1e-3, betas=betas),
+    "torchao AdamW8bit": lambda ps, betas: _torchao_adamw8bit()(ps, lr=1e-3, betas=betas),
+}
+# Each narrower state, and the float32 row it is compared with.
+GAPS = {
+    "Ano, bfloat16 state": "Ano, float32 state",
+    "Ano, 8-bit state": "Ano, float32 state",
+    "torchao AdamW8bit": "AdamW",
+}
+
+
+def digits_run(seed: int, make) -> tuple[float, float]:
     data = load_digits()
     torch.manual_seed(seed)
     model = data.make_model()
-    optimizer = Ano(model.parameters(), lr=1e-3, state_dtype=state_dtype)
+    optimizer = make(model.parameters(), (0.92, 0.99))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(20):
         order = torch.randperm(len(data.y_train), generator=gen)
@@ -78,11 +107,11 @@ def markov_batches(steps: int, batch: int, context: int = 32, vocab: int = 32, s
     return [sample(batch) for _ in range(steps)], sample(256)
 
 
-def transformer_run(seed: int, state_dtype) -> tuple[float, float]:
+def transformer_run(seed: int, make) -> tuple[float, float]:
     batches, (x_val, y_val) = markov_batches(300, 32, seed=seed)
     torch.manual_seed(seed)
     model = TinyCausalTransformer()
-    optimizer = Ano(model.parameters(), lr=1e-3, betas=(0.9, 0.999), state_dtype=state_dtype)
+    optimizer = make(model.parameters(), (0.9, 0.999))
     for x, y in batches:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
@@ -104,32 +133,38 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    rows = {k: v for k, v in ROWS.items() if k != "torchao AdamW8bit" or _torchao_adamw8bit()}
     lines = [
-        "| task | metric | float32 state | bfloat16 state | mean gap (bf16 − fp32) |",
-        "|---|---|---:|---:|---:|",
-    ]
+        "| task | metric | " + " | ".join(rows) + " | "
+        + " | ".join(f"gap: {k}" for k in GAPS if k in rows) + " |",
+        "|---|---|" + "---:|" * (len(rows) + sum(k in rows for k in GAPS)),
+    ]  # fmt: skip
     for task, run, metrics in (
         ("digits MLP", digits_run, ("train loss", "test accuracy")),
         ("tiny Transformer", transformer_run, ("held-out loss", "held-out accuracy")),
     ):
-        results = {torch.float32: [], torch.bfloat16: []}
+        results = {label: [] for label in rows}
         for seed in args.seeds:
-            for dtype in results:
+            for label, make in rows.items():
                 start = time.perf_counter()
-                results[dtype].append(run(seed, dtype))
+                results[label].append(run(seed, make))
                 print(
-                    f"{task} seed {seed} {dtype}: {results[dtype][-1]} "
+                    f"{task} seed {seed} {label}: {results[label][-1]} "
                     f"({time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )
         for i, metric in enumerate(metrics):
-            full = [r[i] for r in results[torch.float32]]
-            half = [r[i] for r in results[torch.bfloat16]]
-            gap = statistics.mean(h - f for h, f in zip(half, full, strict=True))
-            (fm, fs), (hm, hs) = _mean_std(full), _mean_std(half)
-            lines.append(
-                f"| {task} | {metric} | {fm:.4f} ± {fs:.4f} | {hm:.4f} ± {hs:.4f} | {gap:+.4f} |"
-            )
+            cells = []
+            for label in rows:
+                mean, std = _mean_std([r[i] for r in results[label]])
+                cells.append(f"{mean:.4f} ± {std:.4f}")
+            for narrow, full in GAPS.items():
+                if narrow in rows:
+                    gap = statistics.mean(
+                        a[i] - b[i] for a, b in zip(results[narrow], results[full], strict=True)
+                    )
+                    cells.append(f"{gap:+.4f}")
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))})\n")
     print("\n".join(lines))
     return 0
