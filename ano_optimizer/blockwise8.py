@@ -1,10 +1,12 @@
-"""Blockwise 8-bit moments (``state_dtype=torch.uint8``): the format, and its eager step.
+"""Blockwise 8-bit moments (``state_dtype=torch.uint8``): the format, its eager step, and the
+GPU's compiled one (the CPU's fused step is ``fused/cpu_kernel.cpp`` built with ``ANO_CODES``).
 
-A moment of ``n`` elements is kept as ``n`` one-byte codes and one float32 scale per block of
-:data:`BLOCK` consecutive elements (the block's largest magnitude), as in bitsandbytes and
-torchao: 2 + 8/256 bytes per parameter for both moments instead of 8. Tensors of fewer than
-:data:`MIN_NUMEL` elements (biases, norms) keep float32 moments: their scales would cost more
-than they save.
+A moment is kept as one-byte codes, one per element, and one float32 scale (the block's
+largest magnitude) per block of :data:`BLOCK` consecutive elements of a row, as in
+bitsandbytes and torchao: 2 + 8/256 bytes per parameter for both moments instead of 8. A row
+is the first dimension (:func:`matrix_shape`): blocks never cross one, so a tensor sharded on
+dimension 0 (FSDP2) shards its scales alike. Tensors of one dimension or fewer than
+:data:`MIN_NUMEL` elements (biases, norms) keep float32 moments.
 
 A code is a small floating-point number cut from the float32 bits of ``x / scale`` (in
 [-1, 1]): 31 binades below 1, so a block's small elements keep their size relative to its
@@ -17,16 +19,18 @@ is ``sign(m)``: those coordinates would stop moving).
 
 Code 0 is exactly 0; below ``2**-30 · scale`` the codes are subnormal, down to ``2**-32``
 (signed) and ``2**-33`` (unsigned) times the scale. Cutting bits makes quantizing a few
-integer operations per element, which keeps the fused kernel near memory speed; a table of
-256 levels (bitsandbytes' and torchao's dynamic map) needs a binary search per element.
+integer operations per element; a table of 256 levels (bitsandbytes' and torchao's dynamic
+map) needs a binary search per element.
 
 ``exp_avg_sq`` is written with stochastic rounding (:mod:`.rounding`'s hashed noise): Ano's
 second moment moves by ``(1 - β2) · g²`` per step, often less than a code's spacing, and
-rounding to nearest absorbs those moves (measured: +6 % bias in ``v`` at ``β2 = 0.999``, +0.3 %
-with stochastic rounding). ``exp_avg`` rounds to nearest, which measured closer to float32
-state than stochastic rounding there (only its sign enters the update). The noise is decided
-by the step count, so every path writes the same codes and a resumed run continues bit for
-bit. Conversions on load (float32 state into an 8-bit optimizer) round to nearest.
+rounding to nearest absorbs those moves and leaves ``v`` too high (``benchmarks/state_8bit.py``
+measures both; docs/performance.md has the figures). ``exp_avg`` rounds to nearest, which
+measured closer to float32 state than stochastic rounding (only its sign enters the update).
+The noise is decided by the step count and the element's index in the whole tensor (a shard
+passes its offset), so every path writes the same codes, a resumed run continues bit for bit
+and a sharded run rounds as an unsharded one. Conversions on load (float state into an 8-bit
+optimizer) round to nearest.
 """
 
 from __future__ import annotations
