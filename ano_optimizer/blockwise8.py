@@ -5,8 +5,9 @@ A moment is kept as one-byte codes, one per element, and one float32 scale (the 
 largest magnitude) per block of :data:`BLOCK` consecutive elements of a row, as in
 bitsandbytes and torchao: 2 + 8/256 bytes per parameter for both moments instead of 8. A row
 is the first dimension (:func:`matrix_shape`): blocks never cross one, so a tensor sharded on
-dimension 0 (FSDP2) shards its scales alike. Tensors of one dimension or fewer than
-:data:`MIN_NUMEL` elements (biases, norms) keep float32 moments.
+dimension 0 (FSDP2) shards its scales alike. Tensors of one dimension, fewer than
+:data:`MIN_NUMEL` elements (biases, norms) or rows shorter than :data:`MIN_COLS` keep float32
+moments.
 
 A code is a small floating-point number cut from the float32 bits of ``x / scale`` (in
 [-1, 1]): 31 binades below 1, so a block's small elements keep their size relative to its
@@ -51,6 +52,7 @@ from .step_scalars import _amp_tensors, _hyper_tensor, _no_noise, _step_scalars
 
 __all__ = [
     "BLOCK",
+    "MIN_COLS",
     "MIN_NUMEL",
     "blockwise8_ano",
     "blockwise8_step",
@@ -68,6 +70,7 @@ __all__ = [
 
 BLOCK = 256
 MIN_NUMEL = 4096
+MIN_COLS = 16
 # A code's bits, shifted into a float32 (sign bit to bit 31, the others to the top of the
 # exponent field: the code is a tiny float, its exponent field 0 a subnormal), times 2**96, is
 # its value relative to the block's scale, up to 1.75 (signed) and 1.875 (unsigned).
@@ -94,8 +97,13 @@ def scale_shape(shape) -> tuple[int, int]:
 
 def takes_codes(param: Tensor) -> bool:
     """Whether ``param``'s moments are 8-bit codes in a ``torch.uint8`` group: tensors of two
-    or more dimensions and at least :data:`MIN_NUMEL` values."""
-    return param.dim() >= 2 and _real_numel(param) >= MIN_NUMEL
+    or more dimensions, at least :data:`MIN_NUMEL` values and rows of at least
+    :data:`MIN_COLS` (a row's scales cost ``8 / cols`` bytes per value: with shorter rows the
+    codes would save little or cost more than float32)."""
+    if param.dim() < 2 or _real_numel(param) < MIN_NUMEL:
+        return False
+    _, cols = matrix_shape(param.shape)
+    return cols * (2 if param.is_complex() else 1) >= MIN_COLS
 
 
 def float_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype | None:

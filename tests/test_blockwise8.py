@@ -463,3 +463,19 @@ def test_the_gpu_kernel_traces_whole_and_computes_the_eager_step():
         assert torch.equal(param, p.detach())
         for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
             assert torch.equal(state[key], optimizer.state[p][key]), (shape, key)
+
+
+def test_only_tensors_whose_codes_save_memory_get_them():
+    """Codes need 2+ dimensions, 4096+ values and rows of 16+ (a row's scales cost 8 / cols
+    bytes per value): a (4096, 1) tensor keeps float32 moments, a (256, 16) one gets codes."""
+    kinds = {}
+    for shape in ((4096, 1), (512, 8), (256, 16), (8192,), (64, 63), (16, 16, 4, 4)):
+        p = torch.nn.Parameter(torch.randn(shape))
+        p.grad = torch.randn(shape)
+        optimizer = Ano([p], state_dtype=U8)
+        optimizer.step()
+        kinds[shape] = optimizer.state[p]["exp_avg"].dtype
+    assert kinds == {
+        (4096, 1): torch.float32, (512, 8): torch.float32, (256, 16): U8,
+        (8192,): torch.float32, (64, 63): torch.float32, (16, 16, 4, 4): U8,
+    }  # fmt: skip
