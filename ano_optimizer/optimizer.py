@@ -460,8 +460,11 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
             kernels per step, so leave it off unless you capture (default: ``False``).
         state_dtype (torch.dtype or None, optional, keyword-only): dtype of ``exp_avg`` and
             ``exp_avg_sq``; ``torch.bfloat16`` halves the optimizer's memory, with the math in
-            float32 and stochastic rounding on write-back. ``None`` keeps the parameter's dtype
-            (default: ``None``).
+            float32 and stochastic rounding on write-back. ``torch.uint8`` keeps blockwise
+            8-bit codes with a float32 scale per block of 256 values of a row, about a quarter
+            of float32 state, for tensors of 2+ dimensions, 4096+ values and rows of 16+ (the
+            others keep float32 moments; :mod:`ano_optimizer.blockwise8`). ``None`` keeps the
+            parameter's dtype (default: ``None``).
         foreach (bool or None, optional, keyword-only): ``True`` uses the multi-tensor
             ``torch._foreach_*`` path, ``False`` the single-tensor path; ``None`` picks per
             device: foreach on CUDA and other accelerators; on CPU, where it measured faster,
@@ -550,13 +553,18 @@ def ano(
     logarithmic_schedule: bool,
     maximize: bool,
     capturable: bool = False,
+    exp_avg_scales: list[Tensor | None] | None = None,
+    exp_avg_sq_scales: list[Tensor | None] | None = None,
 ) -> None:
     r"""Functional API that performs the Ano/Anolog update in place; see :class:`Ano`.
 
     The hyper-parameters and every tensor are checked before any of them changes, with the
     errors :class:`Ano` raises (a tensor is named by its index in the lists). With
     ``capturable=True`` the ``state_steps`` must be on their parameters' devices and a tensor
-    ``lr`` too; the fused path reads them there always.
+    ``lr`` too; the fused path reads them there always. For 8-bit moments
+    (``state_dtype=torch.uint8``: ``torch.uint8`` codes in ``exp_avgs``/``exp_avg_sqs``),
+    ``exp_avg_scales`` and ``exp_avg_sq_scales`` hold each tensor's block scales (None for a
+    tensor with float moments); see :mod:`ano_optimizer.blockwise8`.
     """
     compiling = torch.compiler.is_compiling()
     if not compiling:
@@ -573,29 +581,55 @@ def ano(
         )  # fmt: skip
         if not fused and (grad_scale is not None or found_inf is not None):
             raise ValueError("ano: grad_scale and found_inf are only supported with fused=True")
+        scales = _functional_scales(params, exp_avg_scales, exp_avg_sq_scales)
         # FSDP2 and tensor parallel hand in DTensors: every path runs on their local shards.
         params, grads, exp_avgs, exp_avg_sqs = _local_shard_lists(
             params, grads, exp_avgs, exp_avg_sqs
         )
-        if not fused:
+        if not fused or scales is not None:
             # (The fused path lets its CPU kernel check the tensors, and checks the rest.)
             grads = check_step_tensors(
-                params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner, where=_tensor
-            )
+                params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner, where=_tensor,
+                scales=scales,
+            )  # fmt: skip
             if capturable:
                 for i, (p, step) in enumerate(zip(params, state_steps, strict=True)):
                     _check_capturable(p, lr, step, owner, _tensor(i))
+    else:
+        scales = _functional_scales(params, exp_avg_scales, exp_avg_sq_scales)
     _ano_group(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, foreach=foreach, fused=fused,
-        grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex, beta1=beta1,
-        beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, scales=scales, foreach=foreach,
+        fused=fused, grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex,
+        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
         logarithmic_schedule=logarithmic_schedule, maximize=maximize, capturable=capturable,
-        checked=not fused, owner="ano", where=_tensor,
+        checked=not fused or scales is not None, owner="ano", where=_tensor,
     )  # fmt: skip
 
 
 def _tensor(i: int) -> str:
     return f"tensor {i}"
+
+
+def _functional_scales(params, exp_avg_scales, exp_avg_sq_scales):
+    """:meth:`Ano._scales` for the functional API's lists: None without 8-bit moments."""
+    if exp_avg_scales is None and exp_avg_sq_scales is None:
+        return None
+    if exp_avg_scales is None or exp_avg_sq_scales is None:
+        raise ValueError("ano: give both exp_avg_scales and exp_avg_sq_scales, or neither")
+    if not len(exp_avg_scales) == len(exp_avg_sq_scales) == len(params):
+        raise ValueError("ano: exp_avg_scales and exp_avg_sq_scales need one entry per parameter")
+    return [
+        None
+        if m is None and v is None
+        else (*_local_shards(m, v), local_shard_offset(p))
+        if m is not None and v is not None
+        else _missing_scale(i)
+        for i, (p, m, v) in enumerate(zip(params, exp_avg_scales, exp_avg_sq_scales, strict=True))
+    ]
+
+
+def _missing_scale(i: int):
+    raise ValueError(f"ano: tensor {i} has one of its two moment scales; give both or neither")
 
 
 def _ano_group(

@@ -479,3 +479,40 @@ def test_only_tensors_whose_codes_save_memory_get_them():
         (4096, 1): torch.float32, (512, 8): torch.float32, (256, 16): U8,
         (8192,): torch.float32, (64, 63): torch.float32, (16, 16, 4, 4): U8,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_the_functional_api_steps_8bit_moments_like_the_class(fused):
+    from ano_optimizer import ano
+
+    model, x, y = model_and_data()
+    optimizer = Ano(model.parameters(), lr=1e-2, state_dtype=U8, fused=fused)
+    train(model, optimizer, x, y, 1)
+    copies = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    params = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+
+    states = [copies[p] for p in model.parameters()]
+    ano(
+        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        [s["step"] for s in states], fused=fused, beta1=0.92, beta2=0.99, lr=1e-2,
+        weight_decay=0.0, eps=1e-8, logarithmic_schedule=False, maximize=False,
+        exp_avg_scales=[s.get("exp_avg_scale") for s in states],
+        exp_avg_sq_scales=[s.get("exp_avg_sq_scale") for s in states],
+    )  # fmt: skip
+    for p, mine, state in zip(model.parameters(), params, states, strict=True):
+        assert torch.equal(mine, p.detach())
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(state[key], value), key
+    with pytest.raises(RuntimeError, match="exp_avg_scale'\\] must be a float32 tensor"):
+        ano(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states], fused=fused, beta1=0.92, beta2=0.99, lr=1e-2,
+            weight_decay=0.0, eps=1e-8, logarithmic_schedule=False, maximize=False,
+            exp_avg_scales=[torch.zeros(2) if s.get("exp_avg_scale") is not None else None
+                            for s in states],
+            exp_avg_sq_scales=[s.get("exp_avg_sq_scale") for s in states],
+        )  # fmt: skip
