@@ -64,7 +64,8 @@ bool ano_step(
     // The schema's floats are doubles: rounded to float32 here as the shipped binding does.
     const auto update = [&] {
         update_group(
-            tensors, impls, static_cast<float>(lr), static_cast<float>(momentum_weight),
+            tensors, impls, std::vector<int64_t>(tensors, 0), static_cast<float>(lr),
+            static_cast<float>(momentum_weight),
             static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
             static_cast<float>(inv_scale), block, maximize, log);
     };
