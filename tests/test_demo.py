@@ -527,8 +527,9 @@ def test_every_malformed_cifar10_folder_stops_before_training(
 def test_an_8bit_name_trains_every_task_with_its_state_dtype_kept_in_the_settings(tmp_path):
     """``ano8bit``'s registry defaults hold a torch dtype: settings.json keeps it as a name, and
     the supervised and RL runs build Ano with 8-bit state from it."""
-    assert main(["demo", "--optimizers", "ano8bit", "--tasks", "noise,rl", "--quick",
-                 "--output", str(tmp_path)]) == 0  # fmt: skip
+    result = demo("--optimizers", "ano8bit", "--tasks", "noise,rl", "--quick", "--output",
+                  str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     results = _read_json(tmp_path)
     choice = results["settings"]["optimizers"]["ano8bit"]
     assert choice["kwargs"] == {"state_dtype": {"torch.dtype": "uint8"}}
