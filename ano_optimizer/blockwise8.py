@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import rounding
 from .fused import cpu_kernel_takes
+from .fused.batches import _real_views
 from .fused.cpu import _cpu_scalars, cpu_codes_call
 from .fused.inductor import _ano_math
 from .step_scalars import _amp_tensors, _hyper_tensor, _no_noise, _step_scalars
@@ -276,10 +277,6 @@ def cpu_kernels_take(lists, scales, maximize: bool, logarithmic_schedule: bool) 
 
 
 _CHECK_SCALARS = (0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0)
-
-
-def _real_views(tensors: list[Tensor]) -> list[Tensor]:
-    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
 
 def blockwise8_step(

@@ -54,15 +54,7 @@ def _cpu_group_call(
     is (see ``kernel`` in cpu_kernel.cpp). With ``check_only`` it only reports whether it would
     take them."""
     kernel = _cpu_kernel(state_dtype) if state_dtype in _CPU_STATE_TYPES else None
-    if kernel is None:
-        return False
-    # The kernel reads the tensors from these lists itself and reports in `outcome`.
-    roles, outcome = tuple(lists), [False]
-    kernel(
-        id(roles), _TENSOR_TYPES[0], _TENSOR_TYPES[1], id(outcome), *scalars,
-        _CPU_BLOCK, int(maximize), int(log), int(check_only),
-    )  # fmt: skip
-    return outcome[0]
+    return _call(kernel, lists, scalars, maximize, log, check_only)
 
 
 def cpu_codes_call(lists, scalars: tuple, maximize, log, check_only: bool = False) -> bool:
@@ -70,9 +62,13 @@ def cpu_codes_call(lists, scalars: tuple, maximize, log, check_only: bool = Fals
     role lists, params, grads, exp_avgs, exp_avg_sqs (codes), exp_avg_scales,
     exp_avg_sq_scales, steps, and the noise offsets (Python ints: the index of each tensor's
     first element in its whole tensor)."""
-    kernel = _cpu_kernel(torch.uint8)
+    return _call(_cpu_kernel(torch.uint8), lists, scalars, maximize, log, check_only)
+
+
+def _call(kernel, lists, scalars: tuple, maximize, log, check_only: bool) -> bool:
     if kernel is None:
         return False
+    # The kernel reads the tensors from these lists itself and reports in `outcome`.
     roles, outcome = tuple(lists), [False]
     kernel(
         id(roles), _TENSOR_TYPES[0], _TENSOR_TYPES[1], id(outcome), *scalars,

@@ -95,8 +95,7 @@ inline float sign_times(float x, float y) {
     return float_of((bits_of(1.0f) | (bits_of(x) & kSignBit)) & nonzero) * y;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ANO_NO_INTRINSICS) && \
-    !defined(ANO_CODES)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ANO_NO_INTRINSICS)
 #define ANO_AVX512 1
 
 // The same loop by hand for AVX-512, 16 elements at a time, with the same operations in the same
@@ -168,6 +167,46 @@ inline __m512i noise_step(Noise noise) {
     return _mm512_set1_epi32(static_cast<int>((16u * noise.multiplier) & 0xFFFFu));
 }
 
+// The scalars of the update, broadcast once per block.
+struct Scalars {
+    __m512 weight, one_minus_beta2, eps_c, step_size, decay, inv_scale;
+
+    Scalars(float weight_, float one_minus_beta2_, float eps_c_, float step_size_, float decay_,
+            float inv_scale_)
+        : weight(_mm512_set1_ps(weight_)),
+          one_minus_beta2(_mm512_set1_ps(one_minus_beta2_)),
+          eps_c(_mm512_set1_ps(eps_c_)),
+          step_size(_mm512_set1_ps(step_size_)),
+          decay(_mm512_set1_ps(decay_)),
+          inv_scale(_mm512_set1_ps(inv_scale_)) {}
+};
+
+// 16 gradients, unscaled and negated as the flags say.
+template <bool kMaximize, bool kScaled>
+inline __m512 gradient(const float* p, const Scalars& c) {
+    __m512 g = _mm512_loadu_ps(p);
+    if constexpr (kScaled) g = _mm512_mul_ps(g, c.inv_scale);
+    if constexpr (kMaximize)
+        g = _mm512_castsi512_ps(
+            _mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(static_cast<int>(kSignBit))));
+    return g;
+}
+
+// ano_element on 16 lanes: stores the new parameters at param and returns the new moments.
+template <bool kDecayed>
+inline void update(float* param, __m512 g, __m512 m, __m512 v, const Scalars& c, __m512& m_new,
+                   __m512& v_new) {
+    const __m512 p = _mm512_loadu_ps(param);
+    const __m512 g2 = _mm512_mul_ps(g, g);
+    v_new = _mm512_add_ps(
+        v, _mm512_mul_ps(c.one_minus_beta2, _mm512_sub_ps(sign_times(_mm512_sub_ps(g2, v), g2), v)));
+    m_new = _mm512_add_ps(m, _mm512_mul_ps(c.weight, _mm512_sub_ps(g, m)));
+    const __m512 ratio =
+        _mm512_div_ps(_mm512_abs_ps(g), _mm512_add_ps(_mm512_sqrt_ps(v_new), c.eps_c));
+    const __m512 kept = kDecayed ? _mm512_mul_ps(p, c.decay) : p;
+    _mm512_storeu_ps(param, _mm512_sub_ps(kept, sign_times(m_new, _mm512_mul_ps(c.step_size, ratio))));
+}
+
 // Updates elements begin .. end in steps of 16 and returns the first it left.
 template <bool kMaximize, bool kScaled, bool kDecayed, typename State>
 int64_t update_vectors(
@@ -185,13 +224,7 @@ int64_t update_vectors(
     float inv_scale,
     Noise rounding_m,
     Noise rounding_v) {
-    const __m512 weight_v = _mm512_set1_ps(momentum_weight);
-    const __m512 one_minus_beta2_v = _mm512_set1_ps(one_minus_beta2);
-    const __m512 eps_c_v = _mm512_set1_ps(eps_c);
-    const __m512 step_size_v = _mm512_set1_ps(step_size);
-    const __m512 decay_v = _mm512_set1_ps(decay);
-    const __m512 inv_scale_v = _mm512_set1_ps(inv_scale);
-    const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(kSignBit));
+    const Scalars c(momentum_weight, one_minus_beta2, eps_c, step_size, decay, inv_scale);
     // The upper halves of the lanes stay 0, so a 16-bit add steps each lane's noise mod 2**16.
     const __m512i step_m = noise_step(rounding_m);
     const __m512i step_v = noise_step(rounding_v);
@@ -199,23 +232,10 @@ int64_t update_vectors(
     __m512i noise_v = noise_at(begin, rounding_v);
     int64_t i = begin;
     for (; i + 16 <= end; i += 16) {
-        __m512 g = _mm512_loadu_ps(grad + i);
-        if constexpr (kScaled) g = _mm512_mul_ps(g, inv_scale_v);
-        if constexpr (kMaximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
-        const __m512 m = load(exp_avg + i);
-        const __m512 v = load(exp_avg_sq + i);
-        const __m512 p = _mm512_loadu_ps(param + i);
-        const __m512 g2 = _mm512_mul_ps(g, g);
-        const __m512 v_new = _mm512_add_ps(
-            v,
-            _mm512_mul_ps(
-                one_minus_beta2_v, _mm512_sub_ps(sign_times(_mm512_sub_ps(g2, v), g2), v)));
-        const __m512 m_new = _mm512_add_ps(m, _mm512_mul_ps(weight_v, _mm512_sub_ps(g, m)));
-        const __m512 ratio =
-            _mm512_div_ps(_mm512_abs_ps(g), _mm512_add_ps(_mm512_sqrt_ps(v_new), eps_c_v));
-        const __m512 kept = kDecayed ? _mm512_mul_ps(p, decay_v) : p;
-        _mm512_storeu_ps(
-            param + i, _mm512_sub_ps(kept, sign_times(m_new, _mm512_mul_ps(step_size_v, ratio))));
+        __m512 m_new, v_new;
+        update<kDecayed>(
+            param + i, gradient<kMaximize, kScaled>(grad + i, c), load(exp_avg + i),
+            load(exp_avg_sq + i), c, m_new, v_new);
         store(exp_avg + i, m_new, noise_m);
         store(exp_avg_sq + i, v_new, noise_v);
         noise_m = _mm512_add_epi16(noise_m, step_m);
@@ -226,6 +246,21 @@ int64_t update_vectors(
 
 }  // namespace avx512
 #endif
+
+// The update of one element from its gradient g and old values: stores the new parameter and
+// returns the new moments. Every loop here (and update() above, on 16 lanes) runs these
+// operations in this order: the same bits as inductor.py's _ano_math.
+template <bool kDecayed>
+inline void ano_element(float& param, float g, float m, float v, float momentum_weight,
+                        float one_minus_beta2, float eps_c, float step_size, float decay,
+                        float& m_new, float& v_new) {
+    const float g2 = g * g;
+    v_new = v + one_minus_beta2 * (sign_times(g2 - v, g2) - v);
+    m_new = m + momentum_weight * (g - m);
+    const float ratio = std::fabs(g) / (std::sqrt(v_new) + eps_c);
+    const float kept = kDecayed ? param * decay : param;
+    param = kept - sign_times(m_new, step_size * ratio);
+}
 
 #ifndef ANO_CODES
 // The flags are template parameters so that what they switch leaves the loop: as a run-time
@@ -263,15 +298,10 @@ void update_block(
         float g = grad[i];
         if constexpr (kScaled) g = g * inv_scale;
         if constexpr (kMaximize) g = -g;
-        const float m = load(exp_avg, i);
-        const float v = load(exp_avg_sq, i);
-        const float p = param[i];
-        const float g2 = g * g;
-        const float v_new = v + one_minus_beta2 * (sign_times(g2 - v, g2) - v);
-        const float m_new = m + momentum_weight * (g - m);
-        const float ratio = std::fabs(g) / (std::sqrt(v_new) + eps_c);
-        const float kept = kDecayed ? p * decay : p;
-        param[i] = kept - sign_times(m_new, step_size * ratio);
+        float m_new, v_new;
+        ano_element<kDecayed>(
+            param[i], g, load(exp_avg, i), load(exp_avg_sq, i), momentum_weight, one_minus_beta2,
+            eps_c, step_size, decay, m_new, v_new);
         store(exp_avg, i, m_new, noise_m & 0xFFFFu);
         store(exp_avg_sq, i, v_new, noise_v & 0xFFFFu);
         noise_m += rounding_m.multiplier;
@@ -316,8 +346,7 @@ inline uint8_t encode_unsigned(float unit, uint32_t noise) {
 // non-negative floats, with NaN above infinity, as torch's amax propagates NaN.
 inline uint32_t larger_magnitude(uint32_t a, float x) { return std::max(a, bits_of(x) & 0x7FFFFFFFu); }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ANO_NO_INTRINSICS)
-#define ANO_CODES_AVX512 1
+#ifdef ANO_AVX512
 // The two loops of update_block below, 16 elements at a time, with the same operations.
 namespace avx512_codes {
 
@@ -362,14 +391,6 @@ inline void encode_unsigned(uint8_t* p, __m512 unit, __m512i noise) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(code));
 }
 
-inline __m512 sign_times(__m512 x, __m512 y) {
-    const __mmask16 nonzero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-    const __m512i signed_one = _mm512_maskz_ternarylogic_epi32(
-        nonzero, _mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(kSignBit)),
-        _mm512_set1_epi32(static_cast<int>(bits_of(1.0f))), 0xEA);
-    return _mm512_mul_ps(_mm512_castsi512_ps(signed_one), y);
-}
-
 }  // namespace avx512_codes
 #endif
 
@@ -411,40 +432,23 @@ void update_block(
         const float m_scale = exp_avg_scale[b], v_scale = exp_avg_sq_scale[b];
         uint32_t m_max = 0, v_max = 0;
         int64_t j = 0;
-#ifdef ANO_CODES_AVX512
+#ifdef ANO_AVX512
         {
             namespace v8 = avx512_codes;
-            const __m512 weight_v = _mm512_set1_ps(momentum_weight);
-            const __m512 one_minus_beta2_v = _mm512_set1_ps(one_minus_beta2);
-            const __m512 eps_c_v = _mm512_set1_ps(eps_c);
-            const __m512 step_size_v = _mm512_set1_ps(step_size);
-            const __m512 decay_v = _mm512_set1_ps(decay);
-            const __m512 inv_scale_v = _mm512_set1_ps(inv_scale);
+            const avx512::Scalars c(
+                momentum_weight, one_minus_beta2, eps_c, step_size, decay, inv_scale);
             const __m512 m_scale_v = _mm512_set1_ps(m_scale);
             const __m512 v_scale_v = _mm512_set1_ps(v_scale);
-            const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(kSignBit));
             const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
             __m512i m_max_v = _mm512_setzero_si512(), v_max_v = _mm512_setzero_si512();
             for (; j + 16 <= n; j += 16) {
                 const int64_t i = first + j;
-                __m512 g = _mm512_loadu_ps(grad + i);
-                if constexpr (kScaled) g = _mm512_mul_ps(g, inv_scale_v);
-                if constexpr (kMaximize)
-                    g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
-                const __m512 m = _mm512_mul_ps(v8::decode_signed(exp_avg + i), m_scale_v);
-                const __m512 v = _mm512_mul_ps(v8::decode_unsigned(exp_avg_sq + i), v_scale_v);
-                const __m512 p = _mm512_loadu_ps(param + i);
-                const __m512 g2 = _mm512_mul_ps(g, g);
-                const __m512 v_new = _mm512_add_ps(
-                    v, _mm512_mul_ps(one_minus_beta2_v,
-                                     _mm512_sub_ps(v8::sign_times(_mm512_sub_ps(g2, v), g2), v)));
-                const __m512 m_new = _mm512_add_ps(m, _mm512_mul_ps(weight_v, _mm512_sub_ps(g, m)));
-                const __m512 ratio = _mm512_div_ps(
-                    _mm512_abs_ps(g), _mm512_add_ps(_mm512_sqrt_ps(v_new), eps_c_v));
-                const __m512 kept = kDecayed ? _mm512_mul_ps(p, decay_v) : p;
-                _mm512_storeu_ps(
-                    param + i,
-                    _mm512_sub_ps(kept, v8::sign_times(m_new, _mm512_mul_ps(step_size_v, ratio))));
+                __m512 m_new, v_new;
+                avx512::update<kDecayed>(
+                    param + i, avx512::gradient<kMaximize, kScaled>(grad + i, c),
+                    _mm512_mul_ps(v8::decode_signed(exp_avg + i), m_scale_v),
+                    _mm512_mul_ps(v8::decode_unsigned(exp_avg_sq + i), v_scale_v), c, m_new,
+                    v_new);
                 _mm512_store_ps(m_block + j, m_new);
                 _mm512_store_ps(v_block + j, v_new);
                 m_max_v = _mm512_max_epu32(m_max_v, _mm512_and_si512(_mm512_castps_si512(m_new), magnitude));
@@ -459,15 +463,11 @@ void update_block(
             float g = grad[i];
             if constexpr (kScaled) g = g * inv_scale;
             if constexpr (kMaximize) g = -g;
-            const float m = decode_signed(exp_avg[i]) * m_scale;
-            const float v = decode_unsigned(exp_avg_sq[i]) * v_scale;
-            const float p = param[i];
-            const float g2 = g * g;
-            const float v_new = v + one_minus_beta2 * (sign_times(g2 - v, g2) - v);
-            const float m_new = m + momentum_weight * (g - m);
-            const float ratio = std::fabs(g) / (std::sqrt(v_new) + eps_c);
-            const float kept = kDecayed ? p * decay : p;
-            param[i] = kept - sign_times(m_new, step_size * ratio);
+            float m_new, v_new;
+            ano_element<kDecayed>(
+                param[i], g, decode_signed(exp_avg[i]) * m_scale,
+                decode_unsigned(exp_avg_sq[i]) * v_scale, momentum_weight, one_minus_beta2, eps_c,
+                step_size, decay, m_new, v_new);
             m_block[j] = m_new;
             v_block[j] = v_new;
             m_max = larger_magnitude(m_max, m_new);
@@ -482,7 +482,7 @@ void update_block(
         const uint32_t noise_first =
             static_cast<uint32_t>(noise_offset + first) * rounding_v.multiplier + rounding_v.offset;
         j = 0;
-#ifdef ANO_CODES_AVX512
+#ifdef ANO_AVX512
         {
             const __m512 m_inverse_v = _mm512_set1_ps(m_inverse);
             const __m512 v_inverse_v = _mm512_set1_ps(v_inverse);
