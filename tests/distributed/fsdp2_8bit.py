@@ -11,15 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from dcp import load_checkpoint, save_checkpoint
 from dist_common import finish, loss_fn, save_result
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -107,24 +101,12 @@ def main() -> None:
         checkpoint = str(args.out / f"checkpoint-8bit-{path}")
         model, optimizer = sharded(path)
         train(model, optimizer, range(args.save_at))
-        dcp.save(
-            {
-                "model": get_model_state_dict(model),
-                "optimizer": get_optimizer_state_dict(model, optimizer),
-            },
-            checkpoint_id=checkpoint,
-        )
+        save_checkpoint(model, optimizer, checkpoint)
         train(model, optimizer, range(args.save_at, args.steps))
         uninterrupted = full(model)
 
         model, optimizer = sharded(path)
-        state = {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-        }
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        load_checkpoint(model, optimizer, checkpoint)
         info["resumed_codes_dtype"] = str(optimizer.state[model[0].weight]["exp_avg"].dtype)
         train(model, optimizer, range(args.save_at, args.steps))
         resumed = full(model)
