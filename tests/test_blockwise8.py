@@ -149,11 +149,22 @@ def test_eager_fused_and_portable_kernels_write_the_same_state(options):
     """The same gradients (independent of the parameters) through the eager 8-bit path, the
     fused C++ kernel (AVX-512 where built with it) and its portable loop: the codes and scales
     are equal bit for bit at every step; parameters agree to float32 rounding (the eager
-    arithmetic rounds a few results differently, by at most an ulp per step)."""
+    arithmetic rounds a few results differently, by at most an ulp per step). The gradients
+    span ~8 decades within a block (subnormal codes), and one tensor's are large enough for
+    exp_avg_sq's scales to pass 2**32, where the kernel decodes with two multiplies instead of
+    one; rows of 64, 300, 576 and 1000 values leave every kind of partial block."""
     gen = torch.Generator().manual_seed(1)
     shapes = [(300, 64), (70, 300), (64, 64, 3, 3), (5, 1000)]
+    sizes = [1.0, 1e5, 1.0, 1e-3]
     start = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [[torch.randn(s, generator=gen) * (k + 1) for s in shapes] for k in range(5)]
+    grads = [
+        [size * (k + 1) * heterogeneous(torch.Size(s).numel(), seed=10 * k + i).view(s)
+         for i, (s, size) in enumerate(zip(shapes, sizes, strict=True))]
+        for k in range(5)
+    ]  # fmt: skip
+    for step_grads in grads:  # a few values ~1e-10 of their block's: subnormal codes
+        for g in step_grads:
+            g.view(-1)[::97] *= 1e-10
     runs = {}
     for name, kernel, fused in (
         ("eager", "group", False),
@@ -196,6 +207,11 @@ def test_eager_fused_and_portable_kernels_write_the_same_state(options):
                 torch.testing.assert_close(a["param"], b["param"], rtol=1e-6, atol=1e-7)
     for a, b in zip(runs["fused"][-1], runs["portable"][-1], strict=True):
         assert torch.equal(a["param"], b["param"])  # the two C++ loops: the same bits
+    last = runs["eager"][-1]
+    assert last[1]["exp_avg_sq_scale"].max() >= 2.0**32  # the two-multiply decode ran
+    for key, subnormal in (("exp_avg", 4), ("exp_avg_sq", 8)):  # codes of exponent 0
+        codes = [state[key].int() & (0x7F if key == "exp_avg" else 0xFF) for state in last]
+        assert any(((c > 0) & (c < subnormal)).any() for c in codes), key
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])

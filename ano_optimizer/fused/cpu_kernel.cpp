@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -143,13 +144,13 @@ inline void store(uint16_t* p, __m512 x, __m512i noise) {
         _mm512_castsi512_si256(_mm512_permutexvar_epi16(narrow, rounded)));
 }
 
+// torch.sign(x) in one instruction: vfixupimmps replaces each x by the token its class picks
+// from the table, 4 bits per class (NaN 0, signalling NaN 1, zero 2, +1.0 3, -inf 4, +inf 5,
+// negative 6, positive 7): tokens 8 (+0.0), 9 (-1.0) and 10 (+1.0). (With MXCSR's
+// denormals-are-zero set, a subnormal x counts as zero, as the ordered compare counts it.)
 inline __m512 sign_times(__m512 x, __m512 y) {
-    const __mmask16 nonzero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-    // (x & sign bit) | bits of 1.0, zeroed where x is 0 or NaN; 0xEA is (A & B) | C.
-    const __m512i signed_one = _mm512_maskz_ternarylogic_epi32(
-        nonzero, _mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(kSignBit)),
-        _mm512_set1_epi32(static_cast<int>(bits_of(1.0f))), 0xEA);
-    return _mm512_mul_ps(_mm512_castsi512_ps(signed_one), y);
+    const __m512i table = _mm512_set1_epi32(static_cast<int>(0xA9A9A888u));
+    return _mm512_mul_ps(_mm512_fixupimm_ps(_mm512_setzero_ps(), x, table, 0), y);
 }
 
 // The noise of elements i .. i + 15, (index * A + B) mod 2**16, one per 32-bit lane.
@@ -318,6 +319,8 @@ void update_block(
 constexpr int64_t kCodeBlock = 256;
 constexpr float kRescale = 0x1p96f;
 constexpr float kUnscale = 0x1p-96f;
+// How far ahead of its use the 8-bit loop fetches an operand, in elements.
+constexpr int64_t kPrefetch = 1024;
 
 inline float decode_signed(uint8_t code) {
     const uint32_t c = code;
@@ -347,48 +350,76 @@ inline uint8_t encode_unsigned(float unit, uint32_t noise) {
 inline uint32_t larger_magnitude(uint32_t a, float x) { return std::max(a, bits_of(x) & 0x7FFFFFFFu); }
 
 #ifdef ANO_AVX512
-// The two loops of update_block below, 16 elements at a time, with the same operations.
+// The two loops of update_block below, 16 elements at a time (encoding: 64), with the same
+// results as the scalar code.
 namespace avx512_codes {
 
-inline __m512i widen(const uint8_t* p) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// A code's bits in the float32 lanes of 16 codes: exp_avg's sign-extended byte shifted left by
+// 21 keeps bit 7 at bit 28 and above, of which the mask keeps the sign bit.
+inline __m512 tiny_signed(const uint8_t* p) {
+    const __m512i code = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_slli_epi32(code, 21), _mm512_set1_epi32(static_cast<int>(0x8FE00000u))));
 }
 
-inline __m512 decode_signed(const uint8_t* p) {
-    const __m512i code = widen(p);
-    // (code << 24) at the sign bit, (code << 21) without the code's bit 7 elsewhere; 0xE4 is
-    // C ? A : B.
-    const __m512i bits = _mm512_ternarylogic_epi32(
-        _mm512_slli_epi32(code, 24), _mm512_and_si512(_mm512_slli_epi32(code, 21), _mm512_set1_epi32(0x0FE00000)),
-        _mm512_set1_epi32(static_cast<int>(kSignBit)), 0xE4);
-    return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(kRescale));
+inline __m512 tiny_unsigned(const uint8_t* p) {
+    const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(code, 20));
 }
 
-inline __m512 decode_unsigned(const uint8_t* p) {
-    return _mm512_mul_ps(
-        _mm512_castsi512_ps(_mm512_slli_epi32(widen(p), 20)), _mm512_set1_ps(kRescale));
+// Bytes of four vectors packed by vpackusdw and vpack[us]swb lie in each 128-bit lane as
+// (a, b, c, d) x 4 elements; this dword permutation puts a's 16 first, then b's, c's and d's.
+inline __m512i in_order(__m512i packed) {
+    const __m512i index = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_epi32(index, packed);
 }
 
-inline void encode_signed(uint8_t* p, __m512 unit) {
-    const __m512i bits = _mm512_castps_si512(unit);
-    const __m512i magnitude = _mm512_min_epu32(
-        _mm512_srli_epi32(
+// encode_signed of 64 units: the rounded magnitudes (at most 2**10) packed to bytes with signed
+// saturation, which is the min with 127, then the sign bits set.
+inline void encode_signed(uint8_t* p, const __m512 unit[4]) {
+    __m512i magnitude[4];
+    __mmask16 sign[4];
+    for (int q = 0; q < 4; ++q) {
+        const __m512i bits = _mm512_castps_si512(unit[q]);
+        magnitude[q] = _mm512_srli_epi32(
             _mm512_add_epi32(
                 _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x8000 << 5)),
-            21),
-        _mm512_set1_epi32(127));
-    // magnitude | ((bits >> 24) & 0x80); 0xF8 is A | (B & C).
-    const __m512i code = _mm512_ternarylogic_epi32(
-        magnitude, _mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80), 0xF8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(code));
+            21);
+        sign[q] = _mm512_movepi32_mask(bits);
+    }
+    const __m512i codes = in_order(_mm512_packs_epi16(
+        _mm512_packus_epi32(magnitude[0], magnitude[1]), _mm512_packus_epi32(magnitude[2], magnitude[3])));
+    const __mmask64 negative =
+        _mm512_kunpackd(_mm512_kunpackw(sign[3], sign[2]), _mm512_kunpackw(sign[1], sign[0]));
+    // The magnitudes' bit 7 is 0: adding 0x80 sets it.
+    _mm512_storeu_si512(
+        p, _mm512_mask_add_epi8(codes, negative, codes, _mm512_set1_epi8(static_cast<char>(0x80))));
 }
 
-inline void encode_unsigned(uint8_t* p, __m512 unit, __m512i noise) {
-    const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(unit), _mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i code = _mm512_min_epu32(
-        _mm512_srli_epi32(_mm512_add_epi32(magnitude, _mm512_slli_epi32(noise, 4)), 20),
-        _mm512_set1_epi32(255));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(code));
+// encode_unsigned of 64 units, noise4 the noise of each shifted left by 4: packed to bytes with
+// unsigned saturation, which is the min with 255.
+inline void encode_unsigned(uint8_t* p, const __m512 unit[4], const __m512i noise4[4]) {
+    __m512i code[4];
+    for (int q = 0; q < 4; ++q)
+        code[q] = _mm512_srli_epi32(
+            _mm512_add_epi32(
+                _mm512_and_si512(_mm512_castps_si512(unit[q]), _mm512_set1_epi32(0x7FFFFFFF)), noise4[q]),
+            20);
+    _mm512_storeu_si512(p, in_order(_mm512_packus_epi16(
+        _mm512_packus_epi32(code[0], code[1]), _mm512_packus_epi32(code[2], code[3]))));
+}
+
+// The largest lanes of m and v (unsigned), reduced together: (m's, v's).
+inline std::pair<uint32_t, uint32_t> reduce_max(__m512i m, __m512i v) {
+    // 128-bit lanes (m0, m1, v0, v1) against (m2, m3, v2, v3), then within one vector.
+    __m512i x = _mm512_max_epu32(
+        _mm512_shuffle_i64x2(m, v, 0x44), _mm512_shuffle_i64x2(m, v, 0xEE));
+    x = _mm512_max_epu32(x, _mm512_shuffle_i64x2(x, x, 0xB1));
+    x = _mm512_max_epu32(x, _mm512_shuffle_epi32(x, _MM_PERM_BADC));
+    x = _mm512_max_epu32(x, _mm512_shuffle_epi32(x, _MM_PERM_CDAB));
+    alignas(64) uint32_t lanes[16];
+    _mm512_store_si512(lanes, x);
+    return {lanes[0], lanes[8]};
 }
 
 }  // namespace avx512_codes
@@ -397,6 +428,10 @@ inline void encode_unsigned(uint8_t* p, __m512 unit, __m512i noise) {
 // update_block for 8-bit moments: per block of kCodeBlock elements, decode, update as above
 // (the same arithmetic), keep the new moments in float32 while the block's new scales are
 // found, then encode them. begin is a multiple of kCodeBlock.
+//
+// A decoded value is (tiny * 2**96) * scale, with tiny the code's bits as a float32. While
+// scale * 2**96 is finite, tiny * (scale * 2**96) is the same real product rounded once, so the
+// same float: one multiply per value instead of two.
 template <bool kMaximize, bool kScaled, bool kDecayed>
 void update_block(
     float* __restrict__ param,
@@ -422,6 +457,14 @@ void update_block(
     const float step_size = lr * correction;
     alignas(64) float m_block[kCodeBlock];
     alignas(64) float v_block[kCodeBlock];
+#ifdef ANO_AVX512
+    const avx512::Scalars c(momentum_weight, one_minus_beta2, eps_c, step_size, decay, inv_scale);
+    // The noise of lanes 0 .. 15 past a vector's first element, and what 16 elements add.
+    const __m512i lane_noise = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int>(rounding_v.multiplier)));
+    const uint32_t noise_step = 16u * rounding_v.multiplier;
+#endif
     // Rows begin .. end of the tensor, as (rows, cols); a block never crosses a row.
     const int64_t row_blocks = (cols + kCodeBlock - 1) / kCodeBlock;
     for (int64_t row = begin / cols; row * cols < end; ++row)
@@ -435,27 +478,44 @@ void update_block(
 #ifdef ANO_AVX512
         {
             namespace v8 = avx512_codes;
-            const avx512::Scalars c(
-                momentum_weight, one_minus_beta2, eps_c, step_size, decay, inv_scale);
-            const __m512 m_scale_v = _mm512_set1_ps(m_scale);
-            const __m512 v_scale_v = _mm512_set1_ps(v_scale);
-            const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
             __m512i m_max_v = _mm512_setzero_si512(), v_max_v = _mm512_setzero_si512();
-            for (; j + 16 <= n; j += 16) {
-                const int64_t i = first + j;
-                __m512 m_new, v_new;
-                avx512::update<kDecayed>(
-                    param + i, avx512::gradient<kMaximize, kScaled>(grad + i, c),
-                    _mm512_mul_ps(v8::decode_signed(exp_avg + i), m_scale_v),
-                    _mm512_mul_ps(v8::decode_unsigned(exp_avg_sq + i), v_scale_v), c, m_new,
-                    v_new);
-                _mm512_store_ps(m_block + j, m_new);
-                _mm512_store_ps(v_block + j, v_new);
-                m_max_v = _mm512_max_epu32(m_max_v, _mm512_and_si512(_mm512_castps_si512(m_new), magnitude));
-                v_max_v = _mm512_max_epu32(v_max_v, _mm512_and_si512(_mm512_castps_si512(v_new), magnitude));
-            }
-            m_max = _mm512_reduce_max_epu32(m_max_v);
-            v_max = _mm512_reduce_max_epu32(v_max_v);
+            const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+            // kFolded: one multiply by scale * 2**96 (see above), else two.
+            const auto decode = [&](auto folded) {
+                constexpr bool kFolded = decltype(folded)::value;
+                const __m512 m_by = _mm512_set1_ps(kFolded ? m_scale * kRescale : m_scale);
+                const __m512 v_by = _mm512_set1_ps(kFolded ? v_scale * kRescale : v_scale);
+                const __m512 rescale = _mm512_set1_ps(kRescale);
+                const auto scaled = [&](__m512 tiny, __m512 by) {
+                    return kFolded ? _mm512_mul_ps(tiny, by) : _mm512_mul_ps(_mm512_mul_ps(tiny, rescale), by);
+                };
+                for (; j + 16 <= n; j += 16) {
+                    const int64_t i = first + j;
+                    // The out-of-order window, full of this loop's arithmetic, holds few
+                    // loads in flight: fetch the operands of later blocks now.
+                    _mm_prefetch(reinterpret_cast<const char*>(grad + i + kPrefetch), _MM_HINT_T0);
+                    _mm_prefetch(reinterpret_cast<const char*>(param + i + kPrefetch), _MM_HINT_T0);
+                    if ((j & 63) == 0) {
+                        _mm_prefetch(reinterpret_cast<const char*>(exp_avg + i + kPrefetch), _MM_HINT_T0);
+                        _mm_prefetch(reinterpret_cast<const char*>(exp_avg_sq + i + kPrefetch), _MM_HINT_T0);
+                    }
+                    __m512 m_new, v_new;
+                    avx512::update<kDecayed>(
+                        param + i, avx512::gradient<kMaximize, kScaled>(grad + i, c),
+                        scaled(v8::tiny_signed(exp_avg + i), m_by),
+                        scaled(v8::tiny_unsigned(exp_avg_sq + i), v_by), c, m_new, v_new);
+                    _mm512_store_ps(m_block + j, m_new);
+                    _mm512_store_ps(v_block + j, v_new);
+                    m_max_v = _mm512_max_epu32(m_max_v, _mm512_and_si512(_mm512_castps_si512(m_new), magnitude));
+                    v_max_v = _mm512_max_epu32(v_max_v, _mm512_and_si512(_mm512_castps_si512(v_new), magnitude));
+                }
+            };
+            // NaN compares false: folded, as NaN either way.
+            if (m_scale >= 0x1p32f || v_scale >= 0x1p32f)
+                decode(std::false_type{});
+            else
+                decode(std::true_type{});
+            std::tie(m_max, v_max) = v8::reduce_max(m_max_v, v_max_v);
         }
 #endif
         for (; j < n; ++j) {
@@ -487,21 +547,23 @@ void update_block(
             const __m512 m_inverse_v = _mm512_set1_ps(m_inverse);
             const __m512 v_inverse_v = _mm512_set1_ps(v_inverse);
             const __m512 unscale = _mm512_set1_ps(kUnscale);
-            const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            const __m512i multiplier = _mm512_set1_epi32(static_cast<int>(rounding_v.multiplier));
-            const __m512i low16 = _mm512_set1_epi32(0xFFFF);
-            __m512i lane_noise = _mm512_add_epi32(
-                _mm512_set1_epi32(static_cast<int>(noise_first)), _mm512_mullo_epi32(lanes, multiplier));
-            const __m512i noise_step = _mm512_set1_epi32(static_cast<int>(16u * rounding_v.multiplier));
-            for (; j + 16 <= n; j += 16) {
-                avx512_codes::encode_signed(
-                    exp_avg + first + j,
-                    _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(m_block + j), m_inverse_v), unscale));
-                avx512_codes::encode_unsigned(
-                    exp_avg_sq + first + j,
-                    _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(v_block + j), v_inverse_v), unscale),
-                    _mm512_and_si512(lane_noise, low16));
-                lane_noise = _mm512_add_epi32(lane_noise, noise_step);
+            // The noise shifted left by 4 as encode_unsigned adds it: (noise << 4) mod 2**20 is
+            // (noise mod 2**16) << 4, so a uint32 counter stepped by the shifted step serves.
+            __m512i noise4 = _mm512_slli_epi32(
+                _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(noise_first)), lane_noise), 4);
+            const __m512i step4 = _mm512_set1_epi32(static_cast<int>(noise_step << 4));
+            const __m512i low20 = _mm512_set1_epi32(0xFFFF0);
+            for (; j + 64 <= n; j += 64) {
+                __m512 m_unit[4], v_unit[4];
+                __m512i v_noise[4];
+                for (int q = 0; q < 4; ++q) {
+                    m_unit[q] = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(m_block + j + 16 * q), m_inverse_v), unscale);
+                    v_unit[q] = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(v_block + j + 16 * q), v_inverse_v), unscale);
+                    v_noise[q] = _mm512_and_si512(noise4, low20);
+                    noise4 = _mm512_add_epi32(noise4, step4);
+                }
+                avx512_codes::encode_signed(exp_avg + first + j, m_unit);
+                avx512_codes::encode_unsigned(exp_avg_sq + first + j, v_unit, v_noise);
             }
         }
 #endif
