@@ -87,7 +87,7 @@ class CopyFloor:
 
     def __init__(self, params, state_dtype: torch.dtype = torch.float32):
         self.numel = sum(p.numel() for p in params)
-        state_type = cpu._CPU_STATE_TYPES[state_dtype]
+        state_type = {**cpu._CPU_STATE_TYPES, torch.uint8: "uint8_t"}[state_dtype]
         self.kernel = build_cpu_kernel(
             (Path(__file__).parent / "copy_floor.cpp").read_text(),
             ["float*", "const float*", f"{state_type}*", f"{state_type}*", "int64_t", "int64_t"],

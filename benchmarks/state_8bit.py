@@ -8,7 +8,9 @@ For each parameter set (fp32 parameters of the real model's shapes): the bytes o
 state and for ``AdamW`` and torchao's ``AdamW8bit`` (where torchao imports), with their ratio
 to float32-state Ano; then, in one process, fused Ano with float32 and 8-bit state and
 ``AdamW(fused=True)``, each stepped once per round with the rounds interleaved, as median time
-and median per-round ratio to ``AdamW(fused=True)``. The quantizer row times quantizing 1 M
+and median per-round ratio to ``AdamW(fused=True)``, with the bandwidth floors of both kinds of
+state in the same rounds (``copy_floor.cpp``: the same bytes read and written, no arithmetic)
+and the 8-bit step's ratio to its own. The quantizer row times quantizing 1 M
 float32 values the way each format does on the CPU: this project's bit-cut
 (:func:`ano_optimizer.blockwise8.quantize`) and torchao's dynamic-map binary search. Last, the formats' error against float32 state on a
 synthetic gradient sequence (:func:`format_errors`): this project's choice of rounding, the
@@ -27,6 +29,7 @@ import time
 import torch
 
 from ano_optimizer import Ano, blockwise8, rounding
+from benchmarks.fused_step import CopyFloor, paired_ratio
 from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 
@@ -75,6 +78,10 @@ def saved_sizes(shapes) -> dict[str, int]:
     return sizes
 
 
+FLOOR_8BIT = "bandwidth floor (copy, 8-bit codes)"
+FLOOR_FP32 = "bandwidth floor (copy, float32 state)"
+
+
 def step_times(shapes, rounds: int) -> dict[str, list[float]]:
     rows = {
         "Ano fused, float32 state": lambda ps: Ano(ps, lr=1e-4, fused=True),
@@ -82,10 +89,15 @@ def step_times(shapes, rounds: int) -> dict[str, list[float]]:
         "AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
     }
     optimizers = {label: make(make_params(shapes)) for label, make in rows.items()}
+    # The memory traffic of each step with no arithmetic: 28 bytes per parameter as AdamW's
+    # and float32-state Ano's, 16 as 8-bit state's (the floors need only the sizes).
+    sizes = [torch.empty(s, device="meta") for s in shapes]
+    optimizers[FLOOR_FP32] = CopyFloor(sizes)
+    optimizers[FLOOR_8BIT] = CopyFloor(sizes, torch.uint8)
     for optimizer in optimizers.values():
         optimizer.step()
         optimizer.step()
-    times: dict[str, list[float]] = {label: [] for label in rows}
+    times: dict[str, list[float]] = {label: [] for label in optimizers}
     for _ in range(rounds):
         for label, optimizer in optimizers.items():
             start = time.perf_counter()
@@ -220,14 +232,19 @@ def main(argv=None) -> None:
         )
         rows = {}
         for label, samples in times.items():
-            ratio = statistics.median(a / b for a, b in zip(samples, adamw, strict=True))
+            ratio = paired_ratio(samples, adamw)
             rows[label] = {"median_ms": statistics.median(samples) * 1e3, "ratio_to_adamw": ratio}
             print(f"  {label:38s} {rows[label]['median_ms']:8.1f} {ratio:18.3f}", flush=True)
+        over_floor = paired_ratio(times["Ano fused, 8-bit state"], times[FLOOR_8BIT])
+        floor_gb_s = 16 * count / statistics.median(times[FLOOR_8BIT]) / 1e9
+        print(f"  8-bit step / its floor: {over_floor:.3f} (the floor moved {floor_gb_s:.1f} GB/s)")
         report["sets"][name] = {
             "parameters": count,
             "saved_bytes": sizes,
             "saved_ratio_to_fp32_ano": {k: v / base for k, v in sizes.items()},
             "step": rows,
+            "8bit_step_over_its_floor": over_floor,
+            "floor_8bit_gb_s": floor_gb_s,
         }
     quantizers = quantizer_times()
     print("\n  quantizing 1 M float32 values (median)")

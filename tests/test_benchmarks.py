@@ -14,7 +14,7 @@ from benchmarks.step_time import make_params
 SHAPES = [(300,), (17, 5), (1,)]
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
 def test_copy_floor_reads_four_buffers_and_writes_three(state_dtype):
     floor = CopyFloor(make_params(SHAPES), state_dtype)
     before = [b.clone() for b in floor.buffers]
@@ -24,6 +24,9 @@ def test_copy_floor_reads_four_buffers_and_writes_three(state_dtype):
     torch.testing.assert_close(param, before[0] + before[1])
     assert torch.equal(grad, before[1])
     for after, start in ((exp_avg, before[2]), (exp_avg_sq, before[3])):
+        if state_dtype == torch.uint8:  # a code: one added
+            assert torch.equal(after, start + 1)
+            continue
         expected = (start.float() + before[1]).to(state_dtype)  # bf16: truncated, not rounded
         assert after.dtype == state_dtype
         assert (after.float() - expected.float()).abs().max() <= 2.0**-7
