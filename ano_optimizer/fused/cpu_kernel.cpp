@@ -96,7 +96,7 @@ inline float sign_times(float x, float y) {
     return float_of((bits_of(1.0f) | (bits_of(x) & kSignBit)) & nonzero) * y;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ANO_NO_INTRINSICS)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && !defined(ANO_NO_INTRINSICS)
 #define ANO_AVX512 1
 
 // The same loop by hand for AVX-512, 16 elements at a time, with the same operations in the same
