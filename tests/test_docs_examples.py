@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,11 +46,22 @@ def python_blocks(text: str, page: str) -> list[dict]:
     ]
 
 
-def run_blocks(blocks: list[dict], timeout: float = 120) -> subprocess.CompletedProcess:
+def run_blocks(
+    blocks: list[dict], timeout: float = 120, temp_dir: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``blocks`` in a fresh process; with ``temp_dir``, its temporary directory (what an
+    example leaves there, as Stable-Baselines3's default logger does, goes to pytest's) but
+    Inductor's compiled-kernel cache where it was."""
+    env = None
+    if temp_dir is not None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        env = {**os.environ, "TMPDIR": str(temp_dir), "TORCHINDUCTOR_CACHE_DIR": cache_dir()}
     return subprocess.run(
         [sys.executable, "-c", _RUNNER],
         input=json.dumps(blocks),
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -62,9 +74,9 @@ def _pages_with_code() -> list[Path]:
 
 
 @pytest.mark.parametrize("page", _pages_with_code(), ids=lambda p: p.name)
-def test_page_examples_run(page: Path) -> None:
+def test_page_examples_run(page: Path, tmp_path: Path) -> None:
     blocks = python_blocks(page.read_text(encoding="utf-8"), f"docs/{page.name}")
-    result = run_blocks(blocks)
+    result = run_blocks(blocks, temp_dir=tmp_path)
     assert result.returncode == 0, (
         f"a python example in docs/{page.name} failed:\n{result.stdout}\n{result.stderr}"
     )

@@ -14,21 +14,31 @@ import torch
 from ano_optimizer import Ano, Anolog
 
 sb3 = pytest.importorskip("stable_baselines3")
+from stable_baselines3.common.logger import Logger  # noqa: E402
+
+
+def _silent(model):
+    """``model`` logging nowhere: SB3's default logger makes a folder in the temporary
+    directory for every model that trains."""
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def _ppo(seed: int = 0):
-    return sb3.PPO(
-        "MlpPolicy",
-        "CartPole-v1",
-        learning_rate=3e-4,
-        n_steps=128,
-        batch_size=64,
-        n_epochs=2,
-        seed=seed,
-        device="cpu",
-        policy_kwargs=dict(
-            optimizer_class=Ano, optimizer_kwargs=dict(betas=(0.92, 0.99), eps=1e-8)
-        ),
+    return _silent(
+        sb3.PPO(
+            "MlpPolicy",
+            "CartPole-v1",
+            learning_rate=3e-4,
+            n_steps=128,
+            batch_size=64,
+            n_epochs=2,
+            seed=seed,
+            device="cpu",
+            policy_kwargs=dict(
+                optimizer_class=Ano, optimizer_kwargs=dict(betas=(0.92, 0.99), eps=1e-8)
+            ),
+        )
     )
 
 
@@ -47,7 +57,9 @@ def test_ppo_trains_with_ano_and_its_state_survives_save_and_load_in_a_fresh_pro
     code = f"""
 import json, torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.logger import Logger
 model = PPO.load({str(tmp_path / "ppo.zip")!r}, device="cpu")
+model.set_logger(Logger(folder=None, output_formats=[]))
 expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
 loaded = model.policy.optimizer.state_dict()
 same = all(
@@ -87,14 +99,16 @@ def test_the_same_seed_gives_the_same_policy():
 
 
 def test_sac_actor_and_critic_take_anolog():
-    model = sb3.SAC(
-        "MlpPolicy",
-        "Pendulum-v1",
-        learning_starts=32,
-        batch_size=32,
-        seed=0,
-        device="cpu",
-        policy_kwargs=dict(optimizer_class=Anolog, optimizer_kwargs=dict(weight_decay=0.0)),
+    model = _silent(
+        sb3.SAC(
+            "MlpPolicy",
+            "Pendulum-v1",
+            learning_starts=32,
+            batch_size=32,
+            seed=0,
+            device="cpu",
+            policy_kwargs=dict(optimizer_class=Anolog, optimizer_kwargs=dict(weight_decay=0.0)),
+        )
     )
     model.learn(total_timesteps=64)
     for optimizer in (model.actor.optimizer, model.critic.optimizer):
