@@ -174,10 +174,10 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
-def floor_gb_s(numel: int, ms: float) -> float:
-    """The bandwidth of a float32-state floor step over ``numel`` parameters (28 bytes each)
-    that took ``ms`` milliseconds."""
-    return 28 * numel / ms / 1e6
+def floor_gb_s(numel: int, ms: float, bytes_per_parameter: int = 28) -> float:
+    """The bandwidth of a floor step over ``numel`` parameters that took ``ms`` milliseconds:
+    28 bytes each with float32 state, 16 with 8-bit codes."""
+    return bytes_per_parameter * numel / ms / 1e6
 
 
 def fast_rounds(floor_ms: list[float], numel: int, gb_s: float) -> list[int]:

@@ -29,7 +29,7 @@ import time
 import torch
 
 from ano_optimizer import Ano, blockwise8, rounding
-from benchmarks.fused_step import CopyFloor, paired_ratio
+from benchmarks.fused_step import CopyFloor, floor_gb_s, paired_ratio
 from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 
@@ -236,15 +236,15 @@ def main(argv=None) -> None:
             rows[label] = {"median_ms": statistics.median(samples) * 1e3, "ratio_to_adamw": ratio}
             print(f"  {label:38s} {rows[label]['median_ms']:8.1f} {ratio:18.3f}", flush=True)
         over_floor = paired_ratio(times["Ano fused, 8-bit state"], times[FLOOR_8BIT])
-        floor_gb_s = 16 * count / statistics.median(times[FLOOR_8BIT]) / 1e9
-        print(f"  8-bit step / its floor: {over_floor:.3f} (the floor moved {floor_gb_s:.1f} GB/s)")
+        gb_s = floor_gb_s(count, statistics.median(times[FLOOR_8BIT]) * 1e3, 16)
+        print(f"  8-bit step / its floor: {over_floor:.3f} (the floor moved {gb_s:.1f} GB/s)")
         report["sets"][name] = {
             "parameters": count,
             "saved_bytes": sizes,
             "saved_ratio_to_fp32_ano": {k: v / base for k, v in sizes.items()},
             "step": rows,
             "8bit_step_over_its_floor": over_floor,
-            "floor_8bit_gb_s": floor_gb_s,
+            "floor_8bit_gb_s": gb_s,
         }
     quantizers = quantizer_times()
     print("\n  quantizing 1 M float32 values (median)")

@@ -459,11 +459,10 @@ void update_block(
     alignas(64) float v_block[kCodeBlock];
 #ifdef ANO_AVX512
     const avx512::Scalars c(momentum_weight, one_minus_beta2, eps_c, step_size, decay, inv_scale);
-    // The noise of lanes 0 .. 15 past a vector's first element, and what 16 elements add.
-    const __m512i lane_noise = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(static_cast<int>(rounding_v.multiplier)));
-    const uint32_t noise_step = 16u * rounding_v.multiplier;
+    // What lanes 0 .. 15 add to a vector's first element's noise, and what 16 elements add
+    // (mod 2**16, which the encoding's shifted mask keeps).
+    const __m512i lane_noise = avx512::noise_at(0, {rounding_v.multiplier, 0u});
+    const __m512i step4 = _mm512_slli_epi32(avx512::noise_step(rounding_v), 4);
 #endif
     // Rows begin .. end of the tensor, as (rows, cols); a block never crosses a row.
     const int64_t row_blocks = (cols + kCodeBlock - 1) / kCodeBlock;
@@ -551,7 +550,6 @@ void update_block(
             // (noise mod 2**16) << 4, so a uint32 counter stepped by the shifted step serves.
             __m512i noise4 = _mm512_slli_epi32(
                 _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(noise_first)), lane_noise), 4);
-            const __m512i step4 = _mm512_set1_epi32(static_cast<int>(noise_step << 4));
             const __m512i low20 = _mm512_set1_epi32(0xFFFF0);
             for (; j + 64 <= n; j += 64) {
                 __m512 m_unit[4], v_unit[4];
