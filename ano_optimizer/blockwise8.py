@@ -78,6 +78,8 @@ MIN_COLS = 16
 _SIGNED_SHIFT, _UNSIGNED_SHIFT = 21, 20
 _RESCALE = 2.0**96
 _UNSCALE = 2.0**-96
+# Block scales up to this quantize with 2**-96 folded into the inverse (see quantize).
+_FOLD_LIMIT = 2.0**30
 # Rounding to nearest: half of the discarded bits' range, as 16-bit noise.
 _NEAREST = 1 << 15
 
@@ -227,7 +229,12 @@ def quantize(x: Tensor, noise: Tensor | None, *, signed: bool) -> tuple[Tensor, 
     rows, cols = matrix_shape(x.shape)
     scale = block_absmax(x)
     inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
-    unit = x.reshape(rows, cols) * _per_element(inverse, cols) * _UNSCALE
+    # x * (inverse * 2**-96): one rounding, and one multiply per value in the kernels; where
+    # inverse * 2**-96 would lose bits (a scale above 2**30), (x * inverse) * 2**-96.
+    folded = scale <= _FOLD_LIMIT
+    by = torch.where(folded, inverse * _UNSCALE, inverse)
+    unit = x.reshape(rows, cols) * _per_element(by, cols)
+    unit = torch.where(_per_element(folded, cols), unit, unit * _UNSCALE)
     bits = unit.view(torch.int32)
     # NaN counts as infinity, so that adding the rounding bits cannot overflow.
     magnitude = (bits & 0x7FFFFFFF).clamp_max(0x7F800000)

@@ -79,6 +79,85 @@ def test_every_code_decodes_to_a_finite_value_in_order():
     assert signed[1] == 2.0**-32 and unsigned[1] == 2.0**-33
 
 
+def _signed_codes_of_units(unit: torch.Tensor) -> torch.Tensor:
+    """The bit cut of exp_avg's codes, rounding to nearest: int32 codes of float32 units."""
+    bits = unit.view(torch.int32)
+    return (((bits & 0x7FFFFFFF) + (1 << 20)) >> 21).clamp_max(127) | ((bits >> 24) & 0x80)
+
+
+def _units_once_and_twice(x: torch.Tensor, scale: torch.Tensor):
+    """Float64 references for float32 ``x`` in rows of one block each with float32 ``scale``
+    (rows, 1): x * (1 / scale * 2**-96) rounded once (the product is exact in float64), and
+    (x * (1 / scale)) * 2**-96 rounded twice."""
+    inverse = (1.0 / scale).double()
+    once = (x.double() * (inverse * 2.0**-96)).float()
+    twice = ((x.double() * inverse).float().double() * 2.0**-96).float()
+    return once, twice
+
+
+def _double_rounding_values(scale: float, count: int, gen) -> torch.Tensor:
+    """``count`` float32 values whose units under ``scale`` are subnormal and just below a
+    code's rounding boundary, where rounding once and rounding twice give different codes."""
+    inverse = float(torch.tensor(1.0 / scale, dtype=torch.float32))
+    # Subnormal units in steps of 2**-149: codes 0 .. 3 round up from k * 2**21 + 2**20. The
+    # largest odd step below that, plus a bit less than a half, rounds once to that step and
+    # twice (through float32 x * inverse, 3 bits finer) to the tie, then to the even step above.
+    k = torch.randint(0, 4, (16 * count,), generator=gen, dtype=torch.float64)
+    steps = (
+        k * 2**21
+        + 2**20
+        - 1
+        + 0.5
+        - torch.rand(16 * count, generator=gen, dtype=torch.float64) / 16
+    )
+    x = (steps * 2.0**-53 / inverse).float()
+    sign = torch.randint(0, 2, x.shape, generator=gen) * 2 - 1
+    x = x * sign
+    once, twice = _units_once_and_twice(x[None], torch.tensor([[scale]]))
+    differ = _signed_codes_of_units(once) != _signed_codes_of_units(twice)
+    assert differ.sum() >= count
+    return x[differ[0]][:count]
+
+
+def _just_above_the_fold_limit() -> float:
+    """A scale just above 2**30 whose 1 / scale * 2**-96, a subnormal, rounds down by more
+    than 2**-24: folding there would move the chosen values' units below their ties."""
+    for i in range(1, 256):
+        scale = 2.0**30 * (1 + i / 256)
+        inverse = float(torch.tensor(1.0 / scale, dtype=torch.float32))
+        folded = float(torch.tensor(inverse * 2.0**-96, dtype=torch.float32))
+        if folded < inverse * 2.0**-96 * (1 - 2.0**-24):
+            return scale
+    raise AssertionError("no such scale")
+
+
+@pytest.mark.parametrize("path", ["quantize", "eager", "fused", "portable"])
+def test_units_round_once_up_to_the_fold_limit_and_twice_above_it(path):
+    """The unit cut into a code, against float64 references: x * (1 / scale * 2**-96),
+    rounded once, in blocks whose scale is at most 2**30; (x * (1 / scale)) * 2**-96, rounded
+    twice, above (where 1 / scale * 2**-96 would lose bits). The values are chosen where the
+    two give different codes. Through quantize, and through each path's first step with
+    beta1 = 0, whose exp_avg is the gradient."""
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.tensor([3.0, _just_above_the_fold_limit()] * 8)[:, None]  # folded, not, ...
+    x = torch.stack([_double_rounding_values(float(s), 256, gen) for s in scales[:, 0]])
+    x[:, 0] = scales[:, 0]  # each block's largest
+    if path == "quantize":
+        codes, scale = blockwise8.quantize(x, None, signed=True)
+    else:
+        p = torch.nn.Parameter(torch.zeros_like(x))
+        p.grad = x.clone()
+        optimizer = Ano([p], betas=(0.0, 0.99), state_dtype=U8, fused=path != "eager")
+        with cpu_kernel("portable" if path == "portable" else "group"):
+            optimizer.step()
+        codes, scale = optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_scale"]
+    assert torch.equal(scale, scales)
+    once, twice = _units_once_and_twice(x, scales)
+    folded = scales <= 2.0**30
+    expected = torch.where(folded, _signed_codes_of_units(once), _signed_codes_of_units(twice))
+    assert torch.equal(codes.int(), expected)
+
+
 def test_zeros_and_non_finite_values_quantize_without_error():
     codes, scale = blockwise8.quantize(torch.zeros(2, 300), None, signed=True)
     assert not codes.any() and not scale.any()
@@ -212,6 +291,55 @@ def test_eager_fused_and_portable_kernels_write_the_same_state(options):
     for key, subnormal in (("exp_avg", 4), ("exp_avg_sq", 8)):  # codes of exponent 0
         codes = [state[key].int() & (0x7F if key == "exp_avg" else 0xFF) for state in last]
         assert any(((c > 0) & (c < subnormal)).any() for c in codes), key
+
+
+def test_eager_and_fused_kernels_agree_on_extreme_blocks():
+    """Blocks at the edges of the kernel's fast encoding, through two steps, eager against
+    the fused C++ kernel (AVX-512 where built with it) and its portable loop: all zeros and
+    negative zeros, subnormal magnitudes (an infinite inverse), scales just below and above
+    the 2**30 fold limit and far above it, and blocks holding NaN, +inf or -inf. Codes and
+    scales equal bit for bit (NaN where NaN), parameters to float32 rounding."""
+    # Each row's largest gradient, its first; after two steps (the second gradient twice the
+    # first) the first block's exp_avg scale is 0.2336 times that.
+    kinds = [0.0, -0.0, 1e-40, 1e7, 2.0**30 * 3, 2.0**30 * 5, 1.0, 1.0, 1.0]
+    rows = []
+    for size in kinds:
+        g = heterogeneous(600, seed=len(rows))
+        g = g / g.abs().max() * size if size else torch.full((600,), size)
+        g[1::7] *= 1e-10  # subnormal units, where rounding once or twice differs
+        g[0] = size
+        rows.append(g)
+    grad = torch.stack(rows)
+    grad[6, 17], grad[7, 580], grad[8, 300] = float("nan"), float("inf"), float("-inf")
+    runs = {}
+    for name, kernel, fused in (
+        ("eager", "group", False),
+        ("fused", "group", True),
+        ("portable", "portable", True),
+    ):
+        p = torch.nn.Parameter(torch.randn(grad.shape, generator=torch.Generator().manual_seed(0)))
+        optimizer = Ano([p], lr=1e-2, state_dtype=U8, fused=fused)
+        with cpu_kernel(kernel):
+            for k in range(2):
+                p.grad = grad * (k + 1)
+                optimizer.step()
+        runs[name] = optimizer.state[p] | {"param": p.detach().clone()}
+    eager = runs["eager"]
+    for other in ("fused", "portable"):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(eager[key], runs[other][key]), (other, key)
+        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+            torch.testing.assert_close(eager[key], runs[other][key], rtol=0, atol=0, equal_nan=True)
+        # The eager arithmetic rounds a few results differently (an ulp); the two C++ loops not.
+        torch.testing.assert_close(eager["param"], runs[other]["param"], equal_nan=True)
+    torch.testing.assert_close(
+        runs["fused"]["param"], runs["portable"]["param"], rtol=0, atol=0, equal_nan=True
+    )
+    m_scale, v_scale = eager["exp_avg_scale"][:, 0], eager["exp_avg_sq_scale"][:, 0]
+    assert 0 < m_scale[2] < 2.0**-128  # its inverse is infinite
+    assert m_scale[3] <= 2.0**30 < v_scale[3]  # exp_avg folded, exp_avg_sq not
+    assert m_scale[4] <= 2.0**30 < m_scale[5]
+    assert not torch.isfinite(eager["exp_avg_scale"][6:]).all(1).any()  # NaN, inf, -inf rows
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])

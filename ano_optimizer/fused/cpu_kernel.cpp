@@ -319,6 +319,8 @@ void update_block(
 constexpr int64_t kCodeBlock = 256;
 constexpr float kRescale = 0x1p96f;
 constexpr float kUnscale = 0x1p-96f;
+// Scales up to this fold 2**-96 into the encoding's inverse (inverse * 2**-96 is then exact).
+constexpr float kFoldLimit = 0x1p30f;
 // How far ahead of its use the 8-bit loop fetches an operand, in elements.
 constexpr int64_t kPrefetch = 1024;
 
@@ -374,37 +376,43 @@ inline __m512i in_order(__m512i packed) {
     return _mm512_permutexvar_epi32(index, packed);
 }
 
-// encode_signed of 64 units: the rounded magnitudes (at most 2**10) packed to bytes with signed
-// saturation, which is the min with 127, then the sign bits set.
-inline void encode_signed(uint8_t* p, const __m512 unit[4]) {
-    __m512i magnitude[4];
-    __mmask16 sign[4];
-    for (int q = 0; q < 4; ++q) {
-        const __m512i bits = _mm512_castps_si512(unit[q]);
-        magnitude[q] = _mm512_srli_epi32(
-            _mm512_add_epi32(
-                _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x8000 << 5)),
-            21);
-        sign[q] = _mm512_movepi32_mask(bits);
-    }
-    const __m512i codes = in_order(_mm512_packs_epi16(
-        _mm512_packus_epi32(magnitude[0], magnitude[1]), _mm512_packus_epi32(magnitude[2], magnitude[3])));
-    const __mmask64 negative =
-        _mm512_kunpackd(_mm512_kunpackw(sign[3], sign[2]), _mm512_kunpackw(sign[1], sign[0]));
+// encode_signed of 64 units whose sign bits are 0 (magnitudes), the signs given apart as one bit
+// per unit: the rounded magnitudes (at most 2**10) packed to bytes with signed saturation,
+// which is the min with 127, then the sign bits set.
+inline void encode_signed(uint8_t* p, const __m512 magnitude[4], __mmask64 negative) {
+    __m512i code[4];
+    for (int q = 0; q < 4; ++q)
+        code[q] = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_castps_si512(magnitude[q]), _mm512_set1_epi32(0x8000 << 5)), 21);
+    const __m512i codes = in_order(
+        _mm512_packs_epi16(_mm512_packus_epi32(code[0], code[1]), _mm512_packus_epi32(code[2], code[3])));
     // The magnitudes' bit 7 is 0: adding 0x80 sets it.
     _mm512_storeu_si512(
         p, _mm512_mask_add_epi8(codes, negative, codes, _mm512_set1_epi8(static_cast<char>(0x80))));
 }
 
+// encode_signed of any 64 units: their magnitudes and sign bits apart.
+inline void encode_signed(uint8_t* p, const __m512 unit[4]) {
+    __m512 magnitude[4];
+    __mmask16 sign[4];
+    for (int q = 0; q < 4; ++q) {
+        magnitude[q] = _mm512_abs_ps(unit[q]);
+        sign[q] = _mm512_movepi32_mask(_mm512_castps_si512(unit[q]));
+    }
+    encode_signed(
+        p, magnitude,
+        _mm512_kunpackd(_mm512_kunpackw(sign[3], sign[2]), _mm512_kunpackw(sign[1], sign[0])));
+}
+
 // encode_unsigned of 64 units, noise4 the noise of each shifted left by 4: packed to bytes with
-// unsigned saturation, which is the min with 255.
+// unsigned saturation, which is the min with 255. Without encode_unsigned's mask of the sign
+// bit: the units here are products of magnitudes and non-negative factors, whose sign bit is
+// set only in the default NaN (0 * inf), 0xFFC00000, whose bits plus the noise stay below 2**32
+// and saturate to 255 as its magnitude's do.
 inline void encode_unsigned(uint8_t* p, const __m512 unit[4], const __m512i noise4[4]) {
     __m512i code[4];
     for (int q = 0; q < 4; ++q)
-        code[q] = _mm512_srli_epi32(
-            _mm512_add_epi32(
-                _mm512_and_si512(_mm512_castps_si512(unit[q]), _mm512_set1_epi32(0x7FFFFFFF)), noise4[q]),
-            20);
+        code[q] = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(unit[q]), noise4[q]), 20);
     _mm512_storeu_si512(p, in_order(_mm512_packus_epi16(
         _mm512_packus_epi32(code[0], code[1]), _mm512_packus_epi32(code[2], code[3]))));
 }
@@ -455,8 +463,11 @@ void update_block(
     const float one_minus_beta2 = 1.0f - beta2;
     const float eps_c = eps * correction;
     const float step_size = lr * correction;
+    // A block's new moments while its new scales are found: their magnitudes, and the sign bits
+    // of exp_avg's, one bit per element.
     alignas(64) float m_block[kCodeBlock];
     alignas(64) float v_block[kCodeBlock];
+    alignas(64) uint16_t m_signs[kCodeBlock / 16];
 #ifdef ANO_AVX512
     const avx512::Scalars c(momentum_weight, one_minus_beta2, eps_c, step_size, decay, inv_scale);
     // What lanes 0 .. 15 add to a vector's first element's noise, and what 16 elements add
@@ -503,10 +514,14 @@ void update_block(
                         param + i, avx512::gradient<kMaximize, kScaled>(grad + i, c),
                         scaled(v8::tiny_signed(exp_avg + i), m_by),
                         scaled(v8::tiny_unsigned(exp_avg_sq + i), v_by), c, m_new, v_new);
-                    _mm512_store_ps(m_block + j, m_new);
-                    _mm512_store_ps(v_block + j, v_new);
-                    m_max_v = _mm512_max_epu32(m_max_v, _mm512_and_si512(_mm512_castps_si512(m_new), magnitude));
-                    v_max_v = _mm512_max_epu32(v_max_v, _mm512_and_si512(_mm512_castps_si512(v_new), magnitude));
+                    // The magnitudes serve both the block maxima and the encoding.
+                    const __m512i m_abs = _mm512_and_si512(_mm512_castps_si512(m_new), magnitude);
+                    const __m512i v_abs = _mm512_and_si512(_mm512_castps_si512(v_new), magnitude);
+                    _mm512_store_si512(m_block + j, m_abs);
+                    _mm512_store_si512(v_block + j, v_abs);
+                    m_signs[j / 16] = _mm512_movepi32_mask(_mm512_castps_si512(m_new));
+                    m_max_v = _mm512_max_epu32(m_max_v, m_abs);
+                    v_max_v = _mm512_max_epu32(v_max_v, v_abs);
                 }
             };
             // NaN compares false: folded, as NaN either way.
@@ -519,6 +534,7 @@ void update_block(
 #endif
         for (; j < n; ++j) {
             const int64_t i = first + j;
+            if (j % 16 == 0) m_signs[j / 16] = 0;
             float g = grad[i];
             if constexpr (kScaled) g = g * inv_scale;
             if constexpr (kMaximize) g = -g;
@@ -527,8 +543,9 @@ void update_block(
                 param[i], g, decode_signed(exp_avg[i]) * m_scale,
                 decode_unsigned(exp_avg_sq[i]) * v_scale, momentum_weight, one_minus_beta2, eps_c,
                 step_size, decay, m_new, v_new);
-            m_block[j] = m_new;
-            v_block[j] = v_new;
+            m_block[j] = std::fabs(m_new);
+            v_block[j] = std::fabs(v_new);
+            m_signs[j / 16] |= static_cast<uint16_t>((bits_of(m_new) >> 31) << (j % 16));
             m_max = larger_magnitude(m_max, m_new);
             v_max = larger_magnitude(v_max, v_new);
         }
@@ -537,39 +554,70 @@ void update_block(
         exp_avg_sq_scale[b] = v_new_scale;
         const float m_inverse = m_new_scale > 0.0f ? 1.0f / m_new_scale : 0.0f;
         const float v_inverse = v_new_scale > 0.0f ? 1.0f / v_new_scale : 0.0f;
-        // unit = (x * inverse) * 2**-96, two products as in blockwise8.py.
+        // unit = x * (inverse * 2**-96) up to kFoldLimit, else (x * inverse) * 2**-96, as in
+        // blockwise8.py: x * by * after, where after = 1 (exact) when folded.
+        const bool m_folded = m_new_scale <= kFoldLimit, v_folded = v_new_scale <= kFoldLimit;
+        const float m_by = m_folded ? m_inverse * kUnscale : m_inverse;
+        const float v_by = v_folded ? v_inverse * kUnscale : v_inverse;
+        const float m_after = m_folded ? 1.0f : kUnscale, v_after = v_folded ? 1.0f : kUnscale;
         const uint32_t noise_first =
             static_cast<uint32_t>(noise_offset + first) * rounding_v.multiplier + rounding_v.offset;
         j = 0;
 #ifdef ANO_AVX512
         {
-            const __m512 m_inverse_v = _mm512_set1_ps(m_inverse);
-            const __m512 v_inverse_v = _mm512_set1_ps(v_inverse);
-            const __m512 unscale = _mm512_set1_ps(kUnscale);
             // The noise shifted left by 4 as encode_unsigned adds it: (noise << 4) mod 2**20 is
             // (noise mod 2**16) << 4, so a uint32 counter stepped by the shifted step serves.
             __m512i noise4 = _mm512_slli_epi32(
                 _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(noise_first)), lane_noise), 4);
             const __m512i low20 = _mm512_set1_epi32(0xFFFF0);
-            for (; j + 64 <= n; j += 64) {
-                __m512 m_unit[4], v_unit[4];
-                __m512i v_noise[4];
-                for (int q = 0; q < 4; ++q) {
-                    m_unit[q] = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(m_block + j + 16 * q), m_inverse_v), unscale);
-                    v_unit[q] = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(v_block + j + 16 * q), v_inverse_v), unscale);
-                    v_noise[q] = _mm512_and_si512(noise4, low20);
-                    noise4 = _mm512_add_epi32(noise4, step4);
+            // kFast: both folded and exp_avg's inverse finite (its scale 0 or normal), so that
+            // the units are one product each and |m| * by has the sign bit 0 and m * by the
+            // sign of m; else two products each, and exp_avg's units whole.
+            const auto encode = [&](auto fast) {
+                constexpr bool kFast = decltype(fast)::value;
+                const __m512 m_by_v = _mm512_set1_ps(m_by), v_by_v = _mm512_set1_ps(v_by);
+                const __m512 m_after_v = _mm512_set1_ps(m_after), v_after_v = _mm512_set1_ps(v_after);
+                for (; j + 64 <= n; j += 64) {
+                    __m512 m_unit[4], v_unit[4];
+                    __m512i v_noise[4];
+                    uint64_t signs;
+                    std::memcpy(&signs, m_signs + j / 16, sizeof signs);
+                    for (int q = 0; q < 4; ++q) {
+                        const __m512 m = _mm512_load_ps(m_block + j + 16 * q);
+                        const __m512 v = _mm512_load_ps(v_block + j + 16 * q);
+                        if constexpr (kFast) {
+                            m_unit[q] = _mm512_mul_ps(m, m_by_v);
+                            v_unit[q] = _mm512_mul_ps(v, v_by_v);
+                        } else {
+                            const __m512 m_signed = _mm512_castsi512_ps(_mm512_mask_or_epi32(
+                                _mm512_castps_si512(m), static_cast<__mmask16>(signs >> (16 * q)),
+                                _mm512_castps_si512(m), _mm512_set1_epi32(static_cast<int>(kSignBit))));
+                            m_unit[q] = _mm512_mul_ps(_mm512_mul_ps(m_signed, m_by_v), m_after_v);
+                            v_unit[q] = _mm512_mul_ps(_mm512_mul_ps(v, v_by_v), v_after_v);
+                        }
+                        v_noise[q] = _mm512_and_si512(noise4, low20);
+                        noise4 = _mm512_add_epi32(noise4, step4);
+                    }
+                    if constexpr (kFast)
+                        avx512_codes::encode_signed(exp_avg + first + j, m_unit, _cvtu64_mask64(signs));
+                    else
+                        avx512_codes::encode_signed(exp_avg + first + j, m_unit);
+                    avx512_codes::encode_unsigned(exp_avg_sq + first + j, v_unit, v_noise);
                 }
-                avx512_codes::encode_signed(exp_avg + first + j, m_unit);
-                avx512_codes::encode_unsigned(exp_avg_sq + first + j, v_unit, v_noise);
-            }
+            };
+            if (m_folded && v_folded && (m_new_scale >= 0x1p-126f || m_max == 0))
+                encode(std::true_type{});
+            else
+                encode(std::false_type{});
         }
 #endif
         for (; j < n; ++j) {
-            exp_avg[first + j] = encode_signed(m_block[j] * m_inverse * kUnscale);
+            const float m = float_of(
+                bits_of(m_block[j]) | (static_cast<uint32_t>(m_signs[j / 16] >> (j % 16)) & 1u) << 31);
+            exp_avg[first + j] = encode_signed(m * m_by * m_after);
             const uint32_t noise =
                 (noise_first + static_cast<uint32_t>(j) * rounding_v.multiplier) & 0xFFFFu;
-            exp_avg_sq[first + j] = encode_unsigned(v_block[j] * v_inverse * kUnscale, noise);
+            exp_avg_sq[first + j] = encode_unsigned(v_block[j] * v_by * v_after, noise);
         }
     }
 }
