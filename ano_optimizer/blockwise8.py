@@ -1,5 +1,6 @@
 """Blockwise 8-bit moments (``state_dtype=torch.uint8``): the format, its eager step, and the
-GPU's compiled one (the CPU's fused step is ``fused/cpu_kernel.cpp`` built with ``ANO_CODES``).
+GPU's compiled one (the CPU's fused step is ``fused/cpu_kernel.cpp`` built with ``ANO_CODES``,
+one call for a group's tensors with codes and its small tensors with float32 moments).
 
 A moment is kept as one-byte codes, one per element, and one float32 scale (the block's
 largest magnitude) per block of :data:`BLOCK` consecutive elements of a row, as in
@@ -57,7 +58,9 @@ __all__ = [
     "MIN_NUMEL",
     "blockwise8_ano",
     "blockwise8_step",
+    "cpu_group_step",
     "cpu_kernels_take",
+    "cpu_roles",
     "dequantize",
     "float_state_dtype",
     "matrix_shape",
@@ -269,21 +272,57 @@ def split_coded(lists, scales) -> tuple[tuple | None, tuple]:
     )
 
 
-def cpu_kernels_take(lists, scales, maximize: bool, logarithmic_schedule: bool) -> bool:
-    """Whether the CPU group kernels take a group's tensors whole (the 8-bit one those with
-    codes, the float one the others); nothing changes."""
-    coded, rest = split_coded(lists, scales)
-    if rest[0] and not cpu_kernel_takes(rest, maximize, logarithmic_schedule):
+def cpu_roles(lists, scales, has_complex: bool) -> tuple:
+    """The eight role lists of the 8-bit CPU kernel for a whole ``torch.uint8`` group, its
+    tensors with codes and the small ones with float32 moments together (``scales`` as
+    :func:`split_coded` takes it): params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales and
+    exp_avg_sq_scales (None without codes), steps, noise offsets. Complex tensors as real
+    views."""
+    params, grads, exp_avgs, exp_avg_sqs, steps = lists
+    if has_complex:
+        params, grads, exp_avgs, exp_avg_sqs = map(
+            _real_views, (params, grads, exp_avgs, exp_avg_sqs)
+        )
+    m_scales, v_scales, offsets = zip(*(s or _NO_SCALES for s in scales), strict=True)
+    return params, grads, exp_avgs, exp_avg_sqs, m_scales, v_scales, steps, offsets
+
+
+_NO_SCALES = (None, None, 0)
+
+
+def cpu_kernels_take(
+    lists, scales, maximize: bool, logarithmic_schedule: bool, has_complex: bool = True
+) -> bool:
+    """Whether the CPU group kernel takes a group's tensors whole (a ``torch.uint8`` group's
+    in one call of the 8-bit kernel, codes and float32 moments together); nothing changes."""
+    if scales is None:
+        return cpu_kernel_takes(lists, maximize, logarithmic_schedule)
+    if not (lists[0] and lists[0][0].is_cpu):
         return False
-    if coded is None:
-        return True
-    if not coded[0][0].is_cpu:
-        return False
-    coded = (_real_views(coded[0]), _real_views(coded[1]), *coded[2:])
-    return cpu_codes_call(coded, _CHECK_SCALARS, maximize, logarithmic_schedule, check_only=True)
+    roles = cpu_roles(lists, scales, has_complex)
+    return cpu_codes_call(roles, _CHECK_SCALARS, maximize, logarithmic_schedule, check_only=True)
 
 
 _CHECK_SCALARS = (0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0)
+
+
+def cpu_group_step(
+    lists, scales, has_complex: bool, *, grad_scale=None, found_inf=None, **scalars
+) -> bool:
+    """The fused step of a whole ``torch.uint8`` group of checked CPU tensors (the five role
+    lists, ``scales`` as :func:`split_coded` takes it) in one call of the 8-bit kernel: False,
+    with nothing changed, where the kernel does not take them all (or they are not on the CPU,
+    or the step is being traced)."""
+    if not (lists[0] and lists[0][0].is_cpu) or torch.compiler.is_compiling():
+        return False
+    kernel_scalars = _cpu_scalars(
+        scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["eps"],
+        scalars["weight_decay"], grad_scale, found_inf,
+    )  # fmt: skip
+    return cpu_codes_call(
+        cpu_roles(lists, scales, has_complex), kernel_scalars, scalars["maximize"],
+        scalars["logarithmic_schedule"],
+    )  # fmt: skip
 
 
 def blockwise8_step(

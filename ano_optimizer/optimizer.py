@@ -273,9 +273,9 @@ class Ano(Optimizer):
             group["fused"]
             and not group["capturable"]
             and blockwise8.cpu_kernels_take(
-                lists, scales, group["maximize"], group["logarithmic_schedule"]
+                lists, scales, group["maximize"], group["logarithmic_schedule"], has_complex
             )
-            for _, group, lists, _, scales in batches
+            for _, group, lists, has_complex, scales in batches
         ):
             return batches
         for batch in batches:
@@ -668,9 +668,12 @@ def _ano_group(
         "maximize": maximize,
     }
     if scales is not None:
-        coded, rest = blockwise8.split_coded(
-            (params, grads, exp_avgs, exp_avg_sqs, state_steps), scales
-        )
+        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        if fused and blockwise8.cpu_group_step(
+            lists, scales, has_complex, grad_scale=grad_scale, found_inf=found_inf, **scalars
+        ):
+            return
+        coded, rest = blockwise8.split_coded(lists, scales)
         if coded is not None:
             amp = {"grad_scale": grad_scale, "found_inf": found_inf} if fused else {}
             blockwise8.blockwise8_step(*coded, fused=bool(fused), **amp, **scalars)

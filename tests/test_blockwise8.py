@@ -293,6 +293,54 @@ def test_eager_fused_and_portable_kernels_write_the_same_state(options):
         assert any(((c > 0) & (c < subnormal)).any() for c in codes), key
 
 
+def test_a_group_steps_codes_and_small_float32_moments_in_one_kernel_call(monkeypatch):
+    """A torch.uint8 group's tensors with codes and its small tensors with float32 moments go
+    to the 8-bit kernel together, one call per step; the small tensors come out bit for bit
+    as a float32-state group's fused step leaves them, the codes as a group of codes alone."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(300, 64), (300,), (70, 300), (70,), (4, 8)]  # codes, float32, codes, ...
+    coded = [True, False, True, False, False]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    calls = []  # the steps' kernel calls (not the checks before them)
+    real = blockwise8.cpu_codes_call
+
+    def spy(roles, *args, check_only=False):
+        if not check_only:
+            calls.append(roles)
+        return real(roles, *args, check_only=check_only)
+
+    monkeypatch.setattr(blockwise8, "cpu_codes_call", spy)
+
+    def run(state_dtype, keep):
+        params = [torch.nn.Parameter(t.clone()) for t, k in zip(start, keep, strict=True) if k]
+        optimizer = Ano(params, lr=1e-2, weight_decay=0.1, state_dtype=state_dtype, fused=True)
+        for step_grads in grads:
+            kept = [g for g, k in zip(step_grads, keep, strict=True) if k]
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        return [optimizer.state[p] | {"param": p.detach()} for p in params]
+
+    together = run(U8, [True] * len(shapes))
+    assert len(calls) == 3 and all(len(roles[0]) == len(shapes) for roles in calls)
+    assert [scale is not None for scale in calls[-1][4]] == coded
+    float32 = run(None, [not c for c in coded])
+    codes = run(U8, coded)
+    for mine, theirs in zip(
+        [s for s, c in zip(together, coded, strict=True) if not c], float32, strict=True
+    ):
+        assert mine["exp_avg"].dtype == torch.float32
+        for key in ("param", "exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(mine[key], theirs[key]), key
+    for mine, theirs in zip(
+        [s for s, c in zip(together, coded, strict=True) if c], codes, strict=True
+    ):
+        assert mine["exp_avg"].dtype == U8
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), key
+
+
 def test_eager_and_fused_kernels_agree_on_extreme_blocks():
     """Blocks at the edges of the kernel's fast encoding, through two steps, eager against
     the fused C++ kernel (AVX-512 where built with it) and its portable loop: all zeros and

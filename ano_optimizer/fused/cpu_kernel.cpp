@@ -4,9 +4,10 @@
 // on-disk cache that torch.compile uses on CPU) with STATE_T set to float or uint16_t (the bits
 // of a bfloat16), or to uint8_t with ANO_CODES for 8-bit codes with per-block scales
 // (blockwise8.py; the group then has 8 role lists: the two moments' scales after the moments,
-// and the rounding noise offsets last). One OpenMP region covers all tensors: the work is cut into equal blocks and
-// every block knows its tensor, so 161 small and large tensors cost one parallel region and one
-// call from Python, not 161.
+// and the rounding noise offsets last; a small tensor of the group keeps float32 moments and
+// comes in the same call, its scales None). One OpenMP region covers all tensors: the work is
+// cut into equal blocks and every block knows its tensor, so 161 small and large tensors cost
+// one parallel region and one call from Python, not 161.
 //
 // The arithmetic is the float32 arithmetic of step_scalars.py (_step_scalars, the per-tensor
 // scalars) and inductor.py (_ano_math, the elements), operation for operation and in the same order (the
@@ -263,16 +264,16 @@ inline void ano_element(float& param, float g, float m, float v, float momentum_
     param = kept - sign_times(m_new, step_size * ratio);
 }
 
-#ifndef ANO_CODES
-// The flags are template parameters so that what they switch leaves the loop: as a run-time
-// flag GCC kept maximize's negation in the bfloat16 loop, a blend per vector; and a multiply by
-// an inv_scale or decay of exactly 1 changes no bit, so it is left out.
-template <bool kMaximize, bool kScaled, bool kDecayed>
-void update_block(
+// The update of elements begin .. end of a tensor with float moments (float32, or bfloat16's
+// bits). The flags are template parameters so that what they switch leaves the loop: as a
+// run-time flag GCC kept maximize's negation in the bfloat16 loop, a blend per vector; and a
+// multiply by an inv_scale or decay of exactly 1 changes no bit, so it is left out.
+template <bool kMaximize, bool kScaled, bool kDecayed, typename State>
+void update_floats(
     float* __restrict__ param,
     const float* __restrict__ grad,
-    STATE_T* __restrict__ exp_avg,
-    STATE_T* __restrict__ exp_avg_sq,
+    State* __restrict__ exp_avg,
+    State* __restrict__ exp_avg_sq,
     int64_t begin,
     int64_t end,
     float momentum_weight,
@@ -309,7 +310,6 @@ void update_block(
         noise_v += rounding_v.multiplier;
     }
 }
-#endif
 
 #ifdef ANO_CODES
 // blockwise8.py's formats: a code's bits shifted into a float32 (its bit 7 to the sign bit of
@@ -352,7 +352,7 @@ inline uint8_t encode_unsigned(float unit, uint32_t noise) {
 inline uint32_t larger_magnitude(uint32_t a, float x) { return std::max(a, bits_of(x) & 0x7FFFFFFFu); }
 
 #ifdef ANO_AVX512
-// The two loops of update_block below, 16 elements at a time (encoding: 64), with the same
+// The two loops of update_codes below, 16 elements at a time (encoding: 64), with the same
 // results as the scalar code.
 namespace avx512_codes {
 
@@ -433,7 +433,7 @@ inline std::pair<uint32_t, uint32_t> reduce_max(__m512i m, __m512i v) {
 }  // namespace avx512_codes
 #endif
 
-// update_block for 8-bit moments: per block of kCodeBlock elements, decode, update as above
+// update_floats for 8-bit moments: per block of kCodeBlock elements, decode, update as above
 // (the same arithmetic), keep the new moments in float32 while the block's new scales are
 // found, then encode them. begin is a multiple of kCodeBlock.
 //
@@ -441,7 +441,7 @@ inline std::pair<uint32_t, uint32_t> reduce_max(__m512i m, __m512i v) {
 // scale * 2**96 is finite, tiny * (scale * 2**96) is the same real product rounded once, so the
 // same float: one multiply per value instead of two.
 template <bool kMaximize, bool kScaled, bool kDecayed>
-void update_block(
+void update_codes(
     float* __restrict__ param,
     const float* __restrict__ grad,
     uint8_t* __restrict__ exp_avg,
@@ -623,15 +623,33 @@ void update_block(
 }
 #endif
 
-using Update = decltype(&update_block<false, false, false>);
+// The moments of a build's float-state tensors: STATE_T, or float32 beside 8-bit codes.
+#ifdef ANO_CODES
+using FloatState = float;
+#else
+using FloatState = STATE_T;
+#endif
 
-// kUpdates[maximize][scaled][decayed]
-constexpr Update kUpdates[2][2][2] = {
-    {{update_block<false, false, false>, update_block<false, false, true>},
-     {update_block<false, true, false>, update_block<false, true, true>}},
-    {{update_block<true, false, false>, update_block<true, false, true>},
-     {update_block<true, true, false>, update_block<true, true, true>}},
+using FloatUpdate = decltype(&update_floats<false, false, false, FloatState>);
+
+// kFloatUpdates[maximize][scaled][decayed]
+constexpr FloatUpdate kFloatUpdates[2][2][2] = {
+    {{update_floats<false, false, false, FloatState>, update_floats<false, false, true, FloatState>},
+     {update_floats<false, true, false, FloatState>, update_floats<false, true, true, FloatState>}},
+    {{update_floats<true, false, false, FloatState>, update_floats<true, false, true, FloatState>},
+     {update_floats<true, true, false, FloatState>, update_floats<true, true, true, FloatState>}},
 };
+
+#ifdef ANO_CODES
+using CodesUpdate = decltype(&update_codes<false, false, false>);
+
+constexpr CodesUpdate kCodesUpdates[2][2][2] = {
+    {{update_codes<false, false, false>, update_codes<false, false, true>},
+     {update_codes<false, true, false>, update_codes<false, true, true>}},
+    {{update_codes<true, false, false>, update_codes<true, false, true>},
+     {update_codes<true, true, false>, update_codes<true, true, true>}},
+};
+#endif
 
 // torch's THPVariable (torch/csrc/autograd/python_variable.h): a tensor's Python object holds
 // its at::Tensor, one intrusive pointer to the TensorImpl, right after the object header. That
@@ -696,22 +714,16 @@ int64_t length(PyObject* sequence) {
     return PyTuple_Check(sequence) ? PyTuple_GET_SIZE(sequence) : -1;
 }
 
-// The checks of kernel()'s pass 1 over a group's kRoles x tensors TensorImpls, which impl_of(k, t,
-// dtype) finds (nullptr: refused); true, with impls filled, where every tensor passes.
+// The tensor roles of a group: params, grads, exp_avgs, exp_avg_sqs, (8-bit codes: their
+// scales,) steps.
 #ifdef ANO_CODES
 constexpr int64_t kRoles = 7;
-constexpr c10::ScalarType kDtypes[kRoles] = {
-    c10::ScalarType::Float, c10::ScalarType::Float, c10::ScalarType::Byte,
-    c10::ScalarType::Byte,  c10::ScalarType::Float, c10::ScalarType::Float,
-    c10::ScalarType::Float};
 #else
 constexpr int64_t kRoles = 5;
-constexpr c10::ScalarType kState =
-    std::is_same_v<STATE_T, float> ? c10::ScalarType::Float : c10::ScalarType::BFloat16;
-constexpr c10::ScalarType kDtypes[kRoles] = {
-    c10::ScalarType::Float, c10::ScalarType::Float, kState, kState, c10::ScalarType::Float};
 #endif
 constexpr int64_t kStepRole = kRoles - 1;
+constexpr c10::ScalarType kFloatState =
+    std::is_same_v<FloatState, float> ? c10::ScalarType::Float : c10::ScalarType::BFloat16;
 // 8-bit codes: after the tensor roles, a list of each tensor's rounding-noise offset.
 #ifdef ANO_CODES
 constexpr int64_t kOffsetLists = 1;
@@ -719,27 +731,58 @@ constexpr int64_t kOffsetLists = 1;
 constexpr int64_t kOffsetLists = 0;
 #endif
 
-template <typename ImplOf>
-bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf impl_of) {
+// The checks of kernel()'s pass 1 over a group's kRoles x tensors TensorImpls, which
+// impl_of(k, t, dtype) finds (nullptr: refused); true, with impls filled, where every tensor
+// passes. An 8-bit build takes each tensor's moments as codes (uint8, with float32 scales) or,
+// for a tensor too small for codes, as float32 with None for its scales (absent(k, t); its
+// impls nullptr); coded says which.
+template <typename ImplOf, typename Absent>
+bool checked_group(
+    int64_t tensors, std::vector<c10::TensorImpl*>& impls, std::vector<char>& coded,
+    ImplOf impl_of, Absent absent) {
+    constexpr auto kFloat = c10::ScalarType::Float;
     for (int64_t t = 0; t < tensors; ++t) {
-        for (int64_t k = 0; k < kRoles; ++k) {
-            impls[k * tensors + t] = impl_of(k, t, kDtypes[k]);
-            if (impls[k * tensors + t] == nullptr) return false;
-        }
-        for (int64_t k = 1; k < 4; ++k)
-            if (!same_order(impls[t], impls[k * tensors + t])) return false;
+        const auto at = [&](int64_t k) -> c10::TensorImpl*& { return impls[k * tensors + t]; };
+        at(0) = impl_of(0, t, kFloat);
+        at(1) = impl_of(1, t, kFloat);
+        at(kStepRole) = impl_of(kStepRole, t, kFloat);
 #ifdef ANO_CODES
-        // The codes walk in the parameter's memory order, which for 8-bit codes is theirs.
-        if (!impls[t]->is_contiguous()) return false;
-        // Scales: one per row (the first dimension) and block of kCodeBlock of the row.
-        if (impls[t]->dim() < 1) return false;
-        const int64_t rows = impls[t]->size(0);
-        const int64_t cols = rows > 0 ? impls[t]->numel() / rows : 0;
-        const int64_t blocks = rows * ((cols + kCodeBlock - 1) / kCodeBlock);
-        for (int64_t k = 4; k < 6; ++k)
-            if (impls[k * tensors + t]->numel() != blocks) return false;
+        at(2) = impl_of(2, t, c10::ScalarType::Byte);
+        coded[t] = at(2) != nullptr;
+        if (coded[t]) {
+            at(3) = impl_of(3, t, c10::ScalarType::Byte);
+            at(4) = impl_of(4, t, kFloat);
+            at(5) = impl_of(5, t, kFloat);
+        } else {
+            at(2) = impl_of(2, t, kFloatState);
+            at(3) = impl_of(3, t, kFloatState);
+            if (!absent(4, t) || !absent(5, t)) return false;
+            at(4) = at(5) = nullptr;
+        }
+        const int64_t scale_roles = coded[t] ? 2 : 0;
+#else
+        at(2) = impl_of(2, t, kFloatState);
+        at(3) = impl_of(3, t, kFloatState);
+        const int64_t scale_roles = 0;
 #endif
-        if (impls[kStepRole * tensors + t]->numel() != 1) return false;
+        for (int64_t k = 0; k < 4 + scale_roles; ++k)
+            if (at(k) == nullptr) return false;
+        if (at(kStepRole) == nullptr || at(kStepRole)->numel() != 1) return false;
+        for (int64_t k = 1; k < 4; ++k)
+            if (!same_order(at(0), at(k))) return false;
+#ifdef ANO_CODES
+        if (coded[t]) {
+            // The codes walk in the parameter's memory order, which for 8-bit codes is theirs.
+            if (!at(0)->is_contiguous()) return false;
+            // Scales: one per row (the first dimension) and block of kCodeBlock of the row.
+            if (at(0)->dim() < 1) return false;
+            const int64_t rows = at(0)->size(0);
+            const int64_t cols = rows > 0 ? at(0)->numel() / rows : 0;
+            const int64_t blocks = rows * ((cols + kCodeBlock - 1) / kCodeBlock);
+            for (int64_t k = 4; k < 6; ++k)
+                if (at(k)->numel() != blocks) return false;
+        }
+#endif
     }
     return true;
 }
@@ -749,6 +792,7 @@ bool checked_group(int64_t tensors, std::vector<c10::TensorImpl*>& impls, ImplOf
 void update_group(
     int64_t tensors,
     const std::vector<c10::TensorImpl*>& impls,
+    const std::vector<char>& coded,
     const std::vector<int64_t>& noise_offsets,
     float lr,
     float momentum_weight,
@@ -765,6 +809,7 @@ void update_group(
     // storage) and the step counts.
     std::vector<char*> pointers(kRoles * tensors);
     for (int64_t i = 0; i < kRoles * tensors; ++i) {
+        if (impls[i] == nullptr) continue;  // the scales of a tensor without codes
         if (i / tensors != 1) impls[i]->bump_version();
         pointers[i] = static_cast<char*>(
             i / tensors == 1 ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
@@ -796,12 +841,12 @@ void update_group(
     std::vector<int64_t> cols(tensors, 1);
     for (int64_t t = 0; t < tensors; ++t) {
         int64_t step = block_size;
-#ifdef ANO_CODES
-        // Whole rows per unit of work: a scale block never crosses a row.
-        const int64_t rows = impls[t]->size(0);
-        cols[t] = rows > 0 ? std::max<int64_t>(numels[t] / rows, 1) : 1;
-        step = std::max<int64_t>(block_size / cols[t], 1) * cols[t];
-#endif
+        if (coded[t]) {
+            // Whole rows per unit of work: a scale block never crosses a row.
+            const int64_t rows = impls[t]->size(0);
+            cols[t] = rows > 0 ? std::max<int64_t>(numels[t] / rows, 1) : 1;
+            step = std::max<int64_t>(block_size / cols[t], 1) * cols[t];
+        }
         for (int64_t begin = 0; begin < numels[t]; begin += step) {
             block_tensor.push_back(t);
             block_begin.push_back(begin);
@@ -810,7 +855,11 @@ void update_group(
     }
     const int64_t blocks = static_cast<int64_t>(block_tensor.size());
     const float decay = 1.0f - lr * weight_decay;
-    const Update update = kUpdates[maximize != 0][inv_scale != 1.0f][decay != 1.0f];
+    const int m = maximize != 0, s = inv_scale != 1.0f, d = decay != 1.0f;
+    const FloatUpdate update_floats = kFloatUpdates[m][s][d];
+#ifdef ANO_CODES
+    const CodesUpdate update_codes = kCodesUpdates[m][s][d];
+#endif
 
 #pragma omp parallel
     {
@@ -826,32 +875,24 @@ void update_group(
             const int64_t t = block_tensor[b];
             const int64_t begin = block_begin[b];
             const int64_t end = b + 1 < blocks && block_tensor[b + 1] == t ? block_begin[b + 1] : numels[t];
-            update(
-                reinterpret_cast<float*>(pointers[t]),
-                reinterpret_cast<const float*>(pointers[1 * tensors + t]),
-                reinterpret_cast<STATE_T*>(pointers[2 * tensors + t]),
-                reinterpret_cast<STATE_T*>(pointers[3 * tensors + t]),
+            float* param = reinterpret_cast<float*>(pointers[t]);
+            const float* grad = reinterpret_cast<const float*>(pointers[1 * tensors + t]);
 #ifdef ANO_CODES
-                reinterpret_cast<float*>(pointers[4 * tensors + t]),
-                reinterpret_cast<float*>(pointers[5 * tensors + t]),
+            if (coded[t]) {
+                update_codes(
+                    param, grad, reinterpret_cast<uint8_t*>(pointers[2 * tensors + t]),
+                    reinterpret_cast<uint8_t*>(pointers[3 * tensors + t]),
+                    reinterpret_cast<float*>(pointers[4 * tensors + t]),
+                    reinterpret_cast<float*>(pointers[5 * tensors + t]), begin, end, cols[t],
+                    noise_offsets[t], weight[t], correction[t], lr, beta2, eps, decay, inv_scale,
+                    rounding_v[t]);
+                continue;
+            }
 #endif
-                begin,
-                end,
-#ifdef ANO_CODES
-                cols[t],
-                noise_offsets[t],
-#endif
-                weight[t],
-                correction[t],
-                lr,
-                beta2,
-                eps,
-                decay,
-                inv_scale,
-#ifndef ANO_CODES
-                rounding_m[t],
-#endif
-                rounding_v[t]);
+            update_floats(
+                param, grad, reinterpret_cast<FloatState*>(pointers[2 * tensors + t]),
+                reinterpret_cast<FloatState*>(pointers[3 * tensors + t]), begin, end, weight[t],
+                correction[t], lr, beta2, eps, decay, inv_scale, rounding_m[t], rounding_v[t]);
         }
     }
 }
@@ -859,9 +900,10 @@ void update_group(
 }  // namespace
 
 // roles: the address (CPython's id) of a tuple of 5 lists (or tuples) of n tensors: params,
-// grads, exp_avgs, exp_avg_sqs and steps (with ANO_CODES 8: exp_avg_scales and
-// exp_avg_sq_scales before the steps, and a list of Python ints, the noise offsets, after). tensor_type, parameter_type: the addresses of
-// torch.Tensor and torch.nn.Parameter. outcome: the address of a one-item list. check_only: 1
+// grads, exp_avgs, exp_avg_sqs and steps. With ANO_CODES, 8: exp_avg_scales and
+// exp_avg_sq_scales before the steps (None for a tensor whose moments are float32, not codes),
+// and a list of Python ints, the noise offsets, after. tensor_type, parameter_type: the
+// addresses of torch.Tensor and torch.nn.Parameter. outcome: the address of a one-item list. check_only: 1
 // to check the tensors and report whether the kernel takes them, changing nothing (a step over
 // several groups checks every group before it updates any).
 //
@@ -913,11 +955,15 @@ extern "C" void kernel(
     const auto types = std::make_pair(
         reinterpret_cast<PyTypeObject*>(tensor_type), reinterpret_cast<PyTypeObject*>(parameter_type));
     std::vector<c10::TensorImpl*> impls(kRoles * tensors);
+    std::vector<char> coded(tensors, 0);
     const auto impl_of = [&](int64_t k, int64_t t, c10::ScalarType dtype) {
         PyObject* object = item(PyTuple_GET_ITEM(role_lists, k), t);
         return taken(object, types.first, types.second, dtype, k != 1);
     };
-    const bool all_taken = checked_group(tensors, impls, impl_of);
+    const auto absent = [&](int64_t k, int64_t t) {
+        return item(PyTuple_GET_ITEM(role_lists, k), t) == Py_None;
+    };
+    const bool all_taken = checked_group(tensors, impls, coded, impl_of, absent);
     if (!all_taken) return finish(false);
     // 8-bit codes: the index of each tensor's first element in its whole tensor (a shard's),
     // which the rounding noise counts from; Python ints.
@@ -936,12 +982,14 @@ extern "C" void kernel(
     // torch op; and as a torch op does, the kernel holds a reference to every TensorImpl it
     // writes or reads, taken while it still holds the GIL, until it is done (another thread may
     // drop the tensors' last Python references meanwhile).
-    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::incref(impl);
+    for (c10::TensorImpl* impl : impls)
+        if (impl != nullptr) c10::raw::intrusive_ptr::incref(impl);
     Py_BEGIN_ALLOW_THREADS
     update_group(
-        tensors, impls, noise_offsets, lr, momentum_weight, beta2, eps, weight_decay, inv_scale, block_size,
-        maximize, logarithmic_schedule);
+        tensors, impls, coded, noise_offsets, lr, momentum_weight, beta2, eps, weight_decay,
+        inv_scale, block_size, maximize, logarithmic_schedule);
     Py_END_ALLOW_THREADS
-    for (c10::TensorImpl* impl : impls) c10::raw::intrusive_ptr::decref(impl);
+    for (c10::TensorImpl* impl : impls)
+        if (impl != nullptr) c10::raw::intrusive_ptr::decref(impl);
     finish(true);
 }
