@@ -56,15 +56,17 @@ bool ano_step(
         if (static_cast<int64_t>(lists[k].size()) != tensors)
             throw std::runtime_error("5 lists of one tensor per parameter");
     std::vector<c10::TensorImpl*> impls(5 * tensors);
+    std::vector<char> coded(tensors, 0);  // float moments: no codes
     const auto impl_of = [&](int64_t k, int64_t t, c10::ScalarType dtype) {
         return impl_taken(lists[k][t].unsafeGetTensorImpl(), dtype, k != 1);
     };
-    if (!checked_group(tensors, impls, impl_of)) return false;
+    const auto absent = [](int64_t, int64_t) { return false; };
+    if (!checked_group(tensors, impls, coded, impl_of, absent)) return false;
     if (skip || check_only) return true;
     // The schema's floats are doubles: rounded to float32 here as the shipped binding does.
     const auto update = [&] {
         update_group(
-            tensors, impls, std::vector<int64_t>(tensors, 0), static_cast<float>(lr),
+            tensors, impls, coded, std::vector<int64_t>(tensors, 0), static_cast<float>(lr),
             static_cast<float>(momentum_weight),
             static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
             static_cast<float>(inv_scale), block, maximize, log);

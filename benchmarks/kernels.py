@@ -33,19 +33,19 @@ from ano_optimizer.fused import cpu
 
 CHOICES = ("group", "per_tensor", "portable", "copy_floor")
 
-# The element loop of cpu_kernel.cpp's update_block, from its template line to its closing brace.
+# The element loop of cpu_kernel.cpp's update_floats, from its template line to its closing
+# brace.
 _UPDATE_BLOCK = re.compile(
-    # The float/bfloat16 loop (the 8-bit one takes uint8_t codes, not STATE_T).
-    r"^template <bool kMaximize, bool kScaled, bool kDecayed>\nvoid update_block\(\n"
-    r"(?:.*\n){2}    STATE_T\* __restrict__ exp_avg,.*?^\}\n",
+    r"^template <bool kMaximize, bool kScaled, bool kDecayed, typename State>\n"
+    r"void update_floats\(\n.*?^\}\n",
     re.MULTILINE | re.DOTALL,
 )
-_COPY_BLOCK = """template <bool kMaximize, bool kScaled, bool kDecayed>
-void update_block(
+_COPY_BLOCK = """template <bool kMaximize, bool kScaled, bool kDecayed, typename State>
+void update_floats(
     float* __restrict__ param,
     const float* __restrict__ grad,
-    STATE_T* __restrict__ exp_avg,
-    STATE_T* __restrict__ exp_avg_sq,
+    State* __restrict__ exp_avg,
+    State* __restrict__ exp_avg_sq,
     int64_t begin,
     int64_t end,
     float, float, float, float, float, float, float, Noise, Noise) {
@@ -78,7 +78,7 @@ def _variant(state_dtype: torch.dtype, choice: str):
     if choice == "copy_floor":
         source, replaced = _UPDATE_BLOCK.subn(lambda _: _COPY_BLOCK, source)
         if replaced != 1:
-            raise RuntimeError("cpu_kernel.cpp's update_block was not found to replace")
+            raise RuntimeError("cpu_kernel.cpp's update_floats was not found to replace")
     # Both variants run the portable loop alone (the copy floor replaces that loop).
     defines = {"STATE_T": cpu._CPU_STATE_TYPES[state_dtype], "ANO_NO_INTRINSICS": "1"}
     return build_cpu_kernel(source, cpu._CPU_ARGTYPES, **defines)
