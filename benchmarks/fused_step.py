@@ -96,6 +96,8 @@ class CopyFloor:
         # Non-zero values: an untouched zero buffer can be the kernel's shared zero page, which
         # reads from cache and would make the floor too fast.
         n = self.numel
+        # Cut into the units of work of the kernel it is the floor of.
+        self.block = cpu._CODES_BLOCK if state_dtype == torch.uint8 else cpu._CPU_BLOCK
         self.buffers = (
             torch.full((n,), 1.0),
             torch.full((n,), 1e-3),
@@ -104,7 +106,7 @@ class CopyFloor:
         )
 
     def step(self):
-        self.kernel(*self.buffers, self.numel, cpu._CPU_BLOCK)
+        self.kernel(*self.buffers, self.numel, self.block)
 
 
 def _printed_number(code: str, env: dict | None = None) -> float:
