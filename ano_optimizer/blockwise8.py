@@ -315,14 +315,20 @@ def cpu_group_step(
     or the step is being traced)."""
     if not (lists[0] and lists[0][0].is_cpu) or torch.compiler.is_compiling():
         return False
+    return _codes_kernel_step(cpu_roles(lists, scales, has_complex), grad_scale, found_inf, scalars)
+
+
+def _codes_kernel_step(roles, grad_scale, found_inf, scalars: dict) -> bool:
+    """One call of the 8-bit CPU kernel over its eight role lists with the step's
+    hyper-parameters (``scalars`` as the step functions take them); False, with nothing
+    changed, where it does not take them all."""
     kernel_scalars = _cpu_scalars(
         scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["eps"],
         scalars["weight_decay"], grad_scale, found_inf,
     )  # fmt: skip
     return cpu_codes_call(
-        cpu_roles(lists, scales, has_complex), kernel_scalars, scalars["maximize"],
-        scalars["logarithmic_schedule"],
-    )  # fmt: skip
+        roles, kernel_scalars, scalars["maximize"], scalars["logarithmic_schedule"]
+    )
 
 
 def blockwise8_step(
@@ -347,14 +353,8 @@ def blockwise8_step(
             _real_views(params), _real_views(grads), exp_avgs, exp_avg_sqs, exp_avg_scales,
             exp_avg_sq_scales,
         )  # fmt: skip
-        kernel_scalars = _cpu_scalars(
-            scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["eps"],
-            scalars["weight_decay"], scalars.get("grad_scale"), scalars.get("found_inf"),
-        )  # fmt: skip
-        if cpu_codes_call(
-            (*lists, state_steps, noise_offsets), kernel_scalars, scalars["maximize"],
-            scalars["logarithmic_schedule"],
-        ):  # fmt: skip
+        roles = (*lists, state_steps, noise_offsets)
+        if _codes_kernel_step(roles, scalars.get("grad_scale"), scalars.get("found_inf"), scalars):
             return
     kernel = None
     if fused and params and not params[0].is_cpu and not torch.compiler.is_compiling():
