@@ -1,6 +1,6 @@
-"""Blockwise 8-bit moments (``state_dtype=torch.uint8``): the format, its eager step, and the
-GPU's compiled one (the CPU's fused step is ``fused/cpu_kernel.cpp`` built with ``ANO_CODES``,
-one call for a group's tensors with codes and its small tensors with float32 moments).
+"""Blockwise 8-bit moments (``state_dtype=torch.uint8``): the format. The step of tensors with
+codes is the operator ``ano::fused_step_`` (:mod:`.fused`): its CPU kernel, or its torch
+implementation (:mod:`.fused.torch_step`) on other devices and without ``fused=True``.
 
 A moment is kept as one-byte codes, one per element, and one float32 scale (the block's
 largest magnitude) per block of :data:`BLOCK` consecutive elements of a row, as in
@@ -37,30 +37,17 @@ optimizer) round to nearest.
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
-import warnings
 
 import torch
 from torch import Tensor
-
-from . import rounding
-from .fused import cpu_kernel_takes
-from .fused.batches import _real_views
-from .fused.cpu import _cpu_scalars, cpu_codes_call
-from .fused.inductor import _ano_math
-from .step_scalars import _amp_tensors, _hyper_tensor, _no_noise, _step_scalars
 
 __all__ = [
     "BLOCK",
     "MIN_COLS",
     "MIN_NUMEL",
-    "blockwise8_ano",
-    "blockwise8_step",
-    "cpu_group_step",
-    "cpu_kernels_take",
-    "cpu_roles",
+    "block_absmax",
     "dequantize",
     "float_state_dtype",
     "matrix_shape",
@@ -68,7 +55,6 @@ __all__ = [
     "quantize",
     "quantized_moments",
     "scale_shape",
-    "split_coded",
     "takes_codes",
 ]
 
@@ -248,270 +234,3 @@ def quantize(x: Tensor, noise: Tensor | None, *, signed: bool) -> tuple[Tensor, 
     else:
         codes = ((magnitude + (noise << (_UNSIGNED_SHIFT - 16))) >> _UNSIGNED_SHIFT).clamp_max(255)
     return codes.to(torch.uint8).view(x.shape), scale
-
-
-# Elements per chunk of the eager step (whole rows, at least one), whose float32 temporaries
-# stay small.
-_EAGER_NUMEL = 1 << 16
-
-
-def split_coded(lists, scales) -> tuple[tuple | None, tuple]:
-    """The five role lists of a group split by ``scales`` (one per tensor: its two moment
-    scales and noise offset, or None): the eight role lists of the tensors with 8-bit moments
-    (params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, noise
-    offsets; None if there are none), and the five of the others."""
-    if scales is None or all(s is None for s in scales):
-        return None, tuple(lists)
-    coded = [i for i, s in enumerate(scales) if s is not None]
-    rest = [i for i, s in enumerate(scales) if s is None]
-    params, grads, exp_avgs, exp_avg_sqs, steps = ([t[i] for i in coded] for t in lists)
-    m_scales, v_scales, offsets = ([scales[i][k] for i in coded] for k in (0, 1, 2))
-    return (
-        (params, grads, exp_avgs, exp_avg_sqs, m_scales, v_scales, steps, offsets),
-        tuple([t[i] for i in rest] for t in lists),
-    )
-
-
-def cpu_roles(lists, scales, has_complex: bool) -> tuple:
-    """The eight role lists of the 8-bit CPU kernel for a whole ``torch.uint8`` group, its
-    tensors with codes and the small ones with float32 moments together (``scales`` as
-    :func:`split_coded` takes it): params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales and
-    exp_avg_sq_scales (None without codes), steps, noise offsets. Complex tensors as real
-    views."""
-    params, grads, exp_avgs, exp_avg_sqs, steps = lists
-    if has_complex:
-        params, grads, exp_avgs, exp_avg_sqs = map(
-            _real_views, (params, grads, exp_avgs, exp_avg_sqs)
-        )
-    m_scales, v_scales, offsets = zip(*(s or _NO_SCALES for s in scales), strict=True)
-    return params, grads, exp_avgs, exp_avg_sqs, m_scales, v_scales, steps, offsets
-
-
-_NO_SCALES = (None, None, 0)
-
-
-def cpu_kernels_take(
-    lists, scales, maximize: bool, logarithmic_schedule: bool, has_complex: bool = True
-) -> bool:
-    """Whether the CPU group kernel takes a group's tensors whole (a ``torch.uint8`` group's
-    in one call of the 8-bit kernel, codes and float32 moments together); nothing changes."""
-    if scales is None:
-        return cpu_kernel_takes(lists, maximize, logarithmic_schedule)
-    if not (lists[0] and lists[0][0].is_cpu):
-        return False
-    roles = cpu_roles(lists, scales, has_complex)
-    return cpu_codes_call(roles, _CHECK_SCALARS, maximize, logarithmic_schedule, check_only=True)
-
-
-_CHECK_SCALARS = (0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0)
-
-
-def cpu_group_step(
-    lists, scales, has_complex: bool, *, grad_scale=None, found_inf=None, **scalars
-) -> bool:
-    """The fused step of a whole ``torch.uint8`` group of checked CPU tensors (the five role
-    lists, ``scales`` as :func:`split_coded` takes it) in one call of the 8-bit kernel: False,
-    with nothing changed, where the kernel does not take them all (or they are not on the CPU,
-    or the step is being traced)."""
-    if not (lists[0] and lists[0][0].is_cpu) or torch.compiler.is_compiling():
-        return False
-    return _codes_kernel_step(cpu_roles(lists, scales, has_complex), grad_scale, found_inf, scalars)
-
-
-def _codes_kernel_step(roles, grad_scale, found_inf, scalars: dict) -> bool:
-    """One call of the 8-bit CPU kernel over its eight role lists with the step's
-    hyper-parameters (``scalars`` as the step functions take them); False, with nothing
-    changed, where it does not take them all."""
-    kernel_scalars = _cpu_scalars(
-        scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["eps"],
-        scalars["weight_decay"], grad_scale, found_inf,
-    )  # fmt: skip
-    return cpu_codes_call(
-        roles, kernel_scalars, scalars["maximize"], scalars["logarithmic_schedule"]
-    )
-
-
-def blockwise8_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    exp_avg_scales: list[Tensor],
-    exp_avg_sq_scales: list[Tensor],
-    state_steps: list[Tensor],
-    noise_offsets: list[int],
-    *,
-    fused: bool,
-    **scalars,
-) -> None:
-    """The step of checked tensors with 8-bit moments: on the CPU with ``fused=True`` one
-    call of the C++ group kernel where it takes them all, else :func:`blockwise8_ano`.
-    ``noise_offsets``: the index of each tensor's first element in its whole tensor (a shard's
-    rows round as the unsharded tensor's)."""
-    if fused and params and params[0].is_cpu and not torch.compiler.is_compiling():
-        lists = (
-            _real_views(params), _real_views(grads), exp_avgs, exp_avg_sqs, exp_avg_scales,
-            exp_avg_sq_scales,
-        )  # fmt: skip
-        roles = (*lists, state_steps, noise_offsets)
-        if _codes_kernel_step(roles, scalars.get("grad_scale"), scalars.get("found_inf"), scalars):
-            return
-    kernel = None
-    if fused and params and not params[0].is_cpu and not torch.compiler.is_compiling():
-        kernel = proven_codes_kernel(scalars["maximize"], params[0].device)
-    blockwise8_ano(
-        params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
-        noise_offsets, kernel=kernel, **scalars,
-    )  # fmt: skip
-
-
-def blockwise8_ano(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    exp_avg_scales: list[Tensor],
-    exp_avg_sq_scales: list[Tensor],
-    state_steps: list[Tensor],
-    noise_offsets: list[int] | None = None,
-    *,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    logarithmic_schedule: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    kernel=None,
-) -> None:
-    """The eager step of (checked) tensors with 8-bit moments, in place; ``kernel``
-    (:func:`proven_codes_kernel`) steps each plain contiguous tensor whole instead.
-
-    Per block of the tensor: the moments are dequantized to float32, updated with the fused
-    kernels' arithmetic (:func:`.fused.inductor._ano_math`, so that this path and the fused
-    one write the same bits), and quantized again; the parameter is updated from the float32
-    moments. ``grad_scale`` and ``found_inf`` act as in the fused path (a step with
-    ``found_inf`` set changes nothing)."""
-    if not params:
-        return
-    if found_inf is not None and bool(found_inf.item()):
-        return
-    device = params[0].device
-    torch._foreach_add_(state_steps, 1.0)
-    weights, corrections = _step_scalars(
-        state_steps, beta1, beta2, logarithmic_schedule, torch.float32, device
-    )
-    hyper = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
-    skip, inv_scale = _amp_tensors(grad_scale, None, device)
-    no_noise = _no_noise(device)
-    for i, (param, grad, m_codes, v_codes) in enumerate(
-        zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)
-    ):
-        if param.is_complex():
-            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-        given = (param, m_codes, v_codes, exp_avg_scales[i], exp_avg_sq_scales[i])
-        v_noise = rounding.noise_parameter_tensor(state_steps[i].reshape(()), _V_STREAM)
-        offset = noise_offsets[i] if noise_offsets else 0
-        if kernel is not None and all(t.is_contiguous() for t in (*given, grad)):
-            rows, cols = matrix_shape(param.shape)
-            start = torch.full((), offset % 65536, dtype=torch.int32, device=device)
-            kernel(
-                param.view(rows, cols), grad.view(rows, cols), m_codes.view(rows, cols),
-                v_codes.view(rows, cols), exp_avg_scales[i], exp_avg_sq_scales[i], weights[i],
-                corrections[i], hyper, skip, inv_scale, v_noise.to(device), start,
-            )  # fmt: skip
-            continue
-        # Blocks follow the elements' logical order; other layouts are stepped as copies.
-        work = [t if t.is_contiguous() else t.contiguous() for t in given]
-        rows, cols = matrix_shape(work[0].shape)
-        p, m_all, v_all = (t.view(rows, cols) for t in work[:3])
-        m_scale, v_scale = (t.view(rows, -1) for t in work[3:])
-        g = grad.reshape(rows, cols)
-        chunk = max(1, _EAGER_NUMEL // max(cols, 1))
-        for first in range(0, rows, chunk):
-            part = slice(first, first + chunk)
-            m = dequantize(m_all[part], m_scale[part], signed=True)
-            v = dequantize(v_all[part], v_scale[part], signed=False)
-            _ano_math(
-                p[part], g[part], m, v, weights[i], corrections[i], hyper, skip, inv_scale,
-                no_noise, maximize=maximize,
-            )  # fmt: skip
-            codes, scale = quantize(m, None, signed=True)
-            m_all[part].copy_(codes)
-            m_scale[part].copy_(scale)
-            start = offset + first * cols
-            noise = rounding.hashed_noise(v, v_noise, start % 65536)  # the low 16 bits count
-            codes, scale = quantize(v, noise, signed=False)
-            v_all[part].copy_(codes)
-            v_scale[part].copy_(scale)
-        for target, result in zip(given, work, strict=True):
-            if result is not target:
-                target.copy_(result)
-
-
-_V_STREAM = rounding.EXP_AVG_SQ_STREAM
-
-
-def codes_update(
-    param, grad, m_codes, v_codes, m_scale, v_scale, weight, correction, hyper, skip,
-    inv_scale, v_noise, start, *, maximize: bool,
-) -> None:  # fmt: skip
-    """One tensor's 8-bit step as :func:`blockwise8_ano` computes it, in place, written for
-    ``torch.compile``: (rows, cols) views of contiguous tensors, the noise parameters and the
-    noise offset ``start`` (mod 2**16) as tensors, so that nothing recompiles from step to
-    step. The GPU's fused kernel (:func:`compiled_codes_update`)."""
-    rows, cols = param.shape
-    m = dequantize(m_codes, m_scale, signed=True)
-    v = dequantize(v_codes, v_scale, signed=False)
-    no_noise = torch.zeros(4, dtype=torch.int64, device=param.device)
-    _ano_math(
-        param, grad, m, v, weight, correction, hyper, skip, inv_scale, no_noise,
-        maximize=maximize,
-    )  # fmt: skip
-    codes, scale = quantize(m, None, signed=True)
-    m_codes.copy_(codes)
-    m_scale.copy_(scale)
-    multiplier, offset = v_noise.to(torch.int32).unbind(0)
-    index = torch.arange(rows * cols, device=param.device, dtype=torch.int32) + start
-    noise = (((index & 0xFFFF) * multiplier + offset) & 0xFFFF).view(rows, cols)
-    codes, scale = quantize(v, noise, signed=False)
-    v_codes.copy_(codes)
-    v_scale.copy_(scale)
-
-
-@functools.cache
-def compiled_codes_update(maximize: bool):
-    """:func:`codes_update` compiled once per ``maximize``, with dynamic shapes."""
-    return torch.compile(
-        functools.partial(codes_update, maximize=maximize), dynamic=True, fullgraph=True
-    )
-
-
-@functools.cache
-def proven_codes_kernel(maximize: bool, device: torch.device):
-    """:func:`compiled_codes_update` run first on tiny tensors on ``device``, where compiling
-    happens: a failure (no Triton, an Inductor error) surfaces here, before a step changes
-    anything. None, with one warning, where it fails; those steps run the eager math."""
-    try:
-        kernel = compiled_codes_update(maximize)
-        floats = [torch.zeros(2, 300, device=device) for _ in range(2)]
-        codes = [torch.zeros(2, 300, dtype=torch.uint8, device=device) for _ in range(2)]
-        scales = [torch.zeros(2, 2, device=device) for _ in range(2)]
-        scalars = [torch.full((), v, device=device) for v in (0.1, 1.0, 0.0, 1.0)]
-        hyper = torch.zeros(5, dtype=torch.float64, device=device)
-        noise = torch.ones(2, dtype=torch.int64, device=device)
-        start = torch.zeros((), dtype=torch.int32, device=device)
-        weight, correction, skip, inv_scale = scalars
-        kernel(*floats, *codes, *scales, weight, correction, hyper, skip, inv_scale, noise, start)
-        return kernel
-    except Exception as error:  # any compile or run failure: the eager math still works
-        warnings.warn(
-            f"Ano fused=True: torch.compile could not build the 8-bit kernel on {device} "
-            f"({type(error).__name__}: {str(error).strip().splitlines()[0][:300]}); 8-bit "
-            "tensors there are stepped with the same math run eagerly (slower)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None

@@ -30,11 +30,13 @@ from . import hyperparameters as hp
 from ._torch_internals import (
     capture_health_check,
     default_foreach,
+    foreach_lerp_,
     group_by_device_and_dtype,
     local_shard_offset,
     scalar_dtype,
 )
-from .fused import fused_ano
+from .fused import FusedLists, fused_ano, kernels_accept, native
+from .fused.torch_step import fused_step_checked_
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
 from .step_scalars import _step_scalars, unscale_or_skip
@@ -104,6 +106,8 @@ class Ano(Optimizer):
         if fused:
             # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling.
             self._step_supports_amp_scaling = True
+            if any(p.is_cpu for g in self.param_groups for p in g["params"]):
+                native.load()  # the CPU kernel is built (once per machine) before the first step
         keep_state_dtype_on_load(self)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -240,9 +244,11 @@ class Ano(Optimizer):
             self._new_state = None
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for done, (index, group, lists, has_complex, scales) in enumerate(batches):
+        for done, (index, group, lists, has_complex, scales, checked) in enumerate(batches):
             try:
-                self._update_group(index, group, lists, scales, has_complex, grad_scale, found_inf)
+                self._update_group(
+                    index, group, lists, scales, has_complex, grad_scale, found_inf, checked
+                )
             except Exception as error:
                 # The error keeps its type (torch.OutOfMemoryError stays catchable as such)
                 # and says what had changed.
@@ -257,10 +263,12 @@ class Ano(Optimizer):
         return loss
 
     def _checked_batches(self, owner: str) -> list:
-        """Each group's tensors (local shards of DTensors), checked: ``(group index, group,
-        (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex)`` for each group with a
-        gradient. Fused CPU groups are checked by their kernel (in C++, a fraction of the
-        Python checks' time) where it takes them all."""
+        """Each group's tensors (local shards of DTensors), checked: ``[group index, group,
+        (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex, scales, checked]`` for each
+        group with a gradient. Fused CPU groups are checked by the kernel itself (in C++, a
+        fraction of the Python checks' time) where it takes them all: a single group by its
+        step's own call (``checked`` False: refused, it is checked in Python then), several by
+        a check of every group before any changes."""
         batches = []
         for index, group in enumerate(self.param_groups):
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -268,18 +276,13 @@ class Ano(Optimizer):
             if params:
                 scales = self._scales(group, params)
                 lists = (*_local_shard_lists(params, grads, exp_avgs, exp_avg_sqs), steps)
-                batches.append([index, group, lists, has_complex, scales])
-        if all(
-            group["fused"]
-            and not group["capturable"]
-            and blockwise8.cpu_kernels_take(
-                lists, scales, group["maximize"], group["logarithmic_schedule"], has_complex
-            )
-            for _, group, lists, has_complex, scales in batches
-        ):
+                batches.append([index, group, lists, has_complex, scales, True])
+        if _kernel_checks(batches):
+            for batch in batches:
+                batch[5] = len(batches) > 1
             return batches
         for batch in batches:
-            index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales = batch
+            index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales, _ = batch
             grads = check_step_tensors(
                 params, grads, exp_avgs, exp_avg_sqs, steps, owner=owner,
                 where=_describer(index, group, params), scales=scales,
@@ -313,7 +316,9 @@ class Ano(Optimizer):
             for p, state in zip(params, states, strict=True)
         ]
 
-    def _update_group(self, index, group, lists, scales, has_complex, grad_scale, found_inf):
+    def _update_group(
+        self, index, group, lists, scales, has_complex, grad_scale, found_inf, checked=True
+    ):
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
         if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
             return
@@ -326,7 +331,7 @@ class Ano(Optimizer):
             has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"],
             logarithmic_schedule=group["logarithmic_schedule"], maximize=group["maximize"],
-            capturable=group["capturable"], checked=True, owner=type(self).__name__,
+            capturable=group["capturable"], checked=checked, owner=type(self).__name__,
             where=_describer(index, group, params),
         )  # fmt: skip
 
@@ -359,6 +364,22 @@ def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
     if param.is_complex() and state_dtype is not None:
         param = torch.view_as_real(param)
     return torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
+
+def _kernel_checks(batches: list) -> bool:
+    """Whether the fused CPU kernel checks every group's tensors itself (see
+    :meth:`Ano._checked_batches`)."""
+    if not batches or not all(
+        group["fused"] and not group["capturable"] and lists[0][0].is_cpu
+        for _, group, lists, _, _, _ in batches
+    ):
+        return False
+    if not native.load().loaded:
+        return False
+    return len(batches) == 1 or all(
+        kernels_accept(FusedLists(*lists, scales, has_complex))
+        for _, _, lists, has_complex, scales, _ in batches
+    )
 
 
 def _describer(index: int, group: dict, params: list[Tensor]) -> Callable[[int], str]:
@@ -586,7 +607,7 @@ def ano(
         params, grads, exp_avgs, exp_avg_sqs = _local_shard_lists(
             params, grads, exp_avgs, exp_avg_sqs
         )
-        if not fused or scales is not None:
+        if not fused:
             # (The fused path lets its CPU kernel check the tensors, and checks the rest.)
             grads = check_step_tensors(
                 params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner, where=_tensor,
@@ -602,7 +623,7 @@ def ano(
         fused=fused, grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex,
         beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
         logarithmic_schedule=logarithmic_schedule, maximize=maximize, capturable=capturable,
-        checked=not fused or scales is not None, owner="ano", where=_tensor,
+        checked=not fused, owner="ano", where=_tensor,
     )  # fmt: skip
 
 
@@ -667,26 +688,25 @@ def _ano_group(
         "logarithmic_schedule": logarithmic_schedule,
         "maximize": maximize,
     }
-    if scales is not None:
-        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        if fused and blockwise8.cpu_group_step(
-            lists, scales, has_complex, grad_scale=grad_scale, found_inf=found_inf, **scalars
-        ):
-            return
-        coded, rest = blockwise8.split_coded(lists, scales)
-        if coded is not None:
-            amp = {"grad_scale": grad_scale, "found_inf": found_inf} if fused else {}
-            blockwise8.blockwise8_step(*coded, fused=bool(fused), **amp, **scalars)
-            params, grads, exp_avgs, exp_avg_sqs, state_steps = rest
-            if not params:
-                return
-            has_complex = has_complex and any(p.is_complex() for p in params)
     if fused:
         fused_ano(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale=grad_scale,
-            found_inf=found_inf, checked=checked, owner=owner, where=where, **scalars,
+            found_inf=found_inf, scales=scales, has_complex=has_complex, checked=checked,
+            owner=owner, where=where, **scalars,
         )  # fmt: skip
         return
+    if scales is not None and any(s is not None for s in scales):
+        # 8-bit moments, not fused: the operator's torch implementation steps those tensors.
+        coded = [i for i, s in enumerate(scales) if s is not None]
+        lists = FusedLists(params, grads, exp_avgs, exp_avg_sqs, state_steps, scales)
+        fused_step_checked_(*lists.subset(coded).arguments(), **scalars)
+        rest = [i for i, s in enumerate(scales) if s is None]
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = (
+            [t[i] for i in rest] for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        )
+        if not params:
+            return
+        has_complex = has_complex and any(p.is_complex() for p in params)
     if any(
         m.dtype != p.dtype or v.dtype != p.dtype
         for p, m, v in zip(params, exp_avgs, exp_avg_sqs, strict=True)
@@ -1089,7 +1109,7 @@ def _foreach_ano_update_(
     torch._foreach_lerp_(exp_avg_sqs, b, 1.0 - beta2)
     del a, b
     if logarithmic_schedule:
-        torch._foreach_lerp_(exp_avgs, grads, weights)
+        foreach_lerp_(exp_avgs, grads, weights)
     else:
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     denom = torch._foreach_sqrt(exp_avg_sqs)

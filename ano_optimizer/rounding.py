@@ -19,7 +19,7 @@ per-element hash or ``torch.rand_like`` made them several times slower).
 
 Every path computes the same bits: :func:`noise_parameters` on Python numbers (eager steps),
 :func:`noise_parameter_tensor` on step tensors (capturable and compiled steps), and
-``fused/cpu_kernel.cpp`` in C++.
+``fused/kernel.cpp`` in C++.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "EXP_AVG_SQ_STREAM",
     "EXP_AVG_STREAM",
     "hashed_noise",
+    "noise_of_indices",
     "noise_parameter_tensor",
     "noise_parameters",
     "round_with_noise",
@@ -86,11 +87,18 @@ def hashed_noise(like: Tensor, parameters, start: int = 0) -> Tensor:
     """The 16 noise bits (int32) of elements ``start .. start + like.numel()`` of a tensor, shaped
     like ``like``, for ``parameters`` ``(A, B)``: two ints, or a 2-element integer tensor from
     :func:`noise_parameter_tensor`. Operands stay below 2**31, so nothing overflows int32."""
+    index = torch.arange(start, start + like.numel(), device=like.device, dtype=torch.int32)
+    return noise_of_indices(index.view(like.shape), parameters)
+
+
+def noise_of_indices(index: Tensor, parameters) -> Tensor:
+    """The 16 noise bits (int32) of the elements whose indices (in their whole tensor) are
+    ``index`` (an int32 tensor), for ``parameters`` ``(A, B)`` as :func:`hashed_noise` takes
+    them."""
     multiplier, offset = parameters
     if isinstance(multiplier, Tensor):
         multiplier, offset = multiplier.to(torch.int32), offset.to(torch.int32)
-    index = torch.arange(start, start + like.numel(), device=like.device, dtype=torch.int32)
-    return ((index.view(like.shape) & 0xFFFF) * multiplier + offset) & 0xFFFF
+    return ((index & 0xFFFF) * multiplier + offset) & 0xFFFF
 
 
 def round_with_noise(x: Tensor, noise: Tensor) -> Tensor:

@@ -5,19 +5,20 @@
 1. Equivalence on CUDA: fused vs the single-tensor path over 12 steps, float32 params (moments
    to float32 precision, rtol 1e-5 / atol 1e-6, parameters within the sign-flip budget of
    tests/test_fused.py), and bfloat16 state against float32 state.
-2. Recompilation: after the warm-up, new shapes, learning rates and steps compile nothing.
+2. A training step under ``torch.compile`` with ``fused=True``: one graph, no graph break, the
+   eager fused step's results, and no recompilation for new learning rates and steps.
 3. GradScaler on CUDA: an inf gradient skips the step without a host sync in the kernel.
 4. CUDA-graph capture with ``capturable=True`` on the single-tensor, foreach, fused and
    bfloat16-state paths: a step captured after warm-up and replayed with new gradients and a
    scheduled device learning rate against the same steps run eagerly.
-5. The hand-written Triton group kernel (``ano_optimizer/fused/triton.py``) against the
-   per-tensor compiled kernel: equivalence, and step time on ResNet-50's 161 tensors, where
-   one launch per tensor costs most. Decides whether it should become the default.
-6. 8-bit state: the compiled per-tensor kernel ``fused=True`` uses on CUDA against the eager
-   8-bit step there and the C++ kernel on the CPU (``check_8bit``).
+5. Step time on ResNet-50's 161 tensors, where launches cost most: ``fused=True`` (the
+   operator's multi-tensor torch implementation: one foreach launch per operation for a
+   bucket of tensors), ``foreach=True`` and ``AdamW(fused=True)``.
+6. 8-bit state: ``fused=True`` on CUDA against the same step on the CPU's C++ kernel
+   (``check_8bit``).
 7. Bandwidth on ~1 B parameters (64 tensors of rows of 1024): GB/s of fused Ano (float32,
-   bfloat16 and 8-bit state; per-tensor and Triton kernels), ``AdamW(fused=True)`` and a
-   compiled 4-read/3-write copy kernel, timed with CUDA events.
+   bfloat16 and 8-bit state), ``AdamW(fused=True)`` and a compiled 4-read/3-write copy kernel,
+   timed with CUDA events.
 Prints each result as it goes and writes them all as JSON; exits 1 if a check fails.
 ``--device cpu`` runs checks 1-3 only, as a smoke test of this script (``tests/test_gpu_check.py``).
 """
@@ -36,7 +37,6 @@ from torch._dynamo.utils import counters
 
 from ano_optimizer import Ano
 from ano_optimizer.optimizer import ano
-from benchmarks.kernels import AnoOnTriton, cpu_kernel
 
 HYPER = {
     "lr": 1e-2,
@@ -114,19 +114,39 @@ def check_equivalence(device) -> dict:
     }
 
 
-def check_recompiles(device) -> dict:
-    gen = torch.Generator(device).manual_seed(1)
-    shapes = [(17,), (2, 2, 2, 2), (1000,), (1,), (6, 1)]
-    params = [torch.randn(s, device=device, generator=gen) for s in shapes]
-    grads = [[torch.randn(s, device=device, generator=gen) for s in shapes] for _ in range(3)]
-    # On CPU, float32 tensors would take the C++ kernel, which has no graphs to count.
-    with cpu_kernel("per_tensor"):
-        _run(params, grads, True, steps=1)
-        before = counters["stats"]["unique_graphs"]
-        for lr in (1e-3, 2e-3, torch.tensor(5e-4)):
-            _run(params, grads, True, steps=3, lr=lr)
-        new = counters["stats"]["unique_graphs"] - before
-    return {"ok": new == 0, "new_graphs": new}
+def check_compiled_step(device) -> dict:
+    """``optimizer.step`` of a fused Ano under ``torch.compile(fullgraph=True)`` against the
+    same steps run eagerly: one graph (a graph break would raise), no recompilation as a tensor
+    learning rate changes, and the eager results (bit for bit where the graph calls the same
+    kernel: the CPU; to float32 rounding where Inductor compiles the torch implementation)."""
+    torch._dynamo.reset()
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1)
+        ).to(device)
+        lr = torch.tensor(1e-2, device=device)
+        return model, Ano(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
+
+    x, y = torch.randn(64, 16, device=device), torch.randn(64, 1, device=device)
+    eager_model, eager_opt = make()
+    compiled_model, compiled_opt = make()
+    compiled_step = torch.compile(compiled_opt.step, fullgraph=True)
+    counters.clear()
+    for k in range(4):
+        for model, step in ((eager_model, eager_opt.step), (compiled_model, compiled_step)):
+            model.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            step()
+        for opt in (eager_opt, compiled_opt):
+            opt.param_groups[0]["lr"].fill_(1e-2 * 0.5**k)
+    graphs = counters["stats"]["unique_graphs"]
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True)
+    )
+    return {"ok": graphs == 1 and diff < 1e-5, "graphs": graphs, "max_param_diff": diff}
 
 
 def check_grad_scaler(device) -> dict:
@@ -258,36 +278,23 @@ def _capture_without_capturable(device) -> dict:
     return {"ok": False, "error": "captured without capturable=True"}
 
 
-def check_triton_kernel(device) -> dict:
-    gen = torch.Generator(device).manual_seed(2)
-    params = [torch.randn(s, device=device, generator=gen) for s in SHAPES]
-    grads = [[torch.randn(s, device=device, generator=gen) for s in SHAPES] for _ in range(12)]
-    compiled = _run(params, grads, True)
-    ours = _run_optimizer(AnoOnTriton, params, grads)
-    moment_excess = _moment_excess(
-        pair for i in (1, 2) for pair in zip(ours[i], compiled[i], strict=True)
-    )
-    total = sum(p.numel() for p in params)
-    off = sum(int(((a - b).abs() > 1e-5).sum()) for a, b in zip(ours[0], compiled[0], strict=True))
-
+def check_group_step_time(device) -> dict:
+    """Step time on ResNet-50's tensors, launches and host time included."""
     from benchmarks.shapes import resnet50_shapes
 
     times = {}
     for label, factory in (
-        ("per-tensor compiled kernel", lambda ps: Ano(ps, fused=True)),
-        ("Triton group kernel", AnoOnTriton),
-        ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
+        ("Ano fused=True", lambda ps: Ano(ps, fused=True)),
+        ("Ano foreach=True", lambda ps: Ano(ps, foreach=True)),
+        ("AdamW fused=True", lambda ps: torch.optim.AdamW(ps, fused=True)),
     ):
         ps = [torch.nn.Parameter(torch.randn(s, device=device)) for s in resnet50_shapes()]
         for q in ps:
             q.grad = torch.randn_like(q)
         optimizer = factory(ps)
-        # Host time matters here: time the whole step, launches included.
         times[label] = _cuda_ms(optimizer.step)
         print(f"  ResNet-50 set, {label}: {times[label]:.3f} ms", flush=True)
-    ok = moment_excess <= 1 and off <= 0.01 * total
-    return {"ok": ok, "moment_excess": moment_excess, "param_coords_off": off, "of": total,
-            "resnet50_ms": times}  # fmt: skip
+    return {"ok": True, "resnet50_ms": times}
 
 
 def _cuda_ms(fn, steps=10) -> float:
@@ -312,22 +319,19 @@ def _copy_kernel(p, g, m, v):
 
 
 def check_8bit(device) -> dict:
-    """8-bit state (``state_dtype=torch.uint8``) on CUDA: the compiled per-tensor kernel of
-    ``fused=True`` against the eager 8-bit step on the GPU and against the C++ kernel on the
-    CPU, 8 steps on the same gradients (independent of the parameters): codes and scales
-    equal, or within one code on at most 0.1 % of the values; parameters to 1e-5."""
+    """8-bit state (``state_dtype=torch.uint8``) on CUDA: ``fused=True`` there (the operator's
+    torch implementation) against the C++ kernel on the CPU, 8 steps on the same gradients:
+    codes equal, or within one code on at most 0.1 % of the values; scales and parameters to
+    float32 precision. (The two compute the same float32 operations; only the per-tensor
+    scalars come from the device's float64 pow and log there.)"""
     shapes = [(300, 64), (70, 300), (64, 64, 3, 3), (5, 1000)]
     gen = torch.Generator().manual_seed(3)
     start = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(8)]
     runs = {}
-    for label, where, fused in (
-        ("compiled", device, True),
-        ("eager", device, False),
-        ("cpu kernel", torch.device("cpu"), True),
-    ):
+    for label, where in (("cuda", device), ("cpu kernel", torch.device("cpu"))):
         params = [torch.nn.Parameter(t.to(where)) for t in start]
-        optimizer = Ano(params, lr=1e-2, weight_decay=0.05, state_dtype=torch.uint8, fused=fused)
+        optimizer = Ano(params, lr=1e-2, weight_decay=0.05, state_dtype=torch.uint8, fused=True)
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.to(where)
@@ -336,26 +340,22 @@ def check_8bit(device) -> dict:
             {"param": p.detach().cpu(), **{k: v.cpu() for k, v in optimizer.state[p].items()}}
             for p in params
         ]
-    report: dict = {}
-    for other in ("eager", "cpu kernel"):
-        worst_codes, worst_param = 0.0, 0.0
-        for a, b in zip(runs["compiled"], runs[other], strict=True):
-            for key in ("exp_avg", "exp_avg_sq"):
-                differ = a[key] != b[key]
-                gap = (a[key].int() - b[key].int()).abs()
-                worst_codes = max(worst_codes, float(differ.float().mean()))
-                if differ.any() and int(gap.max()) > 1:
-                    worst_codes = 1.0
-            for key in ("exp_avg_scale", "exp_avg_sq_scale"):
-                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=0)
-            worst_param = max(worst_param, float(((a["param"] - b["param"]).abs()).max()))
-        report[other] = {"codes_off_fraction": worst_codes, "param_max_diff": worst_param}
-    report["ok"] = all(
-        r["codes_off_fraction"] <= 1e-3 and r["param_max_diff"] <= 1e-5
-        for r in report.values()
-        if isinstance(r, dict)
-    )
-    return report
+    worst_codes, worst_param = 0.0, 0.0
+    for a, b in zip(runs["cuda"], runs["cpu kernel"], strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            differ = a[key] != b[key]
+            gap = (a[key].int() - b[key].int()).abs()
+            worst_codes = max(worst_codes, float(differ.float().mean()))
+            if differ.any() and int(gap.max()) > 1:
+                worst_codes = 1.0
+        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=0)
+        worst_param = max(worst_param, float(((a["param"] - b["param"]).abs()).max()))
+    return {
+        "ok": worst_codes <= 1e-3 and worst_param <= 1e-5,
+        "codes_off_fraction": worst_codes,
+        "param_max_diff": worst_param,
+    }
 
 
 def check_bandwidth(device, billions: float) -> dict:
@@ -374,7 +374,6 @@ def check_bandwidth(device, billions: float) -> dict:
         ("Ano fused", lambda ps: Ano(ps, fused=True), 28),
         ("Ano fused bf16 state", lambda ps: Ano(ps, fused=True, state_dtype=torch.bfloat16), 20),
         ("Ano fused 8-bit state", lambda ps: Ano(ps, fused=True, state_dtype=torch.uint8), 16),
-        ("Ano fused, Triton kernel", AnoOnTriton, 28),
         ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True), 28),
     ):
         params = make()
@@ -415,10 +414,10 @@ def main(argv=None) -> int:
     report = {"torch": torch.__version__, "device": name}
     checks = [  # (name, check, needs CUDA)
         ("equivalence", check_equivalence, False),
-        ("recompiles", check_recompiles, False),
+        ("compiled_step", check_compiled_step, False),
         ("grad_scaler", check_grad_scaler, False),
         ("cuda_graph", check_cuda_graph, True),
-        ("triton_kernel", check_triton_kernel, True),
+        ("group_step_time", check_group_step_time, True),
         ("8bit", check_8bit, True),
         ("bandwidth", lambda d: check_bandwidth(d, args.billions), True),
     ]

@@ -29,7 +29,8 @@ import time
 import torch
 
 from ano_optimizer import Ano, blockwise8, rounding
-from benchmarks.fused_step import CopyFloor, floor_gb_s, paired_ratio
+from benchmarks.fused_step import floor_gb_s, paired_ratio
+from benchmarks.kernels import CopyFloor
 from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 

@@ -30,12 +30,12 @@ def test_gpu_check_runs_its_device_independent_checks_on_cpu(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(output.read_text())
     assert report["device"] == "cpu"
-    for name in ("equivalence", "recompiles", "grad_scaler"):
+    for name in ("equivalence", "compiled_step", "grad_scaler"):
         assert report[name]["ok"] is True, report[name]
     assert report["equivalence"]["moment_excess"] <= 1
-    assert report["recompiles"]["new_graphs"] == 0
+    assert report["compiled_step"]["graphs"] == 1
     assert report["grad_scaler"]["step"] == 1.0
-    for name in ("cuda_graph", "triton_kernel", "8bit", "bandwidth"):
+    for name in ("cuda_graph", "group_step_time", "8bit", "bandwidth"):
         assert report[name] == {"skipped": "needs CUDA"}
 
 

@@ -90,7 +90,7 @@ def test_wheel_contents(wheel):
         "keras/optimizers.py",
     ):
         assert f"ano_optimizer/{module}" in names
-    assert "ano_optimizer/fused/cpu_kernel.cpp" in names  # built at run time by the fused CPU path
+    assert "ano_optimizer/fused/kernel.cpp" in names  # built at run time by the fused CPU path
     assert "ano_optimizer/py.typed" in names  # PEP 561: type checkers read the annotations
     assert not [n for n in names if n.startswith("integrations/")]
     assert "[ano_optimizer.optimizers]" in entry_text
@@ -133,9 +133,9 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
             )
             errors[name] = float(np.abs(weight.detach().numpy() - expected[-1]).max())
 
-        # The fused CPU path builds cpu_kernel.cpp from the installed package.
+        # The fused CPU path builds kernel.cpp from the installed package.
         from ano_optimizer import Ano
-        from ano_optimizer.fused import cpu
+        from ano_optimizer.fused import native
         fused_p = torch.nn.Parameter(torch.randn(50))
         plain_p = torch.nn.Parameter(fused_p.detach().clone())
         fused_opt, plain_opt = Ano([fused_p], lr=1e-2, fused=True), Ano([plain_p], lr=1e-2)
@@ -151,7 +151,7 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
             "entry_points": sorted((e.name, e.value, str(e.dist.locate_file(""))) for e in ours),
             "sources": {n: get_optimizer_spec(n).source for n in names},
             "errors": errors,
-            "fused_kernel_built": cpu._cpu_kernel(torch.float32) is not None,
+            "fused_kernel_built": native.status().loaded,
             "fused_error": float((fused_p - plain_p).abs().max()),
         }))
     """

@@ -133,12 +133,18 @@ def _optax_integration(report: dict) -> None:
 
 
 def _fused_kernel(report: dict) -> None:
-    from .._torch_internals import cpu_toolchain
-    from ..fused.cpu import cpu_kernel_status
+    from ..fused import native
 
     print("checking the fused CPU kernel (a first build compiles it)...", file=sys.stderr)
-    builds, reason = cpu_kernel_status()
-    report["fused_cpu_kernel"] = {"builds": builds, "reason": reason, **cpu_toolchain()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reason is in the report
+        status = native.load()
+    report["fused_cpu_kernel"] = {
+        "builds": status.loaded,
+        "reason": status.reason,
+        "library": str(status.library) if status.library else None,
+        **native.toolchain(),
+    }
 
 
 def _plugins(report: dict) -> None:
@@ -218,7 +224,9 @@ def render(report: dict) -> str:
         "",
         "fused CPU kernel: " + ("builds" if kernel["builds"] else f"not built: {kernel['reason']}"),
         f"  compiler   {kernel['compiler'] or 'unknown'}",
+        f"  ninja      {kernel['ninja'] or 'not found (pip install ninja)'}",
         f"  cache dir  {kernel['cache_dir'] or 'unknown'}",
+        f"  CPU        {kernel['cpu_vector_isa']}",
         "",
     ]
     plugins = report["plugins"]

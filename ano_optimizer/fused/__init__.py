@@ -1,47 +1,186 @@
-"""The ``fused=True`` step: every tensor of a group updated by one kernel pass that reads
-``param``, ``grad``, ``exp_avg`` and ``exp_avg_sq`` once and writes the three updated tensors
-once (a step is pure memory traffic).
+"""The ``fused=True`` step: every tensor of a group updated by one call of the operator
+``ano::fused_step_`` (:mod:`.op`), which reads each parameter, gradient and both moments once and
+writes the three updated tensors once.
 
-Which kernel runs a tensor is settled here for a whole step before anything changes:
+- :mod:`.op`: the operator, declared through ``torch.library``;
+- :mod:`.native`: its CPU kernel (``kernel.cpp``), built with ``torch.utils.cpp_extension`` on
+  first use;
+- :mod:`.torch_step`: its implementation in torch operations, which every other device runs
+  (and the CPU where no kernel can be built);
+- :func:`kernel_takes`: which tensors the CPU kernel takes.
 
-- :mod:`.cpu`: the common CPU case (float32 parameters and gradients, float32 or bfloat16
-  state) in one C++ call per group;
-- :mod:`.triton`: the GPU counterpart, one launch per group (not the default);
-- :mod:`.inductor`: every other tensor, one ``torch.compile`` kernel call each, or the same
-  math eagerly where no compiled kernel can take it (a wrapper subclass, a failed build).
+On the CPU a group is handed to the kernel whole; the kernel checks every tensor before it
+changes anything. Where it refuses one, the tensors are checked in Python
+(:mod:`..tensor_checks`: a clear error for an invalid one), the ones it takes go to it and the
+others to the torch implementation, with one warning that says how many and why.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .._torch_internals import group_by_device_and_dtype
-from ..step_scalars import _amp_tensors, _hyper_tensor, _noise_parameters, _step_scalars
+from .._torch_internals import functionalizes_mutable_lists
 from ..tensor_checks import check_step_tensors
-from .batches import _addressable, _real_views
-from .cpu import _cpu_group_call, _cpu_scalars, _sorted_batches
-from .inductor import _ano_math, _eager_ano_math, _flat, _proven_kernel
+from . import native, op
+from .torch_step import fused_step_checked_, is_dense
 
-__all__ = ["cpu_kernel_takes", "fused_ano"]
+__all__ = ["FusedLists", "fused_ano", "kernel_takes", "kernels_accept", "real_views"]
+
+# Tensor types whose memory the kernel may address (their dispatch is torch's own).
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
-def _tensor_index(i: int) -> str:
-    return f"tensor {i}"
+def real_views(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Complex tensors as their real views (a real state tensor of a complex parameter is kept
+    as that view already)."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
 
-def cpu_kernel_takes(lists, maximize: bool, logarithmic_schedule: bool) -> bool:
-    """Whether the CPU group kernel takes the five role lists (params, grads, exp_avgs,
-    exp_avg_sqs, steps) of one group whole, as they are; nothing changes. A step over several
-    fused groups asks this of every group before it updates any."""
-    if not (lists[0] and lists[0][0].is_cpu):
-        return False
-    scalars = (0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0)
-    return _cpu_group_call(
-        lists[2][0].dtype, lists, scalars, maximize, logarithmic_schedule, check_only=True
+class FusedLists:
+    """A group's tensors as the operator takes them: the five role lists (complex tensors as
+    real views) and, for 8-bit moments, each tensor's scales (an empty tensor where its
+    moments are floats) and noise offset; the scale lists are empty without codes."""
+
+    __slots__ = (
+        "exp_avg_scales",
+        "exp_avg_sq_scales",
+        "exp_avg_sqs",
+        "exp_avgs",
+        "grads",
+        "noise_offsets",
+        "params",
+        "state_steps",
     )
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales=None,
+                 has_complex=True):  # fmt: skip
+        if has_complex:
+            params, grads, exp_avgs, exp_avg_sqs = map(
+                real_views, (params, grads, exp_avgs, exp_avg_sqs)
+            )
+        self.params, self.grads = list(params), list(grads)
+        self.exp_avgs, self.exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
+        self.state_steps = list(state_steps)
+        self.exp_avg_scales: list[Tensor] = []
+        self.exp_avg_sq_scales: list[Tensor] = []
+        self.noise_offsets: list[int] = []
+        if scales is not None and any(s is not None for s in scales):
+            for p, s in zip(self.params, scales, strict=True):
+                m_scale, v_scale, offset = s if s is not None else (*_no_scales(p), 0)
+                self.exp_avg_scales.append(m_scale)
+                self.exp_avg_sq_scales.append(v_scale)
+                self.noise_offsets.append(offset)
+
+    def arguments(self) -> tuple:
+        return (
+            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.state_steps,
+            self.exp_avg_scales, self.exp_avg_sq_scales, self.noise_offsets,
+        )  # fmt: skip
+
+    def subset(self, indices: Sequence[int]) -> FusedLists:
+        picked = FusedLists.__new__(FusedLists)
+        for name in FusedLists.__slots__:
+            values = getattr(self, name)
+            setattr(picked, name, [values[i] for i in indices] if values else [])
+        return picked
+
+
+def _no_scales(param: Tensor) -> tuple[Tensor, Tensor]:
+    """The empty scales of a tensor whose moments are floats: one pair per device, reused
+    (under torch.compile, made in the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.empty(0, device=param.device), torch.empty(0, device=param.device)
+    return _empty_pair(param.device)
+
+
+@functools.cache
+def _empty_pair(device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.empty(0, device=device), torch.empty(0, device=device)
+
+
+def kernel_takes(lists: FusedLists, i: int) -> str | None:
+    """None where the CPU kernel takes tensor ``i`` of ``lists`` as it is, else why not (from
+    the tensors' metadata alone, as the kernel's own checks decide; nothing is read)."""
+    p, g, m, v, step = (
+        lists.params[i], lists.grads[i], lists.exp_avgs[i], lists.exp_avg_sqs[i],
+        lists.state_steps[i],
+    )  # fmt: skip
+    tensors = (p, g, m, v)
+    if not all(t.device.type == "cpu" for t in (*tensors, step)):
+        return "not on the CPU"
+    if any(type(t).__torch_dispatch__ is not _PLAIN_DISPATCH for t in (*tensors, step)):
+        return "a tensor subclass with its own dispatch"
+    if p.dtype != torch.float32 or g.dtype != torch.float32:
+        return f"{str(p.dtype).removeprefix('torch.')} parameters"
+    if m.dtype != v.dtype or m.dtype not in _STATE_DTYPES:
+        return f"{str(m.dtype).removeprefix('torch.')} moments"
+    if any(t.layout != torch.strided for t in tensors):
+        return "a sparse tensor"
+    # (Flags that torch.compile cannot trace; its functionalized graph has no such views.)
+    if not torch.compiler.is_compiling() and any(
+        t.is_neg() or t.is_conj() or t._is_zerotensor() for t in tensors
+    ):
+        return "a negative, conjugate or zero tensor"
+    if not all(is_dense(t) for t in tensors) or not (
+        all(t.is_contiguous() for t in tensors) or all(t.stride() == p.stride() for t in tensors)
+    ):
+        return "a layout with gaps, or unlike its gradient's or moments'"
+    if step.numel() != 1 or step.dtype not in (torch.float32, torch.float64):
+        return "a step count of other than one float number"
+    if m.dtype == torch.uint8 and (
+        not lists.exp_avg_scales or p.dim() == 0 or not p.is_contiguous()
+    ):
+        return "8-bit codes of a tensor that is not contiguous"
+    return None
+
+
+_WARNED: set = set()
+
+
+def _warn_torch_path(reasons: dict[str, int], total: int) -> None:
+    """Once per process and set of reasons: which tensors ``fused=True`` steps with the
+    operator's torch implementation, as ``AdamW(fused=True)`` refuses what it cannot take."""
+    key = frozenset(reasons)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    counted = ", ".join(f"{n} with {reason}" for reason, n in sorted(reasons.items()))
+    warnings.warn(
+        f"Ano fused=True: the CPU kernel does not take {sum(reasons.values())} of the "
+        f"{total} tensors ({counted}); they are stepped by the operator's torch "
+        "implementation, several times slower",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def _call(lists: FusedLists, options: dict) -> None:
+    lr = options["lr"]
+    step = (
+        torch.ops.ano.fused_step_.tensor_lr if isinstance(lr, Tensor) else torch.ops.ano.fused_step_
+    )
+    step(*lists.arguments(), **options)
+
+
+def kernels_accept(lists: FusedLists) -> bool:
+    """Whether the CPU kernel takes every tensor of a group as it is (its own checks, through
+    ``ano::fused_step_check``; nothing changes): a step over several groups asks this of every
+    group before it updates any."""
+    if not lists.params:
+        return True
+    if not lists.params[0].is_cpu or not native.load().loaded:
+        return False
+    try:
+        torch.ops.ano.fused_step_check(*lists.arguments())
+    except (NotImplementedError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def fused_ano(
@@ -60,119 +199,80 @@ def fused_ano(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    scales: Sequence[tuple[Tensor, Tensor, int] | None] | None = None,
+    has_complex: bool = True,
     checked: bool = False,
     owner: str = "ano",
-    where: Callable[[int], str] = _tensor_index,
+    where: Callable[[int], str] | None = None,
 ) -> None:
-    """Run the fused update over lists of tensors, in place (the ``fused=True`` path of
-    :func:`ano_optimizer.ano`). ``state_steps`` are incremented here, except on a step that
-    ``found_inf`` marks as skipped.
-
-    Every tensor is checked before any changes (:mod:`ano_optimizer.tensor_checks`; ``checked``
-    says the caller has done so); a tensor that no kernel can take as it is runs the same
-    math eagerly."""
+    """The fused update over lists of tensors, in place (the ``fused=True`` path of
+    :func:`ano_optimizer.ano`); ``state_steps`` are incremented, except on a step that
+    ``found_inf`` marks as skipped. ``scales``: each tensor's 8-bit moment scales and noise
+    offset, or None (:meth:`ano_optimizer.Ano._scales`). ``checked``: the caller has checked
+    the tensors (:mod:`..tensor_checks`)."""
     if not params:
         return
-    compiling = torch.compiler.is_compiling()
-    if not compiling and params[0].is_cpu:
-        # The usual CPU group takes one kernel call and nothing else: the kernel checks the
-        # tensors itself, and nothing is grouped or built for the hyper-parameters. Each
-        # Python or torch call skipped here matters more than its own time suggests: between
-        # steps, forward and backward evict the code and the tensors' objects from the
-        # caches, and a cold call costs several times a warm one. (Only on the CPU: the
-        # scalars are read on the host, a sync for a GPU group.)
-        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        scalars = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        if _cpu_group_call(exp_avgs[0].dtype, lists, scalars, maximize, logarithmic_schedule):
-            return
-    if not compiling and not checked:
-        grads = check_step_tensors(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner, where=where
-        )
-    grouped = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
-    # Every route is settled (and every kernel built) for every device's tensors before the
-    # first of them changes.
-    plans = [
-        _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf,
-              maximize, logarithmic_schedule, compiling)
-        for (device, _), tensors in grouped.items()
-    ]  # fmt: skip
-    for plan in plans:
-        _run(plan, beta1, beta2, logarithmic_schedule, maximize, found_inf, compiling)
-
-
-def _plan(device, tensors, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, maximize,
-          log, compiling) -> dict:  # fmt: skip
-    """The routes of one device's tensors: the CPU group kernel's batches, and for each
-    other tensor its compiled kernel (None: the eager math)."""
-    d_params, d_grads, d_avgs, d_avg_sqs, d_steps = tensors  # fresh lists, one per role
-    plan = {"device": device, "batches": {}, "tensors": None, "kernels": {}}
-    left = list(range(len(d_params)))
-    if not compiling and device.type == "cpu":
-        plan["scalars"] = _cpu_scalars(lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
-        batches, left = _sorted_batches((d_params, d_grads, d_avgs, d_avg_sqs, d_steps))
-        for state_dtype, (indices, batch) in batches.items():
-            if _cpu_group_call(state_dtype, batch, plan["scalars"], maximize, log, True):
-                plan["batches"][state_dtype] = batch
-            else:
-                left += indices
-        left.sort()
-    plan["tensors"] = [
-        [t[i] for i in left] for t in (d_params, d_grads, d_avgs, d_avg_sqs, d_steps)
-    ]
-    if plan["tensors"][0]:
-        plan["hyper"] = _hyper_tensor(lr, beta1, beta2, eps, weight_decay, device)
-        plan["amp"] = _amp_tensors(grad_scale, found_inf, device)
-    if not compiling:
-        for i, args in enumerate(zip(*plan["tensors"][:4], strict=True)):
-            args = _real_views(args)
-            if args[0].numel() and _addressable(args):
-                key = (maximize, device.type, tuple(t.dtype for t in args), args[0].numel() == 1)
-                plan["kernels"][i] = _proven_kernel(key, device)
-    return plan
-
-
-def _run(plan, beta1, beta2, log, maximize, found_inf, compiling) -> None:
-    device = plan["device"]
-    for batch in plan["batches"].values():
-        if not _cpu_group_call(batch[2][0].dtype, batch, plan["scalars"], maximize, log):
-            raise RuntimeError(
-                "the CPU group kernel refused tensors it had accepted a moment before "
-                "(did another thread change them during the step?)"
-            )
-    d_params, d_grads, d_avgs, d_avg_sqs, d_steps = plan["tensors"]
-    if not d_params:
+    lists = FusedLists(params, grads, exp_avgs, exp_avg_sqs, state_steps, scales, has_complex)
+    options = {
+        "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+        "logarithmic_schedule": logarithmic_schedule, "maximize": maximize,
+        "grad_scale": grad_scale, "found_inf": found_inf,
+    }  # fmt: skip
+    if torch.compiler.is_compiling():
+        _traced(lists, options)
         return
-    hyper, (skip, inv_scale) = plan["hyper"], plan["amp"]
-    # One increment for the whole list; a skipped step (found_inf = 1) adds 0.
-    increment = 1.0 - skip.to(d_steps[0].device) if found_inf is not None else 1.0
-    torch._foreach_add_(d_steps, increment)
-    wide = d_params[0].dtype in (torch.float64, torch.complex128)
-    weights, corrections = _step_scalars(
-        d_steps, beta1, beta2, log, torch.float64 if wide else torch.float32, device
-    )
-    noise = _noise_parameters(d_steps, d_avgs, d_avg_sqs, device)
-    for i in range(len(d_params)):
-        args = _real_views((d_params[i], d_grads[i], d_avgs[i], d_avg_sqs[i]))
-        scalars = (weights[i], corrections[i], hyper, skip, inv_scale, noise[i])
-        if compiling:
-            # Inside the user's own torch.compile the update is traced and fused with it.
-            _ano_math(*args, *scalars, maximize=maximize)
-            continue
-        if args[0].numel() == 0:
-            continue
-        kernel = plan["kernels"].get(i)
-        if kernel is None:
-            _eager_ano_math(args, *scalars, maximize)
-            continue
-        param, _, exp_avg, exp_avg_sq = args
-        contiguous = all(t.is_contiguous() for t in args)
-        # Only the first call of a kernel needs its length marked symbolic (the proving call
-        # did); later calls match the symbolic graph's guards anyway.
-        flat = [_flat(t if contiguous else t.contiguous(), False) for t in args]
-        kernel(*flat, *scalars)
-        if not contiguous:
-            for target, result in zip(
-                (param, exp_avg, exp_avg_sq), flat[:1] + flat[2:], strict=True
-            ):
-                target.copy_(result.view_as(target))
+    on_cpu = lists.params[0].is_cpu
+    if on_cpu and native.load().loaded:
+        try:
+            # The usual CPU group: one call, which checks every tensor before it changes any.
+            _call(lists, options)
+            return
+        except (NotImplementedError, ValueError, RuntimeError):
+            # The operator raises before it changes anything (its checks, or torch's
+            # dispatcher refusing an argument): check in Python, and split the group.
+            pass
+    if not checked:
+        grads = check_step_tensors(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner,
+            where=where or _tensor_index, scales=scales,
+        )  # fmt: skip
+        lists.grads = real_views(grads) if has_complex else list(grads)
+    if not on_cpu or not native.status().loaded:
+        # Other devices (and a CPU without the kernel) run the torch implementation.
+        fused_step_checked_(*lists.arguments(), **options)
+        return
+    reasons = {i: kernel_takes(lists, i) for i in range(len(lists.params))}
+    taken = [i for i, reason in reasons.items() if reason is None]
+    others = [i for i, reason in reasons.items() if reason is not None]
+    counts: dict[str, int] = {}
+    for i in others:
+        counts[reasons[i]] = counts.get(reasons[i], 0) + 1
+    if others:
+        _warn_torch_path(counts, len(lists.params))
+    if taken:
+        _call(lists.subset(taken), options)
+    if others:
+        fused_step_checked_(*lists.subset(others).arguments(), **options)
+
+
+def _traced(lists: FusedLists, options: dict) -> None:
+    """Inside the user's ``torch.compile``: the tensors the CPU kernel takes (known from their
+    metadata) as one operator call, the others as the torch implementation, traced. (Before
+    torch 2.5 the operator cannot be functionalized: everything is traced.)"""
+    if not functionalizes_mutable_lists():
+        fused_step_checked_(*lists.arguments(), **options)
+        return
+    taken = [i for i in range(len(lists.params)) if kernel_takes(lists, i) is None]
+    others = [i for i in range(len(lists.params)) if i not in set(taken)]
+    if taken:
+        _call(lists.subset(taken) if others else lists, options)
+    if others:
+        fused_step_checked_(*lists.subset(others).arguments(), **options)
+
+
+def _tensor_index(i: int) -> str:
+    return f"tensor {i}"
+
+
+# The operator exists as soon as the package does.
+assert op.LIBRARY is not None

@@ -1,0 +1,615 @@
+// The CPU implementation of the operator ano::fused_step_ (schema and torch implementation:
+// op.py, torch_step.py): one call updates every tensor of a parameter group in place, reading
+// each parameter, gradient and both moments once and writing the three updated tensors once.
+//
+// native.py builds this file with torch.utils.cpp_extension on first use, with -march=native:
+// the loops below are plain C++ over contiguous memory that the compiler vectorizes for the
+// instructions of the machine it runs on (AVX2, AVX-512, NEON, ...), one source for every CPU.
+// (at::vec::Vectorized, tried for the element arithmetic, ran slower here: its partial-vector
+// loads and stores and its bit operations took more instructions than the compiler's own code.)
+//
+// Every operation is torch_step.py's, in the same order and in float32 (the build has
+// -ffp-contract=off: no fused multiply-adds), so the two implementations write the same bits;
+// tests/test_fused.py holds them to it. The per-tensor scalars are computed in double from the
+// step count (libm's pow, sqrt and log, as Python's float arithmetic) and rounded once.
+//
+// The kernel checks every tensor before anything changes: devices, layouts, dtypes, sizes,
+// strides, storage extents, inference and zero tensors, the scales' shapes. A tensor it cannot
+// take (a dtype or layout without a loop here) raises NotImplementedError, an invalid one
+// ValueError; either way nothing has changed, and the Python dispatch (fused/__init__.py) then
+// checks in Python and steps such tensors with the torch implementation.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+inline uint32_t bits_of(float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+}
+
+inline float float_of(uint32_t b) {
+    float x;
+    std::memcpy(&x, &b, sizeof x);
+    return x;
+}
+
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 1, 3);
+#else
+    (void)p;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The update of one element.
+
+// A tensor's float32 scalars for this step, rounded as torch_step.py rounds them.
+struct Scalars {
+    float weight;           // 1 - beta1_k
+    float one_minus_beta2;  // 1 - beta2
+    float eps_c;            // eps * sqrt(1 - beta2^k)
+    float step_size;        // lr * sqrt(1 - beta2^k)
+    float decay;            // 1 - lr * weight_decay
+    float inv_scale;        // 1 / GradScaler's scale
+    uint32_t negate;        // the sign bit, to maximize
+};
+
+// A tensor's rounding noise for this step: element i's 16 bits are (i * A + B) mod 2**16, for
+// exp_avg (m) and exp_avg_sq (v) (rounding.py).
+struct Noise {
+    uint32_t m_multiplier, m_offset, v_multiplier, v_offset;
+};
+
+// torch.sign(x) * y, with sign(0) = sign(NaN) = 0 (so 0 * y: NaN for an infinite or NaN y): 1
+// with x's sign bit, zeroed unless x < 0 or x > 0 (an ordered compare: false for NaN), times y.
+inline float sign_times(float x, float y) {
+    const uint32_t nonzero = std::islessgreater(x, 0.0f) ? 0xFFFFFFFFu : 0u;
+    return float_of((bits_of(1.0f) | (bits_of(x) & 0x80000000u)) & nonzero) * y;
+}
+
+// The update: returns the new parameter, sets the new moments.
+inline float update(float p, float grad, float m, float v, const Scalars& c, float& m_new,
+                    float& v_new) {
+    const float g = float_of(bits_of(grad * c.inv_scale) ^ c.negate);
+    const float g2 = g * g;
+    v_new = v + c.one_minus_beta2 * (sign_times(g2 - v, g2) - v);
+    m_new = m + c.weight * (g - m);
+    const float ratio = std::fabs(g) / (std::sqrt(v_new) + c.eps_c);
+    return p * c.decay - sign_times(m_new, c.step_size * ratio);
+}
+
+// Elements [begin, end) of a tensor with float32 moments.
+void update_float32(float* __restrict__ param, const float* __restrict__ grad,
+                    float* __restrict__ exp_avg, float* __restrict__ exp_avg_sq, int64_t begin,
+                    int64_t end, const Scalars& scalars) {
+    const Scalars c = scalars;  // a copy the stores below cannot alias: held in registers
+    for (int64_t i = begin; i < end; ++i) {
+        float m_new, v_new;
+        param[i] = update(param[i], grad[i], exp_avg[i], exp_avg_sq[i], c, m_new, v_new);
+        exp_avg[i] = m_new;
+        exp_avg_sq[i] = v_new;
+    }
+}
+
+// Elements [begin, end) of a tensor with bfloat16 moments: widened (exactly), updated, and
+// narrowed with stochastic rounding: 16 noise bits added below the kept half, then truncated.
+void update_bfloat16(float* __restrict__ param, const float* __restrict__ grad,
+                     uint16_t* __restrict__ exp_avg, uint16_t* __restrict__ exp_avg_sq,
+                     int64_t begin, int64_t end, const Scalars& scalars, const Noise& noise) {
+    const Scalars c = scalars;
+    const uint32_t m_step = noise.m_multiplier, v_step = noise.v_multiplier;
+    // Only the low 16 bits of i * A + B count: counters stepped by A serve.
+    uint32_t m_noise = static_cast<uint32_t>(begin) * m_step + noise.m_offset;
+    uint32_t v_noise = static_cast<uint32_t>(begin) * v_step + noise.v_offset;
+    for (int64_t i = begin; i < end; ++i) {
+        float m_new, v_new;
+        param[i] = update(param[i], grad[i], float_of(static_cast<uint32_t>(exp_avg[i]) << 16),
+                          float_of(static_cast<uint32_t>(exp_avg_sq[i]) << 16), c, m_new, v_new);
+        exp_avg[i] = static_cast<uint16_t>((bits_of(m_new) + (m_noise & 0xFFFFu)) >> 16);
+        exp_avg_sq[i] = static_cast<uint16_t>((bits_of(v_new) + (v_noise & 0xFFFFu)) >> 16);
+        m_noise += m_step;
+        v_noise += v_step;
+    }
+}
+
+// rounding.noise_parameters: (A, B) for a step count and stream (1: exp_avg, 2: exp_avg_sq).
+uint64_t noise_hash(uint64_t step, uint64_t key) {
+    constexpr uint64_t kMask32 = 0xFFFFFFFFu;
+    uint64_t x = (step * 0x1E3779B1u + key * 0x05EBCA77u) & kMask32;
+    x ^= x >> 16;
+    x = (x * 0x7FEB352Du) & kMask32;
+    x ^= x >> 15;
+    x = (x * 0x2C1B3C6Du) & kMask32;
+    return x ^ (x >> 16);
+}
+
+void noise_parameters(double step, uint64_t stream, uint32_t& multiplier, uint32_t& offset) {
+    // A whole number in any real run; a non-finite or huge one (a corrupted state) must not
+    // reach an undefined float-to-integer conversion.
+    const bool countable = std::isfinite(step) && std::fabs(step) < 9.0e18;
+    const uint64_t count = countable ? static_cast<uint64_t>(static_cast<int64_t>(step)) : 0;
+    multiplier = static_cast<uint32_t>((noise_hash(count, 2 * stream + 1) & 0x7FFFu) | 1u);
+    offset = static_cast<uint32_t>(noise_hash(count, 2 * stream) & 0xFFFFu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8-bit moments (blockwise8.py's format): per block of kCodeBlock elements of a row, the codes
+// are decoded, the elements updated, the block's new scales found and the codes encoded again.
+//
+// A code's bits shifted into a float32 (exp_avg's bit 7 to the sign bit, the others to the top
+// of the exponent field: a tiny float, subnormal where its exponent is 0), times 2**96 and the
+// block's scale, is its value; exp_avg keeps a sign, 5 exponent and 2 mantissa bits, exp_avg_sq
+// 5 exponent and 3 mantissa bits.
+constexpr int64_t kCodeBlock = 256;
+constexpr float kRescale = 0x1p96f;
+constexpr float kUnscale = 0x1p-96f;
+// Scales up to this fold 2**-96 into the encoding's inverse (inverse * 2**-96 is then exact).
+constexpr float kFoldLimit = 0x1p30f;
+
+inline float decode_signed(uint8_t code) {
+    const uint32_t c = code;
+    return float_of(((c & 0x80u) << 24) | ((c & 0x7Fu) << 21));
+}
+
+inline float decode_unsigned(uint8_t code) { return float_of(static_cast<uint32_t>(code) << 20); }
+
+// Decodes, updates and keeps the new moments of n elements; returns the largest magnitudes of
+// the new moments as the integer maximum of their bits: the order of non-negative floats, with
+// NaN above infinity, as torch's amax propagates NaN. A decoded value is (tiny * 2**96) * scale;
+// while scale * 2**96 is finite, tiny * (scale * 2**96) is the same real product rounded once,
+// so the same float: one multiply instead of two.
+template <bool kFolded, int64_t kN>
+void update_block(float* __restrict__ param, const float* __restrict__ grad,
+                  const uint8_t* __restrict__ m_codes, const uint8_t* __restrict__ v_codes,
+                  float m_scale, float v_scale, int64_t n, const Scalars& scalars,
+                  float* __restrict__ m_out, float* __restrict__ v_out, uint32_t& m_largest,
+                  uint32_t& v_largest) {
+    const Scalars c = scalars;
+    const float m_by = kFolded ? m_scale * kRescale : m_scale;
+    const float v_by = kFolded ? v_scale * kRescale : v_scale;
+    uint32_t m_max = 0, v_max = 0;
+    const int64_t count = kN > 0 ? kN : n;
+    for (int64_t j = 0; j < count; ++j) {
+        const float m = kFolded ? decode_signed(m_codes[j]) * m_by
+                                : decode_signed(m_codes[j]) * kRescale * m_by;
+        const float v = kFolded ? decode_unsigned(v_codes[j]) * v_by
+                                : decode_unsigned(v_codes[j]) * kRescale * v_by;
+        float m_new, v_new;
+        param[j] = update(param[j], grad[j], m, v, c, m_new, v_new);
+        m_out[j] = m_new;
+        v_out[j] = v_new;
+        m_max = std::max(m_max, bits_of(m_new) & 0x7FFFFFFFu);
+        v_max = std::max(v_max, bits_of(v_new) & 0x7FFFFFFFu);
+    }
+    m_largest = m_max;
+    v_largest = v_max;
+}
+
+// unit = x * (inverse * 2**-96) where the scale is at most kFoldLimit (one rounding), else
+// (x * inverse) * 2**-96, as blockwise8.quantize. exp_avg rounds to nearest (half of the 21
+// bits cut); exp_avg_sq stochastically (16 noise bits above the lowest 4 of the 20 cut). The
+// magnitude's bits plus the rounding bits stay below 2**32, and NaN's magnitude saturates.
+template <bool kMFolded, bool kVFolded, int64_t kN>
+void encode_block(const float* __restrict__ m, const float* __restrict__ v, float m_by,
+                  float v_by, uint8_t* __restrict__ m_codes, uint8_t* __restrict__ v_codes,
+                  int64_t n, uint32_t noise_first, uint32_t multiplier) {
+    const int64_t count = kN > 0 ? kN : n;
+    for (int64_t j = 0; j < count; ++j) {
+        const uint32_t m_bits = bits_of(kMFolded ? m[j] * m_by : m[j] * m_by * kUnscale);
+        m_codes[j] = static_cast<uint8_t>(
+            std::min(((m_bits & 0x7FFFFFFFu) + (0x8000u << 5)) >> 21, 127u) |
+            ((m_bits >> 24) & 0x80u));
+        const uint32_t v_bits = bits_of(kVFolded ? v[j] * v_by : v[j] * v_by * kUnscale);
+        const uint32_t noise = (noise_first + static_cast<uint32_t>(j) * multiplier) & 0xFFFFu;
+        v_codes[j] = static_cast<uint8_t>(
+            std::min(((v_bits & 0x7FFFFFFFu) + (noise << 4)) >> 20, 255u));
+    }
+}
+
+template <int64_t kN>
+void encode(const float* m, const float* v, float m_scale, float v_scale, uint8_t* m_codes,
+            uint8_t* v_codes, int64_t n, uint32_t noise_first, uint32_t multiplier) {
+    const float m_inverse = m_scale > 0.0f ? 1.0f / m_scale : 0.0f;
+    const float v_inverse = v_scale > 0.0f ? 1.0f / v_scale : 0.0f;
+    const bool m_folded = m_scale <= kFoldLimit, v_folded = v_scale <= kFoldLimit;
+    const float m_by = m_folded ? m_inverse * kUnscale : m_inverse;
+    const float v_by = v_folded ? v_inverse * kUnscale : v_inverse;
+    if (m_folded && v_folded)
+        encode_block<true, true, kN>(m, v, m_by, v_by, m_codes, v_codes, n, noise_first, multiplier);
+    else if (m_folded)
+        encode_block<true, false, kN>(m, v, m_by, v_by, m_codes, v_codes, n, noise_first, multiplier);
+    else if (v_folded)
+        encode_block<false, true, kN>(m, v, m_by, v_by, m_codes, v_codes, n, noise_first, multiplier);
+    else
+        encode_block<false, false, kN>(m, v, m_by, v_by, m_codes, v_codes, n, noise_first, multiplier);
+}
+
+// One block of a row: n elements from first, its scales at b.
+template <int64_t kN>
+void step_block(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                float* exp_avg_scale, float* exp_avg_sq_scale, int64_t first, int64_t n,
+                int64_t b, int64_t noise_offset, const Scalars& c, const Noise& noise) {
+    alignas(64) float m[kCodeBlock];
+    alignas(64) float v[kCodeBlock];
+    const float m_scale = exp_avg_scale[b], v_scale = exp_avg_sq_scale[b];
+    uint32_t m_largest, v_largest;
+    // NaN compares false: folded, NaN either way.
+    if (m_scale >= 0x1p32f || v_scale >= 0x1p32f)
+        update_block<false, kN>(param + first, grad + first, exp_avg + first, exp_avg_sq + first,
+                                m_scale, v_scale, n, c, m, v, m_largest, v_largest);
+    else
+        update_block<true, kN>(param + first, grad + first, exp_avg + first, exp_avg_sq + first,
+                               m_scale, v_scale, n, c, m, v, m_largest, v_largest);
+    const float m_new_scale = float_of(m_largest), v_new_scale = float_of(v_largest);
+    exp_avg_scale[b] = m_new_scale;
+    exp_avg_sq_scale[b] = v_new_scale;
+    const uint32_t noise_first =
+        static_cast<uint32_t>(noise_offset + first) * noise.v_multiplier + noise.v_offset;
+    encode<kN>(m, v, m_new_scale, v_new_scale, exp_avg + first, exp_avg_sq + first, n,
+               noise_first, noise.v_multiplier);
+}
+
+// Rows [row_begin, row_end) of a tensor of cols columns with 8-bit moments.
+void update_codes(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                  float* exp_avg_scale, float* exp_avg_sq_scale, int64_t row_begin,
+                  int64_t row_end, int64_t cols, int64_t noise_offset, const Scalars& c,
+                  const Noise& noise) {
+    const int64_t row_blocks = (cols + kCodeBlock - 1) / kCodeBlock;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+        for (int64_t k = 0; k < row_blocks; ++k) {
+            const int64_t first = row * cols + k * kCodeBlock;
+            const int64_t n = std::min(kCodeBlock, cols - k * kCodeBlock);
+            if (n == kCodeBlock)
+                step_block<kCodeBlock>(param, grad, exp_avg, exp_avg_sq, exp_avg_scale,
+                                       exp_avg_sq_scale, first, n, row * row_blocks + k,
+                                       noise_offset, c, noise);
+            else
+                step_block<0>(param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale,
+                              first, n, row * row_blocks + k, noise_offset, c, noise);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks.
+
+enum class Moments { Float32, BFloat16, Codes };
+
+const char* const kRoleNames[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps",
+                                  "exp_avg_scales", "exp_avg_sq_scales"};
+
+std::string where(int role, int64_t t) {
+    return std::string("ano::fused_step_: ") + kRoleNames[role] + "[" + std::to_string(t) + "]";
+}
+
+// A tensor this kernel can address: a strided CPU tensor whose elements fill numel() slots
+// after its storage offset (contiguous, or permuted as channels_last is), with storage that
+// holds them all (a storage freed or shrunk with untyped_storage().resize_() keeps its
+// tensor's sizes), not a zero tensor nor a negative or conjugate view; and, where the step
+// writes it, one that may be written in place here.
+void check_addressable(const at::Tensor& x, int role, int64_t t, bool written) {
+    TORCH_CHECK_VALUE(x.defined(), where(role, t), " is undefined");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        x.device().is_cpu() && x.layout() == c10::kStrided && !x.is_nested(), where(role, t),
+        " is a ", x.device(), " ", x.layout(), " tensor; this kernel takes strided CPU tensors");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !x.is_neg() && !x.is_conj() && !x._is_zerotensor() && x.is_non_overlapping_and_dense(),
+        where(role, t),
+        " is a negative, conjugate or zero tensor, or its elements leave gaps or overlap");
+    const int64_t numel = x.numel();
+    if (numel > 0) {
+        TORCH_CHECK_VALUE(x.has_storage() && x.storage().data() != nullptr, where(role, t),
+                          " has no data (its storage was freed)");
+        const uint64_t needed =
+            (static_cast<uint64_t>(x.storage_offset()) + static_cast<uint64_t>(numel)) *
+            static_cast<uint64_t>(x.element_size());
+        TORCH_CHECK_VALUE(x.storage_offset() >= 0 && x.storage().nbytes() >= needed, where(role, t),
+                          " needs ", needed, " bytes of storage and has ", x.storage().nbytes(),
+                          " (a storage resized after the tensor was made)");
+    }
+    if (written) {
+        TORCH_CHECK_VALUE(!x.is_inference() || c10::InferenceMode::is_enabled(), where(role, t),
+                          " is an inference tensor, which cannot be updated in place outside "
+                          "torch.inference_mode()");
+        TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && x.requires_grad()), where(role, t),
+                          " requires grad: call the step under torch.no_grad()");
+    }
+}
+
+// Whether the kernel, which walks memory, meets the elements of a and b in the same order: both
+// contiguous or both laid out alike (a channels_last weight and its gradient and state, which
+// AccumulateGrad and zeros_like give the parameter's strides).
+bool same_order(const at::Tensor& a, const at::Tensor& b) {
+    return (a.is_contiguous() && b.is_contiguous()) || a.strides().equals(b.strides());
+}
+
+struct Group {
+    int64_t tensors;
+    std::vector<Moments> moments;
+    bool any_codes;
+};
+
+Group check_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                  at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                  at::IntArrayRef noise_offsets) {
+    const int64_t n = static_cast<int64_t>(params.size());
+    TORCH_CHECK_VALUE(
+        static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
+            static_cast<int64_t>(exp_avg_sqs.size()) == n &&
+            static_cast<int64_t>(state_steps.size()) == n,
+        "ano::fused_step_: params, grads, exp_avgs, exp_avg_sqs and state_steps need one tensor "
+        "per parameter, got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ",
+        exp_avg_sqs.size(), " and ", state_steps.size());
+    const bool scaled = !exp_avg_scales.empty() || !exp_avg_sq_scales.empty();
+    TORCH_CHECK_VALUE(
+        !scaled || (static_cast<int64_t>(exp_avg_scales.size()) == n &&
+                    static_cast<int64_t>(exp_avg_sq_scales.size()) == n &&
+                    static_cast<int64_t>(noise_offsets.size()) == n),
+        "ano::fused_step_: exp_avg_scales, exp_avg_sq_scales and noise_offsets are empty or "
+        "hold one entry per parameter, got ", exp_avg_scales.size(), ", ",
+        exp_avg_sq_scales.size(), " and ", noise_offsets.size(), " for ", n, " parameters");
+    Group group{n, std::vector<Moments>(n, Moments::Float32), false};
+    for (int64_t t = 0; t < n; ++t) {
+        const at::Tensor& p = params[t];
+        const at::Tensor& g = grads[t];
+        const at::Tensor& m = exp_avgs[t];
+        const at::Tensor& v = exp_avg_sqs[t];
+        const at::Tensor& step = state_steps[t];
+        check_addressable(p, 0, t, true);
+        check_addressable(g, 1, t, false);
+        check_addressable(m, 2, t, true);
+        check_addressable(v, 3, t, true);
+        check_addressable(step, 4, t, true);
+        TORCH_CHECK_NOT_IMPLEMENTED(
+            p.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, where(0, t), " is ",
+            p.scalar_type(), " with a ", g.scalar_type(),
+            " gradient; this kernel takes float32 parameters and gradients");
+        TORCH_CHECK_NOT_IMPLEMENTED(
+            m.scalar_type() == v.scalar_type() &&
+                (m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16 ||
+                 m.scalar_type() == at::kByte),
+            where(2, t), " and exp_avg_sqs[", t, "] are ", m.scalar_type(), " and ",
+            v.scalar_type(), "; this kernel takes moments that are both float32, bfloat16 or "
+            "uint8 codes");
+        TORCH_CHECK_VALUE(g.sizes().equals(p.sizes()) && m.sizes().equals(p.sizes()) &&
+                              v.sizes().equals(p.sizes()),
+                          where(0, t), " has shape ", p.sizes(), " but its gradient ", g.sizes(),
+                          " and moments ", m.sizes(), ", ", v.sizes());
+        TORCH_CHECK_NOT_IMPLEMENTED(
+            same_order(p, g) && same_order(p, m) && same_order(p, v), where(0, t),
+            " is laid out unlike its gradient or moments (strides ", p.strides(), ", ",
+            g.strides(), ", ", m.strides(), ", ", v.strides(), ")");
+        TORCH_CHECK_VALUE(
+            step.numel() == 1 &&
+                (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
+            where(4, t), " must hold one float32 or float64 number, got ", step.numel(),
+            " elements of ", step.scalar_type());
+        if (m.scalar_type() == at::kBFloat16) group.moments[t] = Moments::BFloat16;
+        if (m.scalar_type() != at::kByte) {
+            if (scaled)
+                TORCH_CHECK_VALUE(exp_avg_scales[t].numel() == 0 && exp_avg_sq_scales[t].numel() == 0,
+                                  where(5, t), " must be empty for float moments");
+            continue;
+        }
+        // 8-bit codes: scales of shape (rows, blocks), one per row (the first dimension) and
+        // block of kCodeBlock of the row.
+        TORCH_CHECK_VALUE(scaled, where(2, t), " holds uint8 codes but no scales were given");
+        TORCH_CHECK_NOT_IMPLEMENTED(p.dim() >= 1 && p.is_contiguous(), where(0, t),
+                                    " has codes; this kernel takes them for contiguous tensors");
+        group.moments[t] = Moments::Codes;
+        group.any_codes = true;
+        const int64_t rows = p.size(0);
+        const int64_t cols = rows > 0 ? p.numel() / rows : 0;
+        const int64_t blocks = (cols + kCodeBlock - 1) / kCodeBlock;
+        for (int role = 5; role < 7; ++role) {
+            const at::Tensor& scale = role == 5 ? exp_avg_scales[t] : exp_avg_sq_scales[t];
+            check_addressable(scale, role, t, true);
+            TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.dim() == 2 &&
+                                  scale.size(0) == rows && scale.size(1) == blocks &&
+                                  scale.is_contiguous(),
+                              where(role, t), " must be a contiguous float32 tensor of shape (",
+                              rows, ", ", blocks, "), got ", scale.scalar_type(), " of shape ",
+                              scale.sizes(), " and strides ", scale.strides());
+        }
+        TORCH_CHECK_VALUE(noise_offsets[t] >= 0, "ano::fused_step_: noise_offsets[", t,
+                          "] must be >= 0, got ", noise_offsets[t]);
+    }
+    return group;
+}
+
+// 0-d or one-element CPU floats: GradScaler's scale and inf flag.
+double scalar_value(const std::optional<at::Tensor>& x, const char* name, double otherwise) {
+    if (!x.has_value() || !x->defined()) return otherwise;
+    TORCH_CHECK_VALUE(x->numel() == 1 && x->device().is_cpu() && x->is_floating_point(),
+                      "ano::fused_step_: ", name, " must be one floating-point number on the CPU, "
+                      "got ", x->numel(), " elements of ", x->scalar_type(), " on ", x->device());
+    return x->item<double>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The step.
+
+// Elements per unit of work: 64 KiB of each float32 operand (with codes, of each code operand,
+// in whole rows).
+constexpr int64_t kFloatUnit = 1 << 14;
+constexpr int64_t kCodesUnit = 1 << 16;
+
+struct Unit {
+    int64_t tensor, begin, end;  // elements, or for codes rows
+};
+
+void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                at::IntArrayRef noise_offsets, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool logarithmic_schedule, bool maximize,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
+    // Pass 1 checks; nothing changes until every tensor has passed.
+    const Group group = check_group(params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                    exp_avg_scales, exp_avg_sq_scales, noise_offsets);
+    const double inv_scale = 1.0 / scalar_value(grad_scale, "grad_scale", 1.0);
+    // GradScaler found inf/nan: every tensor keeps its values and its step count.
+    if (scalar_value(found_inf, "found_inf", 0.0) != 0.0) return;
+    const int64_t n = group.tensors;
+
+    // The work: units of about kFloatUnit elements (codes: kCodesUnit, whole rows), each
+    // knowing its tensor. Each thread takes a contiguous run of units holding an equal share of
+    // the elements: small tensors and the tails of large ones make short units, which an equal
+    // share of units would spread unevenly.
+    std::vector<Unit> units;
+    std::vector<int64_t> elements_before{0};
+    std::vector<int64_t> cols(n, 1);
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t numel = params[t].numel();
+        if (numel == 0) continue;
+        if (group.moments[t] == Moments::Codes) {
+            const int64_t rows = params[t].size(0);
+            cols[t] = numel / rows;
+            const int64_t rows_per_unit = std::max<int64_t>(kCodesUnit / cols[t], 1);
+            for (int64_t row = 0; row < rows; row += rows_per_unit) {
+                const int64_t last = std::min(rows, row + rows_per_unit);
+                units.push_back({t, row, last});
+                elements_before.push_back(elements_before.back() + (last - row) * cols[t]);
+            }
+            continue;
+        }
+        for (int64_t begin = 0; begin < numel; begin += kFloatUnit) {
+            const int64_t end = std::min(numel, begin + kFloatUnit);
+            units.push_back({t, begin, end});
+            elements_before.push_back(elements_before.back() + end - begin);
+        }
+    }
+    // Pass 2: the autograd versions (as in-place ops bump them) and the addresses (a
+    // copy-on-write storage is materialized: it allocates, and may fail); then the step counts
+    // and each tensor's scalars. No data changes before every address is in hand.
+    std::vector<float*> param(n), exp_avg_scale(n), exp_avg_sq_scale(n);
+    std::vector<const float*> grad(n);
+    std::vector<void*> exp_avg(n), exp_avg_sq(n), step_data(n);
+    std::vector<Scalars> scalars(n);
+    std::vector<Noise> noise(n);
+    const float lr32 = static_cast<float>(lr), eps32 = static_cast<float>(eps);
+    const float one_minus_beta2 = 1.0f - static_cast<float>(beta2);
+    const float decay = 1.0f - lr32 * static_cast<float>(weight_decay);
+    const uint32_t negate = maximize ? 0x80000000u : 0u;
+    const auto written = [](const at::Tensor& x) -> void* {
+        if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
+        return x.numel() > 0 ? x.mutable_data_ptr() : nullptr;
+    };
+    for (int64_t t = 0; t < n; ++t) {
+        param[t] = static_cast<float*>(written(params[t]));
+        grad[t] = grads[t].numel() > 0 ? grads[t].const_data_ptr<float>() : nullptr;
+        exp_avg[t] = written(exp_avgs[t]);
+        exp_avg_sq[t] = written(exp_avg_sqs[t]);
+        if (group.moments[t] == Moments::Codes) {
+            exp_avg_scale[t] = static_cast<float*>(written(exp_avg_scales[t]));
+            exp_avg_sq_scale[t] = static_cast<float*>(written(exp_avg_sq_scales[t]));
+        }
+        step_data[t] = written(state_steps[t]);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+        // step += 1 in the step's own dtype, as torch._foreach_add_(steps, 1) does.
+        double step;
+        if (state_steps[t].scalar_type() == at::kFloat) {
+            float* s = static_cast<float*>(step_data[t]);
+            *s = *s + 1.0f;
+            step = *s;
+        } else {
+            double* s = static_cast<double*>(step_data[t]);
+            *s = *s + 1.0;
+            step = *s;
+        }
+        const float correction = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+        const double weight = logarithmic_schedule ? 1.0 / std::log(step + 2.0) : 1.0 - beta1;
+        scalars[t] = {static_cast<float>(weight), one_minus_beta2, eps32 * correction,
+                      lr32 * correction, decay, static_cast<float>(inv_scale), negate};
+        noise_parameters(step, 1, noise[t].m_multiplier, noise[t].m_offset);
+        noise_parameters(step, 2, noise[t].v_multiplier, noise[t].v_offset);
+    }
+
+    if (units.empty()) return;
+    const int64_t total = elements_before.back();
+    const int64_t threads = std::max<int64_t>(
+        1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(units.size())));
+    const auto first_unit = [&](int64_t element) {
+        return std::lower_bound(elements_before.begin(), elements_before.end() - 1, element) -
+            elements_before.begin();
+    };
+    // One parallel region for the whole group; at::parallel_for gives each thread one share.
+    at::parallel_for(0, threads, 1, [&](int64_t share_begin, int64_t share_end) {
+        for (int64_t share = share_begin; share < share_end; ++share) {
+            const int64_t last = first_unit(total * (share + 1) / threads);
+            for (int64_t u = first_unit(total * share / threads); u < last; ++u) {
+                const Unit& unit = units[u];
+                const int64_t t = unit.tensor;
+                const Scalars& c = scalars[t];
+                switch (group.moments[t]) {
+                    case Moments::Float32:
+                        update_float32(param[t], grad[t], static_cast<float*>(exp_avg[t]),
+                                       static_cast<float*>(exp_avg_sq[t]), unit.begin, unit.end,
+                                       c);
+                        break;
+                    case Moments::BFloat16:
+                        update_bfloat16(param[t], grad[t], static_cast<uint16_t*>(exp_avg[t]),
+                                        static_cast<uint16_t*>(exp_avg_sq[t]), unit.begin,
+                                        unit.end, c, noise[t]);
+                        break;
+                    case Moments::Codes:
+                        update_codes(param[t], grad[t], static_cast<uint8_t*>(exp_avg[t]),
+                                     static_cast<uint8_t*>(exp_avg_sq[t]), exp_avg_scale[t],
+                                     exp_avg_sq_scale[t], unit.begin, unit.end, cols[t],
+                                     noise_offsets[t], c, noise[t]);
+                        break;
+                }
+            }
+        }
+    });
+}
+
+void fused_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                          at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                          at::IntArrayRef noise_offsets, const at::Tensor& lr, double beta1,
+                          double beta2, double eps, double weight_decay,
+                          bool logarithmic_schedule, bool maximize,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+    const double lr_value = scalar_value(lr, "lr", 0.0);
+    fused_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales,
+               exp_avg_sq_scales, noise_offsets, lr_value, beta1, beta2, eps, weight_decay,
+               logarithmic_schedule, maximize, grad_scale, found_inf);
+}
+
+// What fused_step_ checks, without the step: a step over several groups checks every group
+// before it updates any.
+void fused_step_check(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                      at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                      at::IntArrayRef noise_offsets) {
+    check_group(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales,
+                exp_avg_sq_scales, noise_offsets);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ano, CPU, m) {
+    m.impl("fused_step_", &fused_step);
+    m.impl("fused_step_.tensor_lr", &fused_step_tensor_lr);
+    m.impl("fused_step_check", &fused_step_check);
+}

@@ -1,0 +1,87 @@
+"""The operator ``ano::fused_step_``: the fused Ano/Anolog step of a parameter group, declared
+through ``torch.library`` so that torch checks its arguments, ``torch.compile`` traces it
+(:func:`torch.library.register_fake`) and every device has an implementation:
+
+- CPU: ``kernel.cpp``, built on first use (:mod:`.native`); it registers itself for the CPU;
+- every other device, and the CPU while no kernel is built: :func:`.torch_step.fused_step_`,
+  registered as the ``CompositeExplicitAutograd`` kernel.
+
+``torch.ops.ano.fused_step_`` takes float ``lr``; ``torch.ops.ano.fused_step_.tensor_lr`` a
+one-element tensor. ``torch.ops.ano.fused_step_check`` raises what the step would raise about
+its tensors and changes nothing (a step over several groups checks every group first).
+
+The lists hold one entry per parameter (complex tensors as their real views): parameters,
+gradients, both moments and the step counts (incremented by the step). For 8-bit moments
+(``torch.uint8`` codes, :mod:`..blockwise8`), ``exp_avg_scales`` and ``exp_avg_sq_scales``
+hold each tensor's block scales (an empty tensor where a tensor's moments are floats) and
+``noise_offsets`` the index of each tensor's first element in its whole tensor (a shard's);
+without codes the three lists are empty.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .torch_step import check_lists, fused_step_
+
+__all__ = ["LIBRARY", "fused_step_check", "fused_step_torch"]
+
+_TENSORS = (
+    "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] state_steps, Tensor(e!)[] exp_avg_scales, Tensor(f!)[] exp_avg_sq_scales, "
+    "int[] noise_offsets"
+)
+_OPTIONS = (
+    "float beta1, float beta2, float eps, float weight_decay, bool logarithmic_schedule, "
+    "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None"
+)
+_CHECKED = (
+    "Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+    "Tensor[] state_steps, Tensor[] exp_avg_scales, Tensor[] exp_avg_sq_scales, int[] noise_offsets"
+)
+
+LIBRARY = torch.library.Library("ano", "DEF")
+LIBRARY.define(f"fused_step_({_TENSORS}, *, float lr, {_OPTIONS}) -> ()")
+LIBRARY.define(f"fused_step_.tensor_lr({_TENSORS}, *, Tensor lr, {_OPTIONS}) -> ()")
+LIBRARY.define(f"fused_step_check({_CHECKED}) -> ()")
+
+fused_step_torch = fused_step_
+"""The torch implementation (:func:`.torch_step.fused_step_`), callable directly."""
+
+
+def fused_step_check(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+    noise_offsets,
+) -> None:  # fmt: skip
+    """The torch implementation takes any tensors: it checks only the lists' lengths."""
+    check_lists(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets,
+    )  # fmt: skip
+
+
+def _fake_step(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+    noise_offsets, *, lr, beta1, beta2, eps, weight_decay, logarithmic_schedule, maximize,
+    grad_scale=None, found_inf=None,
+) -> None:  # fmt: skip
+    """Under ``torch.compile``: the step returns nothing and writes its tensors in place. (On
+    meta tensors, what the dispatcher runs for them, it checks that they are all on one
+    device: a meta tensor among CPU ones must not turn a step into nothing.)"""
+    check_lists(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets,
+    )  # fmt: skip
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales)
+    devices = {t.device for tensors in lists for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(
+            f"ano::fused_step_: every tensor must be on one device, got {sorted(map(str, devices))}"
+        )
+
+
+for _name in ("fused_step_", "fused_step_.tensor_lr"):
+    LIBRARY.impl(_name, fused_step_, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"ano::{_name}", _fake_step, lib=LIBRARY)
+LIBRARY.impl("fused_step_check", fused_step_check, "CompositeExplicitAutograd")
+torch.library.register_fake("ano::fused_step_check", fused_step_check, lib=LIBRARY)
