@@ -10,6 +10,10 @@ PYTHON=${PYTHON:-python3}
 # machine; jax gives Keras its third backend, so tests_keras runs the optimizers on all three.
 .venv/bin/python -m pip install --quiet tensorflow-cpu jax -e ".[keras,transformers,timm,demo,test,docs,distributed,optax,frameworks]"
 
+# Debian's aarch64 cross compiler: tests/test_fused.py builds the fused kernel's source for ARM.
+command -v aarch64-linux-gnu-g++ >/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
+
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
 # The documentation site builds with no warning: every nav page exists, links resolve, and the
