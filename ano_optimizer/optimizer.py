@@ -244,11 +244,9 @@ class Ano(Optimizer):
             self._new_state = None
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for done, (index, group, lists, has_complex, scales, checked) in enumerate(batches):
+        for done, (index, group, lists, has_complex, scales) in enumerate(batches):
             try:
-                self._update_group(
-                    index, group, lists, scales, has_complex, grad_scale, found_inf, checked
-                )
+                self._update_group(index, group, lists, scales, has_complex, grad_scale, found_inf)
             except Exception as error:
                 # The error keeps its type (torch.OutOfMemoryError stays catchable as such)
                 # and says what had changed.
@@ -264,11 +262,10 @@ class Ano(Optimizer):
 
     def _checked_batches(self, owner: str) -> list:
         """Each group's tensors (local shards of DTensors), checked: ``[group index, group,
-        (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex, scales, checked]`` for each
+        (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex, scales]`` for each
         group with a gradient. Fused CPU groups are checked by the kernel itself (in C++, a
-        fraction of the Python checks' time) where it takes them all: a single group by its
-        step's own call (``checked`` False: refused, it is checked in Python then), several by
-        a check of every group before any changes."""
+        fraction of the Python checks' time) where it takes them all: one check call per group
+        (``ano::fused_step_check``) before any group changes."""
         batches = []
         for index, group in enumerate(self.param_groups):
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -276,13 +273,11 @@ class Ano(Optimizer):
             if params:
                 scales = self._scales(group, params)
                 lists = (*_local_shard_lists(params, grads, exp_avgs, exp_avg_sqs), steps)
-                batches.append([index, group, lists, has_complex, scales, True])
+                batches.append([index, group, lists, has_complex, scales])
         if _kernel_checks(batches):
-            for batch in batches:
-                batch[5] = len(batches) > 1
             return batches
         for batch in batches:
-            index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales, _ = batch
+            index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales = batch
             grads = check_step_tensors(
                 params, grads, exp_avgs, exp_avg_sqs, steps, owner=owner,
                 where=_describer(index, group, params), scales=scales,
@@ -316,9 +311,7 @@ class Ano(Optimizer):
             for p, state in zip(params, states, strict=True)
         ]
 
-    def _update_group(
-        self, index, group, lists, scales, has_complex, grad_scale, found_inf, checked=True
-    ):
+    def _update_group(self, index, group, lists, scales, has_complex, grad_scale, found_inf):
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
         if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
             return
@@ -331,7 +324,7 @@ class Ano(Optimizer):
             has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"],
             logarithmic_schedule=group["logarithmic_schedule"], maximize=group["maximize"],
-            capturable=group["capturable"], checked=checked, owner=type(self).__name__,
+            capturable=group["capturable"], checked=True, owner=type(self).__name__,
             where=_describer(index, group, params),
         )  # fmt: skip
 
@@ -367,18 +360,18 @@ def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
 
 
 def _kernel_checks(batches: list) -> bool:
-    """Whether the fused CPU kernel checks every group's tensors itself (see
-    :meth:`Ano._checked_batches`)."""
+    """Whether the fused CPU kernel takes every group's tensors as they are, by its own checks
+    (see :meth:`Ano._checked_batches`)."""
     if not batches or not all(
         group["fused"] and not group["capturable"] and lists[0][0].is_cpu
-        for _, group, lists, _, _, _ in batches
+        for _, group, lists, _, _ in batches
     ):
         return False
     if not native.load().loaded:
         return False
-    return len(batches) == 1 or all(
+    return all(
         kernels_accept(FusedLists(*lists, scales, has_complex))
-        for _, _, lists, has_complex, scales, _ in batches
+        for _, _, lists, has_complex, scales in batches
     )
 
 

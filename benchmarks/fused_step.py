@@ -6,7 +6,8 @@
 For each parameter set: the first fused step in a fresh process with an empty kernel cache
 (the one-time build of the C++ kernel included) and with the cache that process left; then, in
 one process, fused Ano with float32, bfloat16 and 8-bit state, fused Ano on the operator's torch
-implementation (what runs where no C++ compiler is found), ``AdamW(fused=True)`` and the
+implementation (what runs where no C++ compiler is found), Ano's default path,
+``AdamW(fused=True)`` and the
 bandwidth floors, each stepped once per round with the rounds interleaved across rows. A floor
 is the time of ``copy_floor.cpp``, which reads four and writes three flat buffers of the same
 total size with one add per value (the bytes a fused step must move: 28 per parameter with
@@ -76,6 +77,7 @@ def rows() -> dict:
             ps, lr=1e-4, fused=True, state_dtype=torch.uint8
         ),
         "Ano fused=True, torch implementation": AnoOnTorchImplementation,
+        "Ano default (foreach=None)": lambda ps: Ano(ps, lr=1e-4),
         ADAMW: lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         **{
             label: (lambda d: lambda ps: CopyFloor(ps, d))(dtype) for dtype, label in FLOORS.items()
