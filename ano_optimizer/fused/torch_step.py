@@ -28,9 +28,13 @@ from ..tensor_checks import check_step_tensors
 __all__ = ["check_lists", "fused_step_", "fused_step_checked_", "is_dense"]
 
 # Elements per piece of a contiguous tensor, and per bucket of pieces stepped by one sequence of
-# foreach calls: the temporaries of a bucket stay within a few tens of megabytes.
-PIECE_NUMEL = 1 << 18
-BUCKET_NUMEL = 1 << 22
+# foreach calls. On the CPU a bucket's temporaries stay within the caches (larger or smaller
+# buckets measured slower); on a GPU a bucket is one launch per operation, so buckets are large
+# (their temporaries stay within a few hundred megabytes).
+PIECE_NUMEL = {"cpu": 1 << 17}
+BUCKET_NUMEL = {"cpu": 1 << 19}
+_DEVICE_PIECE_NUMEL = 1 << 22
+_DEVICE_BUCKET_NUMEL = 1 << 24
 
 
 def _f32(x: float) -> float:
@@ -140,17 +144,19 @@ def _pieces(
 ) -> Iterator[_Piece]:
     if tensors[0].numel() == 0:
         return
-    if not all(t.is_contiguous() for t in tensors) or tensors[0].numel() <= PIECE_NUMEL:
+    size = PIECE_NUMEL.get(tensors[0].device.type, _DEVICE_PIECE_NUMEL)
+    if not all(t.is_contiguous() for t in tensors) or tensors[0].numel() <= size:
         yield _Piece(*tensors, 0, scalars)
         return
-    for start in range(0, tensors[0].numel(), PIECE_NUMEL):
-        yield _Piece(*(t.view(-1)[start : start + PIECE_NUMEL] for t in tensors), start, scalars)
+    for start in range(0, tensors[0].numel(), size):
+        yield _Piece(*(t.view(-1)[start : start + size] for t in tensors), start, scalars)
 
 
 def _buckets(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
     bucket, total = [], 0
+    limit = BUCKET_NUMEL.get(pieces[0].param.device.type, _DEVICE_BUCKET_NUMEL) if pieces else 0
     for piece in pieces:
-        if bucket and total + piece.param.numel() > BUCKET_NUMEL:
+        if bucket and total + piece.param.numel() > limit:
             yield bucket
             bucket, total = [], 0
         bucket.append(piece)
