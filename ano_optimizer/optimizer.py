@@ -581,6 +581,9 @@ def ano(
     tensor with float moments); see :mod:`ano_optimizer.blockwise8`.
     """
     compiling = torch.compiler.is_compiling()
+    # torch.optim's has_complex is a hint the caller may leave False: the tensors decide, so
+    # that a complex list never reaches real-only kernels after its step counts have moved.
+    has_complex = has_complex or any(torch.is_complex(p) for p in params)
     if not compiling:
         owner = "ano"
         check_group_options(

@@ -101,7 +101,9 @@ def _checked_group(index: int, saved, group: dict, defaults: dict, owner: str) -
     saved = dict(saved)
     if saved.get("differentiable") is False:
         del saved["differentiable"]  # torch's default, which 1.1.0 copied into its groups
-    foreign = sorted(_foreign_group_keys() & saved.keys())
+    # A key that this optimizer's own group holds too (a user's "momentum" in a group dict,
+    # saved with it) is not another optimizer's option.
+    foreign = sorted((_foreign_group_keys() & saved.keys()) - group.keys())
     if foreign:
         raise ValueError(
             f"{where} holds {foreign}, options of another optimizer that Ano/Anolog do not have: "

@@ -284,6 +284,54 @@ def test_state_dict_from_another_optimizer_is_a_clear_error():
     assert len(optimizer.state) == 0
 
 
+def test_a_group_with_an_extra_key_reloads_its_own_state_dict():
+    """A group built with a key another optimizer has (``momentum``) is accepted and saved with
+    it; the very state dict loads into an identical optimizer, and resumes exactly."""
+
+    def make(model):
+        return Ano([{"params": list(model.parameters()), "momentum": 0.9}], lr=1e-2)
+
+    model = _model()
+    optimizer = make(model)
+    _train(model, optimizer, _batches(2))
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["param_groups"][0]["momentum"] == 0.9
+    twin_model = copy.deepcopy(model)
+    twin = make(twin_model)
+    twin.load_state_dict(saved)
+    _train(model, optimizer, _batches(2))
+    _train(twin_model, twin, _batches(2))
+    for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_the_functional_api_finds_complex_tensors_itself(foreach):
+    """``has_complex`` left at its default on complex tensors: the step runs as with
+    ``has_complex=True`` (it once raised after the step counts had moved)."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(4, 3, dtype=torch.complex64, generator=gen)
+    grads = [torch.randn(4, 3, dtype=torch.complex64, generator=gen) for _ in range(3)]
+    results = []
+    for has_complex in (False, True):
+        p, m, v, step = (
+            start.clone(),
+            torch.zeros_like(start),
+            torch.zeros_like(start),
+            torch.tensor(0.0),
+        )
+        for g in grads:
+            ano_optimizer.optimizer.ano(
+                [p], [g], [m], [v], [step], foreach=foreach, has_complex=has_complex, beta1=0.9,
+                beta2=0.99, lr=1e-2, weight_decay=0.1, eps=1e-8, logarithmic_schedule=False,
+                maximize=False,
+            )  # fmt: skip
+        results.append((p, m, v, step))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert results[0][3].item() == 3.0
+
+
 def test_state_dict_with_mismatched_shapes_is_a_clear_error():
     model = _model()
     optimizer = Ano(model.parameters())
