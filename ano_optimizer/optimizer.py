@@ -283,9 +283,10 @@ class Ano(Optimizer):
                 where=_describer(index, group, params), scales=scales,
             )  # fmt: skip
             if group["capturable"]:
+                describe = _describer(index, group, params)
                 for position, (p, step) in enumerate(zip(params, steps, strict=True)):
                     _check_capturable(
-                        p, group["lr"], step, owner, _describer(index, group, params)(position)
+                        p, group["lr"], step, owner, lambda k=position, d=describe: d(k)
                     )
             batch[2] = (params, grads, exp_avgs, exp_avg_sqs, steps)
         return batches
@@ -398,15 +399,19 @@ def _progress(batches: list, failed: int) -> str:
     )
 
 
-def _check_capturable(param: Tensor, lr, step: Tensor | None, owner: str, where: str = "") -> None:
+def _check_capturable(
+    param: Tensor, lr, step: Tensor | None, owner: str, where: Callable[[], str] | None = None
+) -> None:
     """A captured CUDA graph replays device work only: a value read on the host during capture
     (a CPU learning rate or step) would be frozen into the graph, so both must live on the
-    parameter's device."""
+    parameter's device. ``where`` names the parameter, called only for an error (naming costs
+    a search of the group, every step)."""
     for name, value in (("a tensor lr", lr), ("state['step']", step)):
         if isinstance(value, Tensor) and value.device != param.device:
+            named = f" ({where()})" if where is not None else ""
             raise ValueError(
                 f"{owner}: capturable=True needs {name} on the parameters' device "
-                f"({param.device}), got one on {value.device}{f' ({where})' if where else ''}; "
+                f"({param.device}), got one on {value.device}{named}; "
                 "move it there (lr) or load the state dict into an optimizer created with "
                 "capturable=True (step)"
             )
@@ -611,7 +616,7 @@ def ano(
             )  # fmt: skip
             if capturable:
                 for i, (p, step) in enumerate(zip(params, state_steps, strict=True)):
-                    _check_capturable(p, lr, step, owner, _tensor(i))
+                    _check_capturable(p, lr, step, owner, lambda k=i: _tensor(k))
     else:
         scales = _functional_scales(params, exp_avg_scales, exp_avg_sq_scales)
     _ano_group(

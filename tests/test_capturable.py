@@ -182,3 +182,33 @@ def test_a_lr_or_step_off_the_parameters_device_is_a_clear_error():
         optimizer.state[params[0]]["step"] = torch.tensor(1.0)
         with pytest.raises(ValueError, match=r"state\['step'\] on the parameters' device"):
             optimizer.step()
+
+
+def test_a_capturable_step_names_a_parameter_only_to_raise(monkeypatch):
+    """Naming a parameter searches its group, so a capturable step that named every parameter
+    on every step took time quadratic in their number; it names one only for an error."""
+    import ano_optimizer.optimizer as optimizer_module
+
+    named = []
+    real = optimizer_module._describer
+
+    def counting(index, group, params):
+        describe = real(index, group, params)
+
+        def counted(i):
+            named.append(i)
+            return describe(i)
+
+        return counted
+
+    monkeypatch.setattr(optimizer_module, "_describer", counting)
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(50)]
+    optimizer = Ano(params, lr=1e-2, capturable=True)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(3)
+        optimizer.step()
+    assert named == []
+    optimizer.param_groups[0]["lr"] = torch.tensor(1e-2, device="meta")  # off the device
+    with pytest.raises(ValueError, match=r"\(parameter 0 of parameter group 0 \(shape \(3,\)\)\)"):
+        optimizer.step()
