@@ -249,10 +249,18 @@ def fused_ano(
         counts[reasons[i]] = counts.get(reasons[i], 0) + 1
     if others:
         _warn_torch_path(counts, len(lists.params))
+        # The torch implementation reads what it is given: the odd tensors are checked here
+        # whatever the caller checked (they are few, and odd).
+        rest = lists.subset(others)
+        check_step_tensors(
+            rest.params, rest.grads, rest.exp_avgs, rest.exp_avg_sqs, rest.state_steps,
+            owner=owner, where=lambda k: (where or _tensor_index)(others[k]),
+            scales=_scales_of(rest),
+        )  # fmt: skip
     if taken:
         _call(lists.subset(taken), options)
     if others:
-        fused_step_checked_(*lists.subset(others).arguments(), **options)
+        fused_step_checked_(*rest.arguments(), **options)
 
 
 def _traced(lists: FusedLists, options: dict) -> None:
@@ -268,6 +276,22 @@ def _traced(lists: FusedLists, options: dict) -> None:
         _call(lists.subset(taken) if others else lists, options)
     if others:
         fused_step_checked_(*lists.subset(others).arguments(), **options)
+
+
+def _scales_of(lists: FusedLists) -> list | None:
+    """The ``scales`` argument of :func:`..tensor_checks.check_step_tensors` for ``lists``."""
+    if not lists.exp_avg_scales:
+        return None
+    return [
+        (m, v, offset) if exp_avg.dtype == torch.uint8 else None
+        for exp_avg, m, v, offset in zip(
+            lists.exp_avgs,
+            lists.exp_avg_scales,
+            lists.exp_avg_sq_scales,
+            lists.noise_offsets,
+            strict=True,
+        )
+    ]
 
 
 def _tensor_index(i: int) -> str:

@@ -68,6 +68,18 @@ def _fake_step(
     """Under ``torch.compile``: the step returns nothing and writes its tensors in place. (On
     meta tensors, what the dispatcher runs for them, it checks that they are all on one
     device: a meta tensor among CPU ones must not turn a step into nothing.)"""
+    _fake_check(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets,
+    )  # fmt: skip
+
+
+def _fake_check(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+    noise_offsets,
+) -> None:  # fmt: skip
+    """What the fake implementations check: the lists' lengths, and that the tensors are all on
+    one device (the dispatcher sends a call with a meta tensor among CPU ones here)."""
     check_lists(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
         noise_offsets,
@@ -84,4 +96,4 @@ for _name in ("fused_step_", "fused_step_.tensor_lr"):
     LIBRARY.impl(_name, fused_step_, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ano::{_name}", _fake_step, lib=LIBRARY)
 LIBRARY.impl("fused_step_check", fused_step_check, "CompositeExplicitAutograd")
-torch.library.register_fake("ano::fused_step_check", fused_step_check, lib=LIBRARY)
+torch.library.register_fake("ano::fused_step_check", _fake_check, lib=LIBRARY)
