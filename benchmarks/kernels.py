@@ -41,19 +41,9 @@ def implementation(choice: str) -> Iterator[None]:
 
 @functools.cache
 def _copy_floor_op():
-    from torch.utils.cpp_extension import load
-
-    folder = native.build_folder().parent / "ano_bench_copy_floor"
-    folder.mkdir(parents=True, exist_ok=True)
-    load(
-        "ano_bench_copy_floor",
-        [str(Path(__file__).parent / "copy_floor.cpp")],
-        extra_cflags=native.build_flags(),
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(folder),
-        is_python_module=False,
-        verbose=False,
-    )
+    """``ano_bench::copy_floor_``, built (once, cached like the kernel) with the kernel's flags."""
+    source = (Path(__file__).parent / "copy_floor.cpp").read_text()
+    native.load_library("ano_bench_copy_floor", source, "the benchmarks' copy floor")
     return torch.ops.ano_bench.copy_floor_
 
 

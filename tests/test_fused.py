@@ -843,10 +843,21 @@ _BUILD_SCRIPT = textwrap.dedent(
     """
 )
 
+# A library as small as can be, built and cached the way the kernel is (native.load_library):
+# the kernel's own build takes tens of seconds, this one a few.
+_LIBRARY_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from ano_optimizer.fused import native
+    source = 'extern "C" int ano_test_library() { return 1; }\\n'
+    print(native.load_library("ano_test_library", source, "a test library"))
+    """
+)
 
-def _build_run(cache, **env):
+
+def _build_run(cache, script=_BUILD_SCRIPT, **env):
     run = subprocess.run(
-        [sys.executable, "-c", _BUILD_SCRIPT],
+        [sys.executable, "-c", script],
         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), **env},
         capture_output=True,
         text=True,
@@ -856,20 +867,16 @@ def _build_run(cache, **env):
     return run
 
 
-@pytest.mark.slow
-def test_the_kernel_is_built_once_saying_so_and_loaded_by_later_processes(tmp_path):
-    """With an empty cache the first process builds the kernel (one line on stderr says so);
-    a second process loads that build without building, and without a line."""
-    first = _build_run(tmp_path)
-    assert "loaded True" in first.stdout
-    building = [
-        line for line in first.stderr.splitlines() if "building the fused CPU kernel" in line
-    ]
+def test_a_library_is_built_once_saying_so_and_loaded_by_later_processes(tmp_path):
+    """With an empty cache the first process builds (one line on stderr says so); a second
+    process loads that build without building, and without a line. (The kernel's own first
+    build is timed by benchmarks/fused_step.py.)"""
+    first = _build_run(tmp_path, _LIBRARY_SCRIPT)
+    building = [line for line in first.stderr.splitlines() if "building a test library" in line]
     assert len(building) == 1, first.stderr
     libraries = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.so")}
-    assert len(libraries) == 1
-    second = _build_run(tmp_path)
-    assert "loaded True" in second.stdout
+    assert len(libraries) == 1 and str(next(iter(libraries))) in first.stdout
+    second = _build_run(tmp_path, _LIBRARY_SCRIPT)
     assert "building" not in second.stderr
     assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.so")} == libraries
 
@@ -893,7 +900,8 @@ def test_the_kernel_source_compiles_for_arm64(tmp_path):
 
     source = tmp_path / "kernel.cpp"
     source.write_text(native.kernel_source())
-    flags = [f for f in native.build_flags() if f != "-march=native"]
+    # The build's flags for another machine, unoptimized: what is checked is that it compiles.
+    flags = [f for f in native.build_flags() if f not in ("-march=native", "-O3")]
     run = subprocess.run(
         [compiler, "-std=c++20", "-fPIC", *flags, "-march=armv8-a",
          *(f"-I{p}" for p in include_paths()), "-c", str(source), "-o", str(tmp_path / "k.o")],

@@ -40,6 +40,7 @@ __all__ = [
     "cpu_vector_isa",
     "kernel_source",
     "load",
+    "load_library",
     "status",
     "toolchain",
 ]
@@ -80,14 +81,15 @@ def kernel_source() -> str:
     return (resources.files("ano_optimizer.fused") / "kernel.cpp").read_text()
 
 
-def build_folder() -> Path:
-    """Where the kernel for this machine, torch, Python and source is built and cached."""
+def build_folder(name: str = "ano_fused", source: str | None = None) -> Path:
+    """Where a library named ``name`` built from ``source`` (the kernel's by default) for this
+    machine, torch, Python and flags is built and cached."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "torch_extensions"
     )
     key = "\n".join(
         [
-            kernel_source(),
+            kernel_source() if source is None else source,
             " ".join([*build_flags(), *_LINK_FLAGS]),
             torch.__version__,
             sys.version,
@@ -95,11 +97,22 @@ def build_folder() -> Path:
             os.environ.get("CXX", ""),
         ]
     )
-    return Path(root) / f"ano_fused_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return Path(root) / f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _library_path(folder: Path) -> Path:
-    return folder / f"{folder.name}.so"
+def load_library(name: str, source: str, what: str) -> Path:
+    """Load the C++ library ``name`` built from the text ``source``, building it first where
+    the cache lacks it (saying so on stderr: ``what`` names it); return its path. Its
+    ``TORCH_LIBRARY`` registrations take effect on load. Raises where it cannot be built."""
+    folder = build_folder(name, source)
+    library = folder / f"{folder.name}.so"
+    done = folder / "built"
+    if done.exists() and library.exists():
+        torch.ops.load_library(str(library))
+    else:
+        _build(folder, source, what)
+        done.touch()
+    return library
 
 
 _STATUS: KernelStatus | None = None
@@ -115,15 +128,9 @@ def load() -> KernelStatus:
     """Load the kernel (building it first where the cache lacks it) and register it as
     ``ano::fused_step_``'s CPU implementation; once per process. Warns where it cannot."""
     global _STATUS
+    assert op.LIBRARY is not None  # the operator exists before its kernel registers
     try:
-        folder = build_folder()
-        library = _library_path(folder)
-        done = folder / "built"
-        if done.exists() and library.exists():
-            torch.ops.load_library(str(library))
-        else:
-            _build(folder)
-            done.touch()
+        library = load_library("ano_fused", kernel_source(), "the fused CPU kernel")
         _STATUS = KernelStatus(True, library, None)
     except Exception as error:  # no compiler, no ninja, a failed build or load
         reason = _reason(error)
@@ -152,7 +159,7 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {detail[:300]}"
 
 
-def _build(folder: Path) -> None:
+def _build(folder: Path, text: str, what: str) -> None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise BuildError(f"no C++ compiler: {compiler!r} is not found (set CXX to one)")
@@ -161,15 +168,12 @@ def _build(folder: Path) -> None:
     # Imported here: torch.utils.cpp_extension is slow to import, and needed only to build.
     from torch.utils.cpp_extension import load as load_extension
 
-    assert op.LIBRARY is not None  # the operator exists before its kernel registers
     folder.mkdir(parents=True, exist_ok=True)
-    source = folder / "kernel.cpp"
-    text = kernel_source()
+    source = folder / "source.cpp"
     if not source.exists() or source.read_text() != text:
         source.write_text(text)
     print(
-        f"Ano: building the fused CPU kernel for this machine (once; about a minute at most), "
-        f"cached in {folder}",
+        f"Ano: building {what} for this machine (once; about a minute at most), cached in {folder}",
         file=sys.stderr,
         flush=True,
     )
