@@ -241,6 +241,57 @@ def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp
     assert _without_timing(_read_json(output)) == _without_timing(_read_json(tmp_path / "whole"))
 
 
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_keeps_every_finished_run_and_leaves_no_process_behind(tmp_path):
+    """SIGTERM (kill, batch schedulers, container runtimes) stops a study as Ctrl-C does: what
+    finished is written (runs.jsonl and results.json), the exit code is 143, and no worker
+    is left running."""
+    output = tmp_path / "study"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ano_optimizer.cli", "demo", *SMALL, "--output", str(output)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    log = output / "runs.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert workers, "the study had no worker processes"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    saved = log.read_text().splitlines()
+    assert 2 <= len(saved) < 4 * 16, "interrupted too late to test anything"
+    assert f"{len(saved)} runs saved in {output}" in stderr
+    assert _read_json(output)["runs"] == [json.loads(line) for line in saved]
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)]
+
+
 def test_resume_takes_its_settings_from_the_folder(tmp_path, capsys):
     assert main(["demo", "--resume", "--output", str(tmp_path / "none")]) == 2
     assert "--resume: no study to resume in" in capsys.readouterr().err

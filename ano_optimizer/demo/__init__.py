@@ -15,8 +15,8 @@ over other seeds, at that rate. Supervised runs keep the epoch of best validatio
 runs score the deterministic policy on evaluation episodes seeded apart from training.
 
 Runs go to a process pool (one thread each, --workers), with a progress bar. Every finished run
-is appended to OUTPUT/runs.jsonl at once; Ctrl-C writes the results so far and exits with 130,
-and --resume continues the study from its folder. Output: results.json, results.csv, runs.csv
+is appended to OUTPUT/runs.jsonl at once; Ctrl-C (SIGTERM) writes the results so far and exits
+with 130 (143), and --resume continues the study from its folder. Output: results.json, results.csv, runs.csv
 and one PNG per task. With --cifar10 PATH the noise and labels tasks run the paper's setting
 (small CNN, 100 epochs) on a CIFAR-10 python-format folder, read with a data-only unpickler.
 

@@ -454,8 +454,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(settings: dict) -> None:
-    # Ctrl-C reaches every process of the terminal's group; the parent alone handles it.
+    # Ctrl-C reaches every process of the terminal's group; the parent alone handles it. SIGTERM
+    # ends a worker at once (the pool's terminate() sends it), not through the parent's handler
+    # that a forked worker would inherit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     _WORKER.clear()
     _WORKER["settings"] = settings
@@ -584,11 +587,20 @@ def _test_runs_for(cell: dict, settings: dict, done: dict[tuple, dict]) -> list[
     return [r for r in wanted if protocol.run_key(r) not in done]
 
 
+class Terminated(Exception):
+    """Raised in the main process by SIGTERM (``kill``, batch schedulers, container runtimes):
+    the study stops as on Ctrl-C, keeping what finished."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def run_study(
     settings: dict, plan: list[dict], done_runs: list[dict], log: _RunLog, workers: int, tqdm
-) -> bool:
-    """Run every missing run of ``plan`` (from :func:`cells`); return False when interrupted
-    (what finished is in ``log``)."""
+) -> int | None:
+    """Run every missing run of ``plan`` (from :func:`cells`); return None when all are done,
+    else the signal that stopped it, SIGINT or SIGTERM (what finished is in ``log``)."""
     done = {protocol.run_key(r): r for r in done_runs}
     todo = _schedule(settings, plan, done)
     by_key = {protocol.cell_key(cell): cell for cell in plan}
@@ -632,12 +644,14 @@ def run_study(
                         submit(run)
                         pending += 1
     except KeyboardInterrupt:
-        return False
+        return signal.SIGINT
+    except Terminated:
+        return signal.SIGTERM
     finally:
         pool.terminate()
         pool.join()
         bar.close()
-    return True
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -676,22 +690,24 @@ def run(args: argparse.Namespace) -> int:
         f"{workers} workers, one thread each"
     )
     log = _RunLog(folder / "runs.jsonl", fresh=not args.resume)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        complete = run_study(settings, plan, saved, log, workers, tqdm)
+        stopped = run_study(settings, plan, saved, log, workers, tqdm)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         log.close()
     runs = _read_saved_runs(folder / "runs.jsonl")
     results = write_outputs(folder, settings, runs, plan)
     print()
     print(format_tables(results))
     runtime = time.perf_counter() - started
-    if not complete:
+    if stopped is not None:
         print(
             f"\ninterrupted after {runtime:.0f} s: {len(runs)} runs saved in {folder}/; "
             f"continue with: ano-optimizer demo --resume --output {folder}",
             file=sys.stderr,
         )
-        return 130
+        return 128 + stopped  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
     print(
         f"\nruntime {runtime:.0f} s; results in {os.fspath(folder)}/ (results.json, "
         "results.csv, runs.csv, one PNG per task)"
