@@ -207,8 +207,8 @@ def _without_timing(results: dict) -> dict:
     return results["tasks"]
 
 
-def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp_path):
-    output = tmp_path / "study"
+def _study_with_finished_runs(output: Path, runs: int) -> subprocess.Popen:
+    """A SMALL study started in a subprocess, once ``runs`` of its runs have finished."""
     process = subprocess.Popen(
         [sys.executable, "-m", "ano_optimizer.cli", "demo", *SMALL, "--output", str(output)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -216,9 +216,16 @@ def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp
     log = output / "runs.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= 4:
+        if log.exists() and len(log.read_text().splitlines()) >= runs:
             break
         time.sleep(0.05)
+    return process
+
+
+def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp_path):
+    output = tmp_path / "study"
+    process = _study_with_finished_runs(output, 4)
+    log = output / "runs.jsonl"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
@@ -267,16 +274,8 @@ def test_sigterm_keeps_every_finished_run_and_leaves_no_process_behind(tmp_path)
     finished is written (runs.jsonl and results.json), the exit code is 143, and no worker
     is left running."""
     output = tmp_path / "study"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ano_optimizer.cli", "demo", *SMALL, "--output", str(output)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = _study_with_finished_runs(output, 2)
     log = output / "runs.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
     workers = _children(process.pid)
     assert workers, "the study had no worker processes"
     process.send_signal(signal.SIGTERM)

@@ -27,7 +27,7 @@ from torch import Tensor
 from .._torch_internals import functionalizes_mutable_lists
 from ..tensor_checks import check_step_tensors
 from . import native, op
-from .torch_step import fused_step_checked_, is_dense
+from .torch_step import checked_scales, fused_step_checked_, is_dense
 
 __all__ = ["FusedLists", "fused_ano", "kernel_takes", "kernels_accept", "real_views"]
 
@@ -255,7 +255,9 @@ def fused_ano(
         check_step_tensors(
             rest.params, rest.grads, rest.exp_avgs, rest.exp_avg_sqs, rest.state_steps,
             owner=owner, where=lambda k: (where or _tensor_index)(others[k]),
-            scales=_scales_of(rest),
+            scales=checked_scales(
+                rest.exp_avgs, rest.exp_avg_scales, rest.exp_avg_sq_scales, rest.noise_offsets
+            ),
         )  # fmt: skip
     if taken:
         _call(lists.subset(taken), options)
@@ -276,22 +278,6 @@ def _traced(lists: FusedLists, options: dict) -> None:
         _call(lists.subset(taken) if others else lists, options)
     if others:
         fused_step_checked_(*lists.subset(others).arguments(), **options)
-
-
-def _scales_of(lists: FusedLists) -> list | None:
-    """The ``scales`` argument of :func:`..tensor_checks.check_step_tensors` for ``lists``."""
-    if not lists.exp_avg_scales:
-        return None
-    return [
-        (m, v, offset) if exp_avg.dtype == torch.uint8 else None
-        for exp_avg, m, v, offset in zip(
-            lists.exp_avgs,
-            lists.exp_avg_scales,
-            lists.exp_avg_sq_scales,
-            lists.noise_offsets,
-            strict=True,
-        )
-    ]
 
 
 def _tensor_index(i: int) -> str:

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import blockwise8, rounding
 from ..tensor_checks import check_step_tensors
 
-__all__ = ["check_lists", "fused_step_", "fused_step_checked_", "is_dense"]
+__all__ = ["check_lists", "checked_scales", "fused_step_", "fused_step_checked_", "is_dense"]
 
 # Elements per piece of a contiguous tensor, and per bucket of pieces stepped by one sequence of
 # foreach calls. On the CPU a bucket's temporaries stay within the caches (larger or smaller
@@ -334,6 +334,20 @@ def check_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, m_scales, v_s
         )
 
 
+def checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets) -> list | None:
+    """The operator's 8-bit lists as :func:`..tensor_checks.check_step_tensors` takes them:
+    each tensor's ``(exp_avg_scale, exp_avg_sq_scale, noise_offset)``, None where its moments
+    are floats; None without codes."""
+    if not exp_avg_scales:
+        return None
+    return [
+        (m_scale, v_scale, offset) if exp_avg.dtype == torch.uint8 else None
+        for exp_avg, m_scale, v_scale, offset in zip(
+            exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets, strict=True
+        )
+    ]
+
+
 def fused_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -354,14 +368,7 @@ def fused_step_(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
         noise_offsets,
     )  # fmt: skip
-    scales = None
-    if exp_avg_scales:
-        scales = [
-            (m_scale, v_scale, offset) if exp_avg.dtype == torch.uint8 else None
-            for exp_avg, m_scale, v_scale, offset in zip(
-                exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets, strict=True
-            )
-        ]
+    scales = checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets)
     grads = check_step_tensors(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, owner="ano::fused_step_",
         where=lambda i: f"tensor {i}", scales=scales,
