@@ -39,7 +39,7 @@ from .fused import FusedLists, fused_ano, kernels_accept, native
 from .fused.torch_step import fused_step_checked_
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
-from .step_scalars import _step_scalars, unscale_or_skip
+from .step_scalars import per_tensor_scalars, unscale_or_skip
 from .tensor_checks import check_step_tensors
 
 __all__ = ["Ano", "Anolog", "ano"]
@@ -1055,7 +1055,7 @@ def _multi_tensor_ano(
         torch._foreach_add_(dev_steps, 1.0)
         if capturable:
             # 0-d float64 tensors on the device, from a handful of foreach kernels.
-            weights, corrections = _step_scalars(
+            weights, corrections = per_tensor_scalars(
                 dev_steps, beta1, beta2, logarithmic_schedule, torch.float64, device
             )
         else:

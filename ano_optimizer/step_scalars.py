@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["unscale_or_skip"]
+__all__ = ["per_tensor_scalars", "unscale_or_skip"]
 
 
 def unscale_or_skip(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None):
@@ -22,7 +22,7 @@ def unscale_or_skip(grads: list[Tensor], grad_scale: Tensor | None, found_inf: T
     return False
 
 
-def _step_scalars(steps, beta1, beta2, logarithmic_schedule, dtype, device):
+def per_tensor_scalars(steps, beta1, beta2, logarithmic_schedule, dtype, device):
     """Per tensor: ``1 - β1_k`` and ``sqrt(1 - β2^k)`` as 0-d tensors, with a handful of
     ``torch._foreach_*`` calls for the whole list (no per-tensor Python, no host sync)."""
     steps = (

@@ -69,10 +69,3 @@ class CopyFloor:
 
     def step(self):
         self.kernel(*self.buffers, self.unit)
-
-
-def bytes_per_parameter(state_dtype: torch.dtype) -> int:
-    """What a fused step reads and writes per parameter: param and grad, and both moments
-    read and written (8-bit codes: their block scales add 2 * 8 / 256 bytes, not counted)."""
-    state = {torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1}[state_dtype]
-    return 4 + 4 + 4 + 4 * state

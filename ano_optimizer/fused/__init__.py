@@ -247,11 +247,12 @@ def fused_ano(
     counts: dict[str, int] = {}
     for i in others:
         counts[reasons[i]] = counts.get(reasons[i], 0) + 1
+    rest = lists.subset(others)
     if others:
         _warn_torch_path(counts, len(lists.params))
-        # The torch implementation reads what it is given: the odd tensors are checked here
-        # whatever the caller checked (they are few, and odd).
-        rest = lists.subset(others)
+    if others and checked:
+        # Checked by the caller, not by this call: the torch implementation reads what it is
+        # given, so the odd tensors are checked once more (they are few).
         check_step_tensors(
             rest.params, rest.grads, rest.exp_avgs, rest.exp_avg_sqs, rest.state_steps,
             owner=owner, where=lambda k: (where or _tensor_index)(others[k]),
@@ -272,8 +273,9 @@ def _traced(lists: FusedLists, options: dict) -> None:
     if not functionalizes_mutable_lists():
         fused_step_checked_(*lists.arguments(), **options)
         return
-    taken = [i for i in range(len(lists.params)) if kernel_takes(lists, i) is None]
-    others = [i for i in range(len(lists.params)) if i not in set(taken)]
+    takes = [kernel_takes(lists, i) is None for i in range(len(lists.params))]
+    taken = [i for i, takes_it in enumerate(takes) if takes_it]
+    others = [i for i, takes_it in enumerate(takes) if not takes_it]
     if taken:
         _call(lists.subset(taken) if others else lists, options)
     if others:

@@ -47,14 +47,6 @@ inline float float_of(uint32_t b) {
     return x;
 }
 
-inline void prefetch(const void* p) {
-#if defined(__GNUC__)
-    __builtin_prefetch(p, 1, 3);
-#else
-    (void)p;
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
 // The update of one element.
 

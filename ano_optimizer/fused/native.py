@@ -47,7 +47,7 @@ __all__ = [
 
 # -ffp-contract=off: no fused multiply-adds, so every operation rounds as torch_step.py's does.
 # -fno-math-errno: sqrt is the instruction, which vectorizes. Hidden inline symbols: the
-# library's copies of at::vec's functions stay its own, built with these flags.
+# library's copies of ATen's inline functions stay its own, built with these flags.
 BUILD_FLAGS = (
     "-O3",
     "-march=native",

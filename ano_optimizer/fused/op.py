@@ -24,7 +24,7 @@ import torch
 
 from .torch_step import check_lists, fused_step_
 
-__all__ = ["LIBRARY", "fused_step_check", "fused_step_torch"]
+__all__ = ["LIBRARY", "fused_step_check"]
 
 _TENSORS = (
     "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
@@ -45,41 +45,15 @@ LIBRARY.define(f"fused_step_({_TENSORS}, *, float lr, {_OPTIONS}) -> ()")
 LIBRARY.define(f"fused_step_.tensor_lr({_TENSORS}, *, Tensor lr, {_OPTIONS}) -> ()")
 LIBRARY.define(f"fused_step_check({_CHECKED}) -> ()")
 
-fused_step_torch = fused_step_
-"""The torch implementation (:func:`.torch_step.fused_step_`), callable directly."""
-
 
 def fused_step_check(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
     noise_offsets,
 ) -> None:  # fmt: skip
-    """The torch implementation takes any tensors: it checks only the lists' lengths."""
-    check_lists(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
-        noise_offsets,
-    )  # fmt: skip
-
-
-def _fake_step(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
-    noise_offsets, *, lr, beta1, beta2, eps, weight_decay, logarithmic_schedule, maximize,
-    grad_scale=None, found_inf=None,
-) -> None:  # fmt: skip
-    """Under ``torch.compile``: the step returns nothing and writes its tensors in place. (On
-    meta tensors, what the dispatcher runs for them, it checks that they are all on one
-    device: a meta tensor among CPU ones must not turn a step into nothing.)"""
-    _fake_check(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
-        noise_offsets,
-    )  # fmt: skip
-
-
-def _fake_check(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
-    noise_offsets,
-) -> None:  # fmt: skip
-    """What the fake implementations check: the lists' lengths, and that the tensors are all on
-    one device (the dispatcher sends a call with a meta tensor among CPU ones here)."""
+    """``ano::fused_step_check`` off the CPU kernel, and the fake implementations' checks: the
+    lists' lengths, and that the tensors are all on one device (the dispatcher sends a call
+    with a meta tensor among CPU ones to the fake implementation: it must not turn a step into
+    nothing). The torch implementation takes any other tensors."""
     check_lists(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
         noise_offsets,
@@ -92,8 +66,21 @@ def _fake_check(
         )
 
 
+def _fake_step(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+    noise_offsets, *, lr, beta1, beta2, eps, weight_decay, logarithmic_schedule, maximize,
+    grad_scale=None, found_inf=None,
+) -> None:  # fmt: skip
+    """Under ``torch.compile`` (and on meta tensors): the step returns nothing and writes its
+    tensors in place."""
+    fused_step_check(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets,
+    )  # fmt: skip
+
+
 for _name in ("fused_step_", "fused_step_.tensor_lr"):
     LIBRARY.impl(_name, fused_step_, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ano::{_name}", _fake_step, lib=LIBRARY)
 LIBRARY.impl("fused_step_check", fused_step_check, "CompositeExplicitAutograd")
-torch.library.register_fake("ano::fused_step_check", _fake_check, lib=LIBRARY)
+torch.library.register_fake("ano::fused_step_check", fused_step_check, lib=LIBRARY)

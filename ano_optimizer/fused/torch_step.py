@@ -31,10 +31,13 @@ __all__ = ["check_lists", "checked_scales", "fused_step_", "fused_step_checked_"
 # foreach calls. On the CPU a bucket's temporaries stay within the caches (larger or smaller
 # buckets measured slower); on a GPU a bucket is one launch per operation, so buckets are large
 # (their temporaries stay within a few hundred megabytes).
-PIECE_NUMEL = {"cpu": 1 << 17}
-BUCKET_NUMEL = {"cpu": 1 << 19}
-_DEVICE_PIECE_NUMEL = 1 << 22
-_DEVICE_BUCKET_NUMEL = 1 << 24
+CPU_SIZES = (1 << 17, 1 << 19)
+DEVICE_SIZES = (1 << 22, 1 << 24)
+
+
+def _sizes(device: torch.device) -> tuple[int, int]:
+    """Elements per piece and per bucket on ``device``."""
+    return CPU_SIZES if device.type == "cpu" else DEVICE_SIZES
 
 
 def _f32(x: float) -> float:
@@ -144,7 +147,7 @@ def _pieces(
 ) -> Iterator[_Piece]:
     if tensors[0].numel() == 0:
         return
-    size = PIECE_NUMEL.get(tensors[0].device.type, _DEVICE_PIECE_NUMEL)
+    size, _ = _sizes(tensors[0].device)
     if not all(t.is_contiguous() for t in tensors) or tensors[0].numel() <= size:
         yield _Piece(*tensors, 0, scalars)
         return
@@ -154,7 +157,7 @@ def _pieces(
 
 def _buckets(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
     bucket, total = [], 0
-    limit = BUCKET_NUMEL.get(pieces[0].param.device.type, _DEVICE_BUCKET_NUMEL) if pieces else 0
+    _, limit = _sizes(pieces[0].param.device) if pieces else (0, 0)
     for piece in pieces:
         if bucket and total + piece.param.numel() > limit:
             yield bucket
