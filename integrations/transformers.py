@@ -33,7 +33,12 @@ from typing import Any
 
 import torch
 
-from ano_optimizer.registry import get_optimizer_class, get_optimizer_spec, list_optimizers
+from ano_optimizer.registry import (
+    get_optimizer_class,
+    get_optimizer_spec,
+    list_optimizers,
+    optimizer_keywords,
+)
 
 __all__ = ["optimizer_cls_and_kwargs", "parse_optim_args", "register", "registered_names"]
 
@@ -131,16 +136,6 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------- building the optimizer
 
 
-def _keyword_defaults(cls: type) -> dict[str, Any] | None:
-    """Keyword arguments of ``cls(params, ...)`` and their defaults; None when it takes **kwargs."""
-    parameters = list(inspect.signature(cls).parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    # The first parameter receives the parameter groups.
-    return {p.name: p.default for p in parameters[1:] if p.kind in kinds}
-
-
 def _takes_a_dtype(cls: type, key: str, default) -> bool:
     """Whether keyword ``key`` of ``cls`` is a torch dtype (by its default or its annotation)."""
     if isinstance(default, torch.dtype):
@@ -169,7 +164,7 @@ def _typed_against_signature(name: str, cls: type, options: dict[str, Any]) -> d
             "optim_args: key 'weight_decay' is not allowed: the Trainer gives each parameter "
             "group its own weight decay, so set TrainingArguments.weight_decay (--weight_decay)"
         )
-    accepted = _keyword_defaults(cls)
+    accepted = optimizer_keywords(cls)
     if accepted is None:
         return dict(options)
     accepted.pop("weight_decay", None)

@@ -29,6 +29,7 @@ from ano_optimizer import (
     get_optimizer_spec,
     list_optimizers,
 )
+from ano_optimizer.registry import optimizer_keywords
 from ano_optimizer.registry.builtins import ANO, ANOLOG
 
 
@@ -65,6 +66,22 @@ def test_declared_arguments_match_the_torch_class(name):
     for flag, keyword in (("has_betas", "betas"), ("has_eps", "eps"), ("has_momentum", "momentum")):
         assert getattr(spec, flag) == (keyword in accepted), (name, flag)
     assert set(spec.defaults) <= accepted, (name, spec.defaults)
+
+
+def test_optimizer_keywords_is_the_constructor_table():
+    """The table create_optimizer and the Hugging Face adapter check options against."""
+    table = optimizer_keywords(Ano)
+    assert "params" not in table
+    assert table["lr"] == 1e-4 and table["betas"] == (0.92, 0.99)
+    assert table["logarithmic_schedule"] is False and table["fused"] is None
+    assert set(table) == set(inspect.signature(Ano).parameters) - {"params"}
+    assert optimizer_keywords(torch.optim.SGD)["momentum"] == 0
+
+    class TakesAnything(torch.optim.Optimizer):
+        def __init__(self, params, lr=0.1, **kwargs):
+            super().__init__(params, dict(lr=lr, **kwargs))
+
+    assert optimizer_keywords(TakesAnything) is None
 
 
 @pytest.mark.parametrize("name", ["ANO", "Ano", "aNoLoG"])

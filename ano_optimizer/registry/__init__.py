@@ -16,6 +16,7 @@ import importlib
 import inspect
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from . import plugins
 from .plugins import OptimizerPluginWarning
@@ -29,6 +30,7 @@ __all__ = [
     "get_optimizer_class",
     "get_optimizer_spec",
     "list_optimizers",
+    "optimizer_keywords",
     "register_optimizer",
 ]
 
@@ -179,14 +181,18 @@ def list_optimizers(pattern: str | None = None, framework: str | None = None) ->
     return names
 
 
-def _accepted_keywords(cls: type) -> set[str] | None:
-    """Keyword arguments ``cls(params, ...)`` accepts; None when it takes ``**kwargs``."""
+def optimizer_keywords(cls: type) -> dict[str, Any] | None:
+    """Keyword arguments of ``cls(params, ...)`` and their defaults; None when it takes ``**kwargs``.
+
+    The one table the registry's :func:`create_optimizer` and the Hugging Face adapter check
+    user-given options against (unknown keywords are errors there, never dropped).
+    """
     parameters = list(inspect.signature(cls).parameters.values())
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
     keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     # The first parameter receives the parameters / parameter groups.
-    return {p.name for p in parameters[1:] if p.kind in keyword_kinds}
+    return {p.name: p.default for p in parameters[1:] if p.kind in keyword_kinds}
 
 
 def create_optimizer(
@@ -231,12 +237,12 @@ def create_optimizer(
         options["lr"] = lr
     if weight_decay is None:
         weight_decay = options.get("weight_decay", 0.0)
-    accepted = _accepted_keywords(cls)
+    accepted = optimizer_keywords(cls)
     # An optimizer without weight decay still works with the default weight_decay=0.
     if accepted is None or "weight_decay" in accepted or weight_decay:
         options["weight_decay"] = weight_decay
     if accepted is not None:
-        unknown = sorted(set(options) - accepted)
+        unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise TypeError(
                 f"optimizer {spec.name!r} ({cls.__qualname__}) got unexpected keyword "
