@@ -6,8 +6,8 @@ freed or shrunk (``t.untyped_storage().resize_(0)``) they read and write unowned
 crash the process, and in-place ops on overlapping, inference or negative-bit tensors raise only
 once earlier tensors of the step have changed. So before a step touches anything, every
 parameter, gradient, moment and step count is checked here, for every group; a step either runs
-whole or raises with nothing changed. The fused CPU kernel (``fused/cpu_kernel.cpp``) makes the
-same checks in C++ for the tensors it takes, and takes only tensors these checks accept.
+whole or raises with nothing changed. The fused CPU kernel (``fused/kernel.cpp``) makes the
+same checks in C++ for the tensors it takes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._torch_internals import has_internal_overlap, is_zero_tensor
 
@@ -30,6 +31,8 @@ _STEP_DTYPES = (torch.float32, torch.float64)
 # Subclasses that override it (FakeTensor, DTensor, wrapper subclasses) serve their data
 # through their own dispatch.
 _PLAIN = Tensor.__torch_dispatch__
+# Wrapper tensors whose dispatch was found to take an in-place update.
+_TAKES_IN_PLACE = WeakIdKeyDictionary()
 
 
 def storage_holds(t: Tensor) -> bool:
@@ -78,14 +81,25 @@ def written_problem(t: Tensor) -> str | None:
     if has_internal_overlap(t):
         return "has elements that share memory (e.g. made by expand()); clone it first"
     if type(t).__torch_dispatch__ is not _PLAIN and not _is_dtensor(t):
-        # A subclass with its own dispatch (a wrapper) hides its data from these checks: an
-        # in-place multiply by 1 (exact for every value) asks its own dispatch instead, before
-        # anything else changes. Only its version counter moves.
-        try:
-            with torch.no_grad():
-                t.mul_(1)
-        except Exception as error:
-            return f"cannot be updated in place ({type(error).__name__}: {error})"
+        return _in_place_problem(t)
+    return None
+
+
+def _in_place_problem(t: Tensor) -> str | None:
+    """Whether a subclass with its own dispatch (a wrapper) takes an in-place update.
+
+    Its data is hidden from the checks above, so its own dispatch is asked: an in-place
+    multiply by 1 on a copy, never on ``t`` (that would bump its version counter and could
+    requantize a quantized wrapper). Each tensor is asked once.
+    """
+    if t in _TAKES_IN_PLACE:
+        return None
+    try:
+        with torch.no_grad():
+            t.detach().clone().mul_(1)
+    except Exception as error:
+        return f"cannot be updated in place ({type(error).__name__}: {error})"
+    _TAKES_IN_PLACE[t] = True
     return None
 
 
