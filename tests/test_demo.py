@@ -248,16 +248,19 @@ def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp
     assert _without_timing(_read_json(output)) == _without_timing(_read_json(tmp_path / "whole"))
 
 
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (Linux /proc)."""
-    found = set()
+def _descendants(pid: int) -> set[int]:
+    """The processes started by ``pid``, their children and so on (Linux /proc)."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
+        parents.setdefault(int(fields[1]), set()).add(int(stat.parent.name))
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = set().union(*(parents.get(p, set()) for p in frontier)) - found
+        found |= frontier
     return found
 
 
@@ -276,8 +279,8 @@ def test_sigterm_keeps_every_finished_run_and_leaves_no_process_behind(tmp_path)
     output = tmp_path / "study"
     process = _study_with_finished_runs(output, 2)
     log = output / "runs.jsonl"
-    workers = _children(process.pid)
-    assert workers, "the study had no worker processes"
+    workers = _descendants(process.pid)
+    assert len(workers) >= 2, "the study had no worker processes"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
@@ -289,6 +292,33 @@ def test_sigterm_keeps_every_finished_run_and_leaves_no_process_behind(tmp_path)
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [w for w in workers if _alive(w)]
+
+
+TINY = ["--tasks", "noise", "--optimizers", "ano", "--sigmas", "0", "--epochs", "1",
+        "--tuning-seeds", "0", "--test-seeds", "1", "--workers", "2"]  # fmt: skip
+
+
+def test_a_study_started_from_python_ignores_the_caller_s_torch_state(tmp_path):
+    """Workers start from a clean server process, not a fork of the caller: a notebook or
+    script that has already trained something, and changed torch's global settings, runs the
+    same study as the command line does."""
+    code = f"""
+import sys, torch
+x = torch.ones(3, requires_grad=True)
+(x * 2).sum().backward()
+torch.set_default_dtype(torch.float64)
+from ano_optimizer.cli import main
+sys.exit(main(["demo", *{TINY!r}, "--output", {str(tmp_path / "study")!r}]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = demo(*TINY, "--output", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert _without_timing(_read_json(tmp_path / "study")) == _without_timing(
+        _read_json(tmp_path / "alone")
+    )
 
 
 def test_resume_takes_its_settings_from_the_folder(tmp_path, capsys):

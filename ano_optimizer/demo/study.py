@@ -455,8 +455,7 @@ _WORKER: dict = {}
 
 def _init_worker(settings: dict) -> None:
     # Ctrl-C reaches every process of the terminal's group; the parent alone handles it. SIGTERM
-    # ends a worker at once (the pool's terminate() sends it), not through the parent's handler
-    # that a forked worker would inherit.
+    # (the pool's terminate() sends it) ends a worker at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
@@ -556,9 +555,14 @@ def _load_resumed(args: argparse.Namespace, folder: Path) -> tuple[dict, list[di
 
 
 def _pool_context():
-    methods = multiprocessing.get_all_start_methods()
-    # fork shares the loaded modules and data with the workers, which start in milliseconds.
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    """Workers start from a fresh server process that has imported this module and nothing
+    else: forking the caller's process would copy whatever it holds (autograd's threads,
+    which torch then refuses to use in the child; open files; a CUDA context)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _schedule(settings: dict, plan: list[dict], done: dict[tuple, dict]) -> list[dict]:
