@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import statistics
 import struct
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from ano_optimizer.cli import main
+from ano_optimizer.cli import build_parser, main
 from ano_optimizer.demo import data as demo_data
 from ano_optimizer.demo import protocol, study, tasks
 
@@ -329,6 +330,56 @@ def test_resume_takes_its_settings_from_the_folder(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- the tasks
+
+
+def _saved_study(folder: Path, *flags: str) -> dict:
+    """settings.json as ``ano-optimizer demo FLAGS`` writes it, before any run."""
+    args = build_parser("demo").parse_args(["demo", *flags, "--output", str(folder)])
+    settings = json.loads(json.dumps(study.build_settings(args)))
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps(settings))
+    return settings
+
+
+def _run_line(**changes) -> str:
+    run = {"task": "noise", "condition": "sigma=0", "optimizer": "ano", "phase": "tuning",
+           "lr": 0.01, "seed": 0, "validation": 0.5, "test": None, "diverged": False}  # fmt: skip
+    return json.dumps({**run, **changes})
+
+
+@pytest.mark.parametrize(
+    ("settings_change", "runs", "message"),
+    [
+        (lambda s: "not json", None, r"settings.json cannot be read \(Expecting value"),
+        (lambda s: json.dumps([1, 2]), None, r"settings.json is not a study's settings \("),
+        (lambda s: {k: v for k, v in s.items() if k != "epochs"}, None, r"\(no 'epochs'\)"),
+        (lambda s: {**s, "epochs": -1}, None, r"argument --epochs: must be an integer >= 1"),
+        (lambda s: {**s, "epochs": "3"}, None, r"its 'epochs' is '3' where its flags give 3"),
+        (lambda s: {**s, "optimizers": {"nosuch": {}}}, None, r"unknown optimizer 'nosuch'"),
+        (lambda s: {**s, "extra": 1}, None, r"its 'extra' is 1 where its flags give None"),
+        (lambda s: {**s, "batch_size": 7}, None, r"its 'batch_size' is 7 where"),
+        (None, [_run_line(), "{cut", _run_line(seed=1)], r"runs.jsonl, line 2: not JSON"),
+        (None, ["[1, 2]"], r"runs.jsonl, line 1: not a run \(a run has task, condition"),
+        (None, [_run_line(optimizer="lion")], r"line 1: a run of another study \(noise"),
+        (None, [_run_line(phase="final")], r"line 1: a run of another study"),
+    ],
+)  # fmt: skip
+def test_a_malformed_study_folder_is_refused_with_the_file_named(
+    tmp_path, capsys, settings_change, runs, message
+):
+    folder = tmp_path / "study"
+    settings = _saved_study(folder, *TINY)
+    if settings_change is not None:
+        changed = settings_change(settings)
+        text = changed if isinstance(changed, str) else json.dumps(changed)
+        (folder / "settings.json").write_text(text)
+    if runs is not None:
+        (folder / "runs.jsonl").write_text("\n".join(runs) + "\n")
+    assert main(["demo", "--resume", "--output", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ano-optimizer demo: error: "), error
+    assert re.search(message, error), error
+    assert str(folder) in error
 
 
 def test_label_noise_replaces_the_given_fraction_with_other_classes():

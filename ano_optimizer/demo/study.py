@@ -510,14 +510,32 @@ def _prepare_output(folder: Path) -> Path:
     return folder
 
 
-def _read_saved_runs(path: Path) -> list[dict]:
+_RUN_FIELDS = ("task", "condition", "optimizer", "phase", "lr", "seed", "validation", "test")
+
+
+def _read_saved_runs(path: Path, plan: list[dict]) -> list[dict]:
+    """The runs of ``plan`` saved in ``path``; a last line cut short by a kill is dropped (that
+    run reruns), any other line that is not a run of this study is refused."""
+    cells = {protocol.cell_key(cell) for cell in plan}
     runs = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                runs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short when the study was killed: that run reruns
+    lines = path.read_text().splitlines() if path.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            run = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise DemoInputError(f"{path}, line {number}: not JSON ({line[:60]!r})") from None
+        if not isinstance(run, dict) or any(field not in run for field in _RUN_FIELDS):
+            raise DemoInputError(
+                f"{path}, line {number}: not a run (a run has {', '.join(_RUN_FIELDS)})"
+            )
+        if protocol.cell_key(run) not in cells or run["phase"] not in ("tuning", "test"):
+            raise DemoInputError(
+                f"{path}, line {number}: a run of another study "
+                f"({run['task']} {run['condition']} {run['optimizer']} {run['phase']})"
+            )
+        runs.append(run)
     return runs
 
 
@@ -546,9 +564,57 @@ def _load_resumed(args: argparse.Namespace, folder: Path) -> tuple[dict, list[di
     path = folder / "settings.json"
     try:
         settings = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DemoInputError(f"--resume: no study to resume in {folder} ({error})") from None
-    return settings, _read_saved_runs(folder / "runs.jsonl")
+    except FileNotFoundError:
+        raise DemoInputError(f"--resume: no study to resume in {folder} (no {path})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DemoInputError(f"--resume: {path} cannot be read ({error})") from None
+    _check_saved_settings(settings, path)
+    return settings, _read_saved_runs(folder / "runs.jsonl", cells(settings))
+
+
+def _settings_argv(settings: dict) -> list[str]:
+    """The study flags that give ``settings``."""
+    conditions = {
+        task: list(spec["conditions"].values()) for task, spec in settings["tasks"].items()
+    }
+    joined = lambda values: ",".join(map(str, values))  # noqa: E731
+    argv = [
+        "--tasks", joined(settings["tasks"]), "--optimizers", joined(settings["optimizers"]),
+        "--rl-steps", str(settings["rl_steps"]), "--epochs", str(settings["epochs"]),
+        "--tuning-seeds", joined(settings["tuning_seeds"]),
+        "--test-seeds", joined(settings["test_seeds"]),
+        "--lr-grid", joined(settings["lr_grid_factors"]), "--device", str(settings["device"]),
+    ]  # fmt: skip
+    for flag, task in (("--sigmas", "noise"), ("--label-noise", "labels"), ("--rl-env", "rl")):
+        if task in conditions:
+            argv += [flag, joined(conditions[task])]
+    if settings["cifar10"] is not None:
+        argv += ["--cifar10", str(settings["cifar10"])]
+    return argv + (["--quick"] if settings["quick"] else [])
+
+
+class _SettingsParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise DemoInputError(message)
+
+
+def _check_saved_settings(settings, path: Path) -> None:
+    """Refuse a settings.json that the same flags would not write again (edited, cut, or from
+    another version): the resumed runs must belong to the study that was started."""
+    parser = _SettingsParser(prog="settings.json")
+    add_arguments(parser)
+    try:
+        rebuilt = build_settings(parser.parse_args(_settings_argv(settings)))
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        reason = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise DemoInputError(f"--resume: {path} is not a study's settings ({reason})") from None
+    rebuilt = json.loads(json.dumps(rebuilt))
+    for key in sorted(set(settings) | set(rebuilt)):
+        if key not in ("torch", "python") and settings.get(key) != rebuilt.get(key):
+            raise DemoInputError(
+                f"--resume: {path} is not a study's settings: its {key!r} is "
+                f"{settings.get(key)!r} where its flags give {rebuilt.get(key)!r}"
+            )
 
 
 # ------------------------------------------------------------------------ running it all
@@ -700,7 +766,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         log.close()
-    runs = _read_saved_runs(folder / "runs.jsonl")
+    runs = _read_saved_runs(folder / "runs.jsonl", plan)
     results = write_outputs(folder, settings, runs, plan)
     print()
     print(format_tables(results))
