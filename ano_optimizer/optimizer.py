@@ -155,14 +155,8 @@ class Ano(Optimizer):
         ``weight_decay``, ``eps``; integer steps) has no ``logarithmic_schedule``: each group
         keeps this optimizer's setting.
         """
-        self._load_checked(self._checked_state_dict(state_dict))
-
-    def _checked_state_dict(self, state_dict: dict) -> dict:
-        return checked_state_dict(self, state_dict, f"{type(self).__name__}.load_state_dict")
-
-    def _load_checked(self, state_dict: dict) -> None:
-        """Load a state dict that :meth:`_checked_state_dict` returned. Should torch's loader or
-        a hook fail all the same, the optimizer is put back as it was before the call."""
+        state_dict = checked_state_dict(self, state_dict, f"{type(self).__name__}.load_state_dict")
+        # Should torch's loader or a hook fail all the same, the optimizer is put back.
         before = {**self.__dict__, "defaults": dict(self.defaults)}
         try:
             super().load_state_dict(state_dict)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .optimizer import Ano
+from .saved_state import checked_state_dict
 
 __all__ = ["StepInBackward"]
 
@@ -93,15 +94,16 @@ class StepInBackward:
                 f"expected {len(self.optimizers)} (one per parameter)"
             )
         optimizers = list(self.optimizers.values())
+        owner = "StepInBackward.load_state_dict"
         checked = [
-            optimizer._checked_state_dict(entry) if isinstance(optimizer, Ano) else entry
+            checked_state_dict(optimizer, entry, owner) if isinstance(optimizer, Ano) else entry
             for optimizer, entry in zip(optimizers, saved, strict=True)
         ]
         before = [{**opt.__dict__, "defaults": dict(opt.defaults)} for opt in optimizers]
         try:
             for optimizer, entry in zip(optimizers, checked, strict=True):
-                if isinstance(optimizer, Ano):
-                    optimizer._load_checked(entry)
+                if isinstance(optimizer, Ano):  # checked above, all before any is loaded
+                    torch.optim.Optimizer.load_state_dict(optimizer, entry)
                 else:
                     optimizer.load_state_dict(entry)
         except BaseException:

@@ -27,6 +27,14 @@ ROWS=(
     "torch-2.15.0|3.11|torch==2.15.0 numpy|$FUSED_TESTS"
     "python-3.10|3.10|torch==2.14.1 numpy|$FUSED_TESTS tests/test_optimizer_api.py"
     "python-3.13|3.13|torch==2.14.1 numpy|$FUSED_TESTS tests/test_optimizer_api.py"
+    # The oldest Hugging Face stack supported, on the torch of its time (USE_TF=0 keeps
+    # transformers 4.x from importing TensorFlow), and the last 4.x release.
+    "transformers-4.40.2|3.11|torch==2.4.1 numpy<2 transformers==4.40.2 accelerate==0.26.1|tests/test_transformers.py tests/test_registry.py"
+    "transformers-4.57.6|3.11|torch==2.14.1 numpy transformers==4.57.6 accelerate|tests/test_transformers.py"
+    "timm-1.0.12|3.11|torch==2.14.1 torchvision numpy timm==1.0.12|tests/test_timm.py"
+    # The oldest Keras 3 on the oldest TensorFlow supported, with JAX and torch for Keras's
+    # other backends (tests_keras runs each backend in its own process).
+    "keras-3.0.5|3.11|tensorflow-cpu==2.16.2 keras==3.0.5 jax[cpu]==0.4.30 torch==2.14.1 numpy<2|tests_keras"
 )
 
 # The interpreter of a Python version: pyenv's newest install of it, else pythonX.Y on PATH.
@@ -38,6 +46,14 @@ interpreter() {
     fi
     command -v "python$1"
 }
+
+# One line naming the row's versions of everything installed that the tests concern.
+VERSIONS='
+import importlib.metadata as m, sys
+names = ["torch", "transformers", "accelerate", "timm", "keras", "tensorflow-cpu", "jax"]
+found = [f"{n} {m.version(n)}" for n in names if any(d.name == n for d in m.distributions())]
+print("python", sys.version.split()[0], ", ".join(found))
+'
 
 results="$COMPAT_DIR/results.tsv"
 touch "$results"  # appended to: one line per row and run
@@ -59,11 +75,11 @@ for row in "${ROWS[@]}"; do
         PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install --quiet $requirements \
             pytest expecttest ninja &&
             PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install --quiet --no-deps -e "$ROOT" &&
-            "$venv/bin/python" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)" || exit 1
+            "$venv/bin/python" -c "$VERSIONS" || exit 1
         IFS=";" read -ra groups <<<"$tests"
         for group in "${groups[@]}"; do
             # shellcheck disable=SC2086
-            TORCH_EXTENSIONS_DIR="$venv/torch_extensions" "$venv/bin/python" -m pytest -q -p no:cacheprovider $group || exit 1
+            USE_TF=0 TORCH_EXTENSIONS_DIR="$venv/torch_extensions" "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "slow or not slow" $group || exit 1
         done
     ) >"$log" 2>&1
     status=$?

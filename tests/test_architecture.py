@@ -172,3 +172,58 @@ def test_the_execution_paths_never_import_the_registry_or_the_frameworks():
             or other.startswith("ano_optimizer.keras")
         }
         assert not outward, (name, outward)
+
+
+def _private_uses(name: str) -> list[str]:
+    """The underscore names ``name`` takes from other modules of the project: imported, or read
+    as an attribute of a project module it imported."""
+    tree = ast.parse(MODULES[name].read_text(), filename=str(MODULES[name]))
+    modules_bound: dict[str, str] = {}  # local name -> project module
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _target(alias.name) == alias.name:
+                    modules_bound[alias.asname or alias.name] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            source = _resolve(node.module or "", node.level, name)
+            if _target(source) is None:
+                continue
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                if submodule in MODULES:
+                    modules_bound[alias.asname or alias.name] = submodule
+                elif alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"from {source} import {alias.name}")
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules_bound
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and modules_bound[node.value.id] != name
+        ):
+            found.append(f"{modules_bound[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_modules_talk_through_public_names():
+    """A helper another module needs gets a public name in the module that owns it."""
+    used = {name: _private_uses(name) for name in MODULES}
+    assert {name: found for name, found in used.items() if found} == {}
+
+
+def test_the_private_name_finder_finds_one(tmp_path, monkeypatch):
+    path = tmp_path / "user.py"
+    path.write_text(
+        "from ano_optimizer.fused import torch_step\n"
+        "from ano_optimizer.tensor_checks import _freed\n"
+        "torch_step._sizes\n"
+    )
+    monkeypatch.setitem(MODULES, "ano_optimizer.user", path)
+    found = _private_uses("ano_optimizer.user")
+    assert found == [
+        "from ano_optimizer.tensor_checks import _freed",
+        "ano_optimizer.fused.torch_step._sizes",
+    ]
