@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._torch_internals import has_internal_overlap, is_zero_tensor
 
@@ -31,8 +30,6 @@ _STEP_DTYPES = (torch.float32, torch.float64)
 # Subclasses that override it (FakeTensor, DTensor, wrapper subclasses) serve their data
 # through their own dispatch.
 _PLAIN = Tensor.__torch_dispatch__
-# Wrapper tensors whose dispatch was found to take an in-place update.
-_TAKES_IN_PLACE = WeakIdKeyDictionary()
 
 
 def storage_holds(t: Tensor) -> bool:
@@ -88,18 +85,15 @@ def written_problem(t: Tensor) -> str | None:
 def _in_place_problem(t: Tensor) -> str | None:
     """Whether a subclass with its own dispatch (a wrapper) takes an in-place update.
 
-    Its data is hidden from the checks above, so its own dispatch is asked: an in-place
-    multiply by 1 on a copy, never on ``t`` (that would bump its version counter and could
-    requantize a quantized wrapper). Each tensor is asked once.
+    Its data is hidden from the checks above, so its own dispatch is asked, with an in-place
+    multiply by 1 (exact for every value) on ``t.data``: the same data, with a version counter
+    of its own, so ``t``'s does not move and autograd sees no change.
     """
-    if t in _TAKES_IN_PLACE:
-        return None
     try:
         with torch.no_grad():
-            t.detach().clone().mul_(1)
+            t.data.mul_(1)
     except Exception as error:
         return f"cannot be updated in place ({type(error).__name__}: {error})"
-    _TAKES_IN_PLACE[t] = True
     return None
 
 
