@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # tensorflow-cpu stands in for the [tensorflow] extra's full tensorflow build on this CPU-only
 # machine; jax gives Keras its third backend, so tests_keras runs the optimizers on all three.
-.venv/bin/python -m pip install --quiet tensorflow-cpu jax -e ".[keras,transformers,timm,demo,test,docs,distributed,optax,frameworks]"
+.venv/bin/python -m pip install --quiet tensorflow-cpu jax -e ".[keras,transformers,timm,demo,mujoco,test,docs,distributed,optax,frameworks]"
 
 # Debian's aarch64 cross compiler: tests/test_fused.py builds the fused kernel's source for ARM.
 command -v aarch64-linux-gnu-g++ >/dev/null ||

@@ -361,7 +361,7 @@ def _run_line(**changes) -> str:
         (None, [_run_line(), "{cut", _run_line(seed=1)], r"runs.jsonl, line 2: not JSON"),
         (None, ["[1, 2]"], r"runs.jsonl, line 1: not a run \(a run has task, condition"),
         (None, [_run_line(optimizer="lion")], r"line 1: a run of another study \(noise"),
-        (None, [_run_line(phase="final")], r"line 1: a run of another study"),
+        (None, [_run_line(phase="final")], r"line 1: not a run"),
     ],
 )  # fmt: skip
 def test_a_malformed_study_folder_is_refused_with_the_file_named(

@@ -1,6 +1,7 @@
 """What a study leaves in its folder: results.json (settings, per-cell results, every run),
-results.csv (one row per cell), runs.csv (one row per run) and one PNG per task, and the
-tables it prints."""
+results.csv (one row per cell), runs.csv (one row per run) and one PNG per task (for the sac
+task: sac_curves.csv and one PNG per environment, beside the paper's logs), and the tables it
+prints."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import csv
 import json
 from pathlib import Path
 
-from . import protocol
+from . import protocol, sac
 
 
 def collect(settings: dict, runs: list[dict], plan: list[dict]) -> dict:
@@ -95,6 +96,8 @@ def format_tables(results: dict) -> str:
             f"{task}: {spec['metric']}, mean ± std over test seeds {seeds} @ chosen rate "
             "(* at an edge of the grid)\n" + "\n".join(text)
         )
+    if results.get("sac"):
+        blocks.append(sac.format_results(results["sac"], results["settings"]))
     return "\n\n".join(blocks)
 
 
@@ -145,8 +148,14 @@ def plot_task(path: Path, task: str, spec: dict, names: list[str]) -> None:
 
 def write_outputs(folder: Path, settings: dict, runs: list[dict], plan: list[dict]) -> dict:
     results = collect(settings, runs, plan)
+    paper = sac.collect(settings, runs)
+    if paper is not None:
+        results["sac"] = paper
     (folder / "results.json").write_text(json.dumps(results, indent=1))
     _write_csv(results, folder)
     for task, spec in results["tasks"].items():
         plot_task(folder / f"{task}.png", task, spec, list(settings["optimizers"]))
+    if paper is not None:
+        sac.write_curves_csv(folder / "sac_curves.csv", paper, settings["sac"]["steps"])
+        sac.plot(folder, paper, settings["sac"]["steps"])
     return results

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import protocol
+from . import protocol, sac
 from .data import DemoInputError, load_cifar10, load_digits
 from .tasks import (
     OptimizerChoice,
@@ -32,7 +32,10 @@ from .tasks import (
 )
 
 DEFAULT_OUTPUT = "demo-results"
-TASK_NAMES = ("noise", "labels", "rl")
+TASK_NAMES = ("noise", "labels", "rl")  # what the study runs by default
+# sac: the paper's own setting (fixed rates, MuJoCo), asked for by name: it takes ~45 minutes.
+ALL_TASKS = (*TASK_NAMES, "sac")
+DEFAULT_SAC_ENV = "HalfCheetah-v5"
 DEFAULT_SIGMAS = (0.0, 0.05, 0.1, 0.2)
 DEFAULT_LABEL_NOISE = (0.0, 0.2, 0.4)
 DEFAULT_RL_ENV = "CartPole-v1"
@@ -70,15 +73,20 @@ class Budget:
     test_seeds: tuple[int, ...]
     sigmas: tuple[float, ...]
     label_noise: tuple[float, ...]
+    sac_steps: int
+    sac_seeds: tuple[int, ...]
+    sac_evaluation_episodes: int
 
 
 DEFAULT_BUDGET = Budget(
     epochs=12, rl_steps=8192, rl_episodes=5, tuning_seeds=(0, 1), test_seeds=(2, 3, 4, 5, 6),
-    sigmas=DEFAULT_SIGMAS, label_noise=DEFAULT_LABEL_NOISE,
+    sigmas=DEFAULT_SIGMAS, label_noise=DEFAULT_LABEL_NOISE, sac_steps=30_720,
+    sac_seeds=(0, 1, 2), sac_evaluation_episodes=5,
 )  # fmt: skip
 QUICK_BUDGET = Budget(
     epochs=2, rl_steps=1024, rl_episodes=2, tuning_seeds=(0,), test_seeds=(1,),
-    sigmas=(0.0, 0.2), label_noise=(0.0, 0.4),
+    sigmas=(0.0, 0.2), label_noise=(0.0, 0.4), sac_steps=2 * sac.WINDOW, sac_seeds=(0,),
+    sac_evaluation_episodes=1,
 )  # fmt: skip
 CIFAR10_EPOCHS = 100  # the paper's
 BATCH_SIZE = 64
@@ -87,6 +95,7 @@ BATCH_SIZE = 64
 _SECONDS_PER_DIGITS_EPOCH = 0.025
 _SECONDS_PER_CIFAR10_EPOCH = 150.0
 _SECONDS_PER_1K_RL_STEPS = 0.32
+_SECONDS_PER_1K_SAC_STEPS = 25.0  # after the random steps; those cost next to nothing
 
 
 # ------------------------------------------------------------------------ command-line values
@@ -139,10 +148,10 @@ def _name_list(text: str) -> list[str]:
 
 def _tasks(text: str) -> list[str]:
     names = _name_list(text)
-    unknown = [n for n in names if n not in TASK_NAMES]
+    unknown = [n for n in names if n not in ALL_TASKS]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown task {unknown[0]!r}; choose from {', '.join(TASK_NAMES)}"
+            f"unknown task {unknown[0]!r}; choose from {', '.join(ALL_TASKS)}"
         )
     return names
 
@@ -160,8 +169,36 @@ def _positive_int(text: str) -> int:
 # Study flags: with --resume, the folder's settings.json decides them all.
 _STUDY_FLAGS = (
     "tasks", "optimizers", "sigmas", "label_noise", "rl_env", "rl_steps", "epochs",
-    "tuning_seeds", "test_seeds", "lr_grid", "cifar10", "device", "quick",
+    "tuning_seeds", "test_seeds", "lr_grid", "cifar10", "device", "quick", "sac_envs",
+    "sac_steps", "sac_seeds", "sac_configs",
 )  # fmt: skip
+
+
+def _sac_configs(text: str) -> list[str]:
+    known = {name.lower(): name for name in sac.PAPER_CONFIGS}
+    names = [known.get(name) or name for name in _name_list(text)]
+    unknown = [n for n in names if n not in sac.PAPER_CONFIGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown config {unknown[0]!r}; the paper's: {', '.join(sac.PAPER_CONFIGS)}"
+        )
+    return names
+
+
+def _env_ids(text: str) -> list[str]:
+    ids = [item.strip() for item in text.split(",") if item.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"expected Gymnasium ids, got {text!r}")
+    return list(dict.fromkeys(ids))
+
+
+def _sac_steps(text: str) -> int:
+    value = _positive_int(text)
+    if value < sac.WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {sac.WINDOW} (one of the paper's logging windows), got {text!r}"
+        )
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_tasks,
         default=None,
         metavar="NAMES",
-        help=f"tasks to run: {', '.join(TASK_NAMES)} (default: all)",
+        help=f"tasks to run: {', '.join(ALL_TASKS)} (default: {','.join(TASK_NAMES)}; sac "
+        "is the paper's SAC-on-MuJoCo setting, ~45 minutes, needs ano-optimizer[mujoco])",
     )
     add(
         "--optimizers",
@@ -266,6 +304,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="cpu", help="torch device for the noise and labels tasks (default: cpu)"
     )
     add(
+        "--sac-envs",
+        type=_env_ids,
+        default=None,
+        metavar="IDS",
+        help=f"sac task: Gymnasium MuJoCo ids (default {DEFAULT_SAC_ENV}; the paper's: "
+        "HalfCheetah-v5, Hopper-v5, Ant-v5, Humanoid-v5)",
+    )
+    add(
+        "--sac-steps",
+        type=_sac_steps,
+        default=None,
+        help=f"sac task: environment steps per run (default {DEFAULT_BUDGET.sac_steps:,}; the "
+        "paper's 1,000,000)",
+    )
+    add(
+        "--sac-seeds",
+        type=_int_list,
+        default=None,
+        metavar="N1,N2,...",
+        help="sac task: seeds per config (default: 0,1,2)",
+    )
+    add(
+        "--sac-configs",
+        type=_sac_configs,
+        default=None,
+        metavar="NAMES",
+        help=f"sac task: the paper's optimizer configs to run (default: "
+        f"{','.join(sac.PAPER_CONFIGS)})",
+    )
+    add(
         "--quick",
         action="store_true",
         help="every task at a tiny scale (one seed each, few epochs and steps): under a minute",
@@ -355,6 +423,59 @@ def _check_rl_env(env_id: str) -> None:
         raise DemoInputError(f"--rl-env {env_id!r} cannot be made: {error}") from None
 
 
+def _check_sac_env(env_id: str) -> None:
+    needs = ("stable_baselines3", "gymnasium", "mujoco")
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DemoInputError(
+            f"the sac task needs {' and '.join(missing)}: pip install 'ano-optimizer[mujoco]'"
+        )
+    import gymnasium as gym
+
+    try:
+        env = gym.make(env_id)
+    except Exception as error:
+        raise DemoInputError(f"--sac-envs {env_id!r} cannot be made: {error}") from None
+    continuous = isinstance(env.action_space, gym.spaces.Box)
+    env.close()
+    if not continuous:
+        raise DemoInputError(f"--sac-envs {env_id!r} has discrete actions; SAC needs continuous")
+
+
+def _sac_settings(args: argparse.Namespace, base: Budget) -> dict:
+    envs = args.sac_envs or [DEFAULT_SAC_ENV]
+    for env_id in envs:
+        _check_sac_env(env_id)
+    configs = args.sac_configs or list(sac.PAPER_CONFIGS)
+    return {
+        "envs": envs,
+        "steps": args.sac_steps or base.sac_steps,
+        "seeds": list(args.sac_seeds or base.sac_seeds),
+        "configs": {
+            name: {
+                "target": sac.PAPER_CONFIGS[name].target,
+                "kwargs": sac.PAPER_CONFIGS[name].kwargs,
+            }
+            for name in configs
+        },
+        "lr": sac.PAPER_LR,
+        "evaluation_episodes": base.sac_evaluation_episodes,
+        "metric": f"mean return of the training episodes ended in each {sac.WINDOW}-step window",
+    }
+
+
+def sac_runs(settings: dict) -> list[dict]:
+    """Every run of the sac task: each env, config and seed at the paper's fixed rate."""
+    spec = settings.get("sac")
+    if not spec:
+        return []
+    return [
+        {"task": "sac", "condition": env, "value": env, "optimizer": config, "phase": "paper",
+         "lr": spec["lr"], "seed": seed}
+        for env in spec["envs"] for config in spec["configs"] for seed in spec["seeds"]
+    ]  # fmt: skip
+
+
 def build_settings(args: argparse.Namespace) -> dict:
     """Every choice of the study, checked, as saved in settings.json."""
     base = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
@@ -380,6 +501,7 @@ def build_settings(args: argparse.Namespace) -> dict:
     rl_env = args.rl_env or DEFAULT_RL_ENV
     if "rl" in tasks:
         _check_rl_env(rl_env)
+    sac_settings = _sac_settings(args, base) if "sac" in tasks else None
     if any(t in tasks for t in ("noise", "labels")):
         _check_device(args.device)
     conditions = {
@@ -397,7 +519,9 @@ def build_settings(args: argparse.Namespace) -> dict:
                 else (1.0 if cifar is not None else DIGITS_LR_SCALE),
             }
             for task in tasks
+            if task != "sac"
         },
+        "sac": sac_settings,
         "optimizers": {n: asdict(c) for n, c in choices.items()},
         "lr_grid_factors": list(args.lr_grid or protocol.DEFAULT_GRID),
         "tuning_seeds": list(tuning),
@@ -438,10 +562,15 @@ def runs_per_cell(settings: dict) -> int:
 
 
 def _study_cost(settings: dict, plan: list[dict]) -> float:
-    return sum(_run_cost(cell, settings) for cell in plan) * runs_per_cell(settings)
+    tuned = sum(_run_cost(cell, settings) for cell in plan) * runs_per_cell(settings)
+    return tuned + sum(_run_cost(run, settings) for run in sac_runs(settings))
 
 
 def _run_cost(run: dict, settings: dict) -> float:
+    if run["task"] == "sac":
+        steps = settings["sac"]["steps"]
+        learning = steps - min(sac.LEARNING_STARTS, steps // 2)
+        return learning / 1000 * _SECONDS_PER_1K_SAC_STEPS
     if run["task"] == "rl":
         return settings["rl_steps"] / 1000 * _SECONDS_PER_1K_RL_STEPS
     per_epoch = _SECONDS_PER_CIFAR10_EPOCH if settings["cifar10"] else _SECONDS_PER_DIGITS_EPOCH
@@ -474,6 +603,13 @@ def _dataset(settings: dict):
 def execute(run: dict, settings: dict | None = None) -> dict:
     """Train one run of the plan and return it with its result (in a worker process)."""
     settings = settings or _WORKER["settings"]
+    if run["task"] == "sac":
+        spec = settings["sac"]
+        result = timed(
+            sac.train_paper_sac, run["condition"], run["optimizer"], run["seed"], spec["steps"],
+            spec["evaluation_episodes"],
+        )  # fmt: skip
+        return {**run, **result}
     choice = OptimizerChoice(**settings["optimizers"][run["optimizer"]])
     test = run["phase"] == "test"
     if run["task"] == "rl":
@@ -510,13 +646,22 @@ def _prepare_output(folder: Path) -> Path:
     return folder
 
 
-_RUN_FIELDS = ("task", "condition", "optimizer", "phase", "lr", "seed", "validation", "test")
+# What every saved run holds, by phase.
+_RUN_FIELDS = {
+    phase: ("task", "condition", "optimizer", "phase", "lr", "seed", *results)
+    for phase, results in (
+        ("tuning", ("validation", "test")),
+        ("test", ("validation", "test")),
+        ("paper", ("curve", "evaluation")),
+    )
+}
 
 
-def _read_saved_runs(path: Path, plan: list[dict]) -> list[dict]:
-    """The runs of ``plan`` saved in ``path``; a last line cut short by a kill is dropped (that
-    run reruns), any other line that is not a run of this study is refused."""
-    cells = {protocol.cell_key(cell) for cell in plan}
+def _read_saved_runs(path: Path, settings: dict) -> list[dict]:
+    """The runs of the study ``settings`` describes saved in ``path``; a last line cut short
+    by a kill is dropped (that run reruns), any other line that is not a run of this study is
+    refused."""
+    known = {protocol.cell_key(run) for run in [*cells(settings), *sac_runs(settings)]}
     runs = []
     lines = path.read_text().splitlines() if path.exists() else []
     for number, line in enumerate(lines, 1):
@@ -526,11 +671,13 @@ def _read_saved_runs(path: Path, plan: list[dict]) -> list[dict]:
             if number == len(lines):
                 continue
             raise DemoInputError(f"{path}, line {number}: not JSON ({line[:60]!r})") from None
-        if not isinstance(run, dict) or any(field not in run for field in _RUN_FIELDS):
+        fields = _RUN_FIELDS.get(run.get("phase")) if isinstance(run, dict) else None
+        if fields is None or any(field not in run for field in fields):
             raise DemoInputError(
-                f"{path}, line {number}: not a run (a run has {', '.join(_RUN_FIELDS)})"
+                f"{path}, line {number}: not a run (a run has "
+                f"{', '.join(_RUN_FIELDS['tuning'])}, or curve and evaluation for sac)"
             )
-        if protocol.cell_key(run) not in cells or run["phase"] not in ("tuning", "test"):
+        if protocol.cell_key(run) not in known:
             raise DemoInputError(
                 f"{path}, line {number}: a run of another study "
                 f"({run['task']} {run['condition']} {run['optimizer']} {run['phase']})"
@@ -569,7 +716,7 @@ def _load_resumed(args: argparse.Namespace, folder: Path) -> tuple[dict, list[di
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DemoInputError(f"--resume: {path} cannot be read ({error})") from None
     _check_saved_settings(settings, path)
-    return settings, _read_saved_runs(folder / "runs.jsonl", cells(settings))
+    return settings, _read_saved_runs(folder / "runs.jsonl", settings)
 
 
 def _settings_argv(settings: dict) -> list[str]:
@@ -578,8 +725,10 @@ def _settings_argv(settings: dict) -> list[str]:
         task: list(spec["conditions"].values()) for task, spec in settings["tasks"].items()
     }
     joined = lambda values: ",".join(map(str, values))  # noqa: E731
+    paper = settings["sac"]
+    tasks = [*settings["tasks"], *(["sac"] if paper is not None else [])]
     argv = [
-        "--tasks", joined(settings["tasks"]), "--optimizers", joined(settings["optimizers"]),
+        "--tasks", joined(tasks), "--optimizers", joined(settings["optimizers"]),
         "--rl-steps", str(settings["rl_steps"]), "--epochs", str(settings["epochs"]),
         "--tuning-seeds", joined(settings["tuning_seeds"]),
         "--test-seeds", joined(settings["test_seeds"]),
@@ -590,6 +739,11 @@ def _settings_argv(settings: dict) -> list[str]:
             argv += [flag, joined(conditions[task])]
     if settings["cifar10"] is not None:
         argv += ["--cifar10", str(settings["cifar10"])]
+    if paper is not None:
+        argv += [
+            "--sac-envs", joined(paper["envs"]), "--sac-steps", str(paper["steps"]),
+            "--sac-seeds", joined(paper["seeds"]), "--sac-configs", joined(paper["configs"]),
+        ]  # fmt: skip
     return argv + (["--quick"] if settings["quick"] else [])
 
 
@@ -640,7 +794,9 @@ def _schedule(settings: dict, plan: list[dict], done: dict[tuple, dict]) -> list
             settings["tuning_seeds"],
         )  # fmt: skip
         todo += [r for r in runs if protocol.run_key(r) not in done]
-    todo.sort(key=lambda r: r["task"] != "rl")  # the long runs first: better packing
+    todo += [r for r in sac_runs(settings) if protocol.run_key(r) not in done]
+    # The long runs first: better packing.
+    todo.sort(key=lambda r: {"sac": 0, "rl": 1}.get(r["task"], 2))
     return todo
 
 
@@ -677,7 +833,7 @@ def run_study(
     for cell in plan:  # a resumed study: cells whose tuning had finished
         todo += _test_runs_for(cell, settings, done)
     submitted = set(done) | {protocol.run_key(r) for r in todo}
-    n_runs = len(plan) * runs_per_cell(settings)
+    n_runs = len(plan) * runs_per_cell(settings) + len(sac_runs(settings))
     cost_total = _study_cost(settings, plan)
     cost_done = sum(_run_cost(r, settings) for r in done.values())
     results: queue.Queue = queue.Queue()
@@ -748,13 +904,21 @@ def run(args: argparse.Namespace) -> int:
     plan = cells(settings)
     per_cell = runs_per_cell(settings)
     remaining = _study_cost(settings, plan) - sum(_run_cost(r, settings) for r in saved)
-    print(
-        f"ano-optimizer demo: tasks {', '.join(settings['tasks'])}; optimizers "
-        f"{', '.join(settings['optimizers'])}; {len(plan)} cells x {per_cell} runs "
-        f"({len(settings['lr_grid_factors'])} rates x {len(settings['tuning_seeds'])} tuning "
-        f"seeds + {len(settings['test_seeds'])} test seeds); {settings['dataset']} "
-        f"{settings['epochs']} epochs, rl {settings['rl_steps']} steps"
-    )
+    if plan:
+        print(
+            f"ano-optimizer demo: tasks {', '.join(settings['tasks'])}; optimizers "
+            f"{', '.join(settings['optimizers'])}; {len(plan)} cells x {per_cell} runs "
+            f"({len(settings['lr_grid_factors'])} rates x {len(settings['tuning_seeds'])} "
+            f"tuning seeds + {len(settings['test_seeds'])} test seeds); {settings['dataset']} "
+            f"{settings['epochs']} epochs, rl {settings['rl_steps']} steps"
+        )
+    paper = settings["sac"]
+    if paper:
+        print(
+            f"ano-optimizer demo: sac (the paper's setting) on {', '.join(paper['envs'])}; "
+            f"{', '.join(paper['configs'])} at lr {paper['lr']:g}; {len(paper['seeds'])} "
+            f"seeds x {paper['steps']:,} steps = {len(sac_runs(settings))} runs"
+        )
     print(
         f"{len(saved)} runs already done; estimated {remaining / workers / 60:.1f} min on "
         f"{workers} workers, one thread each"
@@ -766,7 +930,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         log.close()
-    runs = _read_saved_runs(folder / "runs.jsonl", plan)
+    runs = _read_saved_runs(folder / "runs.jsonl", settings)
     results = write_outputs(folder, settings, runs, plan)
     print()
     print(format_tables(results))

@@ -175,7 +175,7 @@ def _rl_algorithm(env_id: str):
     return (PPO, "PPO") if discrete else (SAC, "SAC")
 
 
-def _mean_return(model, env_id: str, first_seed: int, episodes: int) -> float:
+def mean_return(model, env_id: str, first_seed: int, episodes: int) -> float:
     import gymnasium as gym
 
     env = gym.make(env_id)
@@ -227,7 +227,7 @@ def train_rl(
     first = TEST_EPISODE_SEED if test else VALIDATION_EPISODE_SEED
     try:
         model.learn(total_timesteps=steps)
-        score = _mean_return(model, env_id, first + 100 * seed, episodes)
+        score = mean_return(model, env_id, first + 100 * seed, episodes)
     except (ValueError, RuntimeError):  # NaN weights: torch's distributions refuse them
         score = None
     diverged = score is None or not math.isfinite(score)
