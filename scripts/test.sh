@@ -23,5 +23,7 @@ TF_CPP_MIN_LOG_LEVEL=2 NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --
 rm -rf "$site_dir"
 # PyTorch-side tests (torch, transformers, timm, distributed) and the TensorFlow/Keras tests run
 # in separate processes: importing triton after tensorflow in one process crashes.
-.venv/bin/python -m pytest tests -q
-.venv/bin/python -m pytest tests_keras -q
+# -m "slow or not slow": every test (a bare `pytest` leaves the slow ones out); -n: one worker
+# per core, each test file on one worker (module fixtures run once).
+.venv/bin/python -m pytest tests -q -m "slow or not slow" -n auto --maxprocesses 4 --dist loadfile
+.venv/bin/python -m pytest tests_keras -q -m "slow or not slow"

@@ -146,6 +146,7 @@ def test_list_reports_no_match_and_bad_framework(capsys):
     assert "invalid choice: 'jax'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", ["ImportError('libfoo.so: cannot open')", "AttributeError('x')"])
 def test_run_warns_once_for_a_framework_that_fails_to_import(tmp_path, error):
     """A broken timm (any exception on import) costs one warning naming it; the script runs."""
@@ -179,6 +180,7 @@ def _env_report(*paths, cwd, **variables) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_env_reports_versions_integrations_kernel_and_plugins(tmp_path):
     from importlib.metadata import version
 
@@ -211,6 +213,7 @@ def test_env_reports_versions_integrations_kernel_and_plugins(tmp_path):
     assert "ModuleNotFoundError" in failure
 
 
+@pytest.mark.slow
 def test_env_without_timm_and_with_a_broken_timm(tmp_path):
     """Where timm is absent, env says so; where importing it raises, env names the error.
     Either way the other integrations still register and env exits 0. (Keras is hidden too:
@@ -235,6 +238,7 @@ def test_env_without_timm_and_with_a_broken_timm(tmp_path):
     assert report["integrations"]["transformers"]["status"] == "registered"
 
 
+@pytest.mark.slow
 def test_env_text_names_why_the_fused_kernel_does_not_build(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(HIDE_KERAS)
     result = ano_optimizer(

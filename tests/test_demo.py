@@ -69,6 +69,7 @@ def _cells(results: dict):
                 yield task, condition, name, cell
 
 
+@pytest.mark.slow
 def test_quick_run_covers_every_task_in_the_documented_shape(quick_run):
     output, stdout = quick_run
     results = _read_json(output)
@@ -115,6 +116,7 @@ def test_quick_run_covers_every_task_in_the_documented_shape(quick_run):
         assert f"{cell['test_mean']:.{digits}f} ± " in row, (task, condition, name)
 
 
+@pytest.mark.slow
 def test_the_rate_is_chosen_on_validation_and_reported_on_other_seeds(quick_run):
     """Recomputed from the runs: each cell's rate is the best mean validation score of its
     tuning runs; its figure is the mean test score of the test seeds at that rate only."""
@@ -139,6 +141,7 @@ def test_the_rate_is_chosen_on_validation_and_reported_on_other_seeds(quick_run)
         assert cell["test_mean"] == pytest.approx(statistics.fmean(r["test"] for r in test))
 
 
+@pytest.mark.slow
 def test_quick_run_writes_csv_and_a_plot_per_task(quick_run):
     output, _ = quick_run
     results = _read_json(output)
@@ -223,6 +226,7 @@ def _study_with_finished_runs(output: Path, runs: int) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp_path):
     output = tmp_path / "study"
     process = _study_with_finished_runs(output, 4)
@@ -273,6 +277,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_every_finished_run_and_leaves_no_process_behind(tmp_path):
     """SIGTERM (kill, batch schedulers, container runtimes) stops a study as Ctrl-C does: what
     finished is written (runs.jsonl and results.json), the exit code is 143, and no worker
@@ -299,6 +304,7 @@ TINY = ["--tasks", "noise", "--optimizers", "ano", "--sigmas", "0", "--epochs", 
         "--tuning-seeds", "0", "--test-seeds", "1", "--workers", "2"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_study_started_from_python_ignores_the_caller_s_torch_state(tmp_path):
     """Workers start from a clean server process, not a fork of the caller: a notebook or
     script that has already trained something, and changed torch's global settings, runs the
@@ -428,6 +434,7 @@ def test_gradient_noise_has_the_requested_distribution():
     assert untouched.grad is None
 
 
+@pytest.mark.slow
 def test_rl_with_continuous_actions_trains_sac_and_scores_on_its_own_episodes():
     choice = study.resolve_optimizer("anolog")
     validation = tasks.train_rl("Pendulum-v1", choice, 3e-4, seed=0, steps=300, episodes=1)
@@ -483,6 +490,7 @@ def test_unwritable_output_and_unusable_device_fail_before_training(tmp_path, ca
     assert "--device 'tpu9' is not usable here" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_any_registry_name_runs_including_a_plugin_spec(tmp_path):
     """A spec registered at run time is found by name; its grid is centred on its own rate."""
     script = textwrap.dedent(
@@ -571,6 +579,7 @@ def test_cifar10_loader_keeps_images_channels_and_labels_together(tmp_path):
     assert data.x_train.mean(dim=(0, 2, 3)).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_cifar10_quick_run_uses_the_papers_model(tmp_path):
     _write_fake_cifar10(tmp_path / "cifar")
     output = tmp_path / "out"
@@ -655,6 +664,7 @@ def test_every_malformed_cifar10_folder_stops_before_training(
     assert not (output / "runs.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_an_8bit_name_trains_with_its_state_dtype_kept_in_the_settings(tmp_path):
     """``ano8bit``'s registry defaults hold a torch dtype: settings.json keeps it as a name, the
     RL runs (SB3's ``optimizer_kwargs``) and the supervised ones (``build``) get it back."""

@@ -73,6 +73,7 @@ def _pages_with_code() -> list[Path]:
     return [p for p in pages if python_blocks(p.read_text(encoding="utf-8"), p.name)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", _pages_with_code(), ids=lambda p: p.name)
 def test_page_examples_run(page: Path, tmp_path: Path) -> None:
     blocks = python_blocks(page.read_text(encoding="utf-8"), f"docs/{page.name}")

@@ -867,6 +867,7 @@ def _build_run(cache, script=_BUILD_SCRIPT, **env):
     return run
 
 
+@pytest.mark.slow
 def test_a_library_is_built_once_saying_so_and_loaded_by_later_processes(tmp_path):
     """With an empty cache the first process builds (one line on stderr says so); a second
     process loads that build without building, and without a line. (The kernel's own first
@@ -881,6 +882,7 @@ def test_a_library_is_built_once_saying_so_and_loaded_by_later_processes(tmp_pat
     assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.so")} == libraries
 
 
+@pytest.mark.slow
 def test_without_a_compiler_a_warning_names_the_torch_implementation(tmp_path):
     """No C++ compiler (CXX names none): one warning says why and which path runs instead, and
     the step runs on it."""
@@ -890,6 +892,7 @@ def test_without_a_compiler_a_warning_names_the_torch_implementation(tmp_path):
     assert "ano_optimizer.fused.torch_step" in run.stderr
 
 
+@pytest.mark.slow
 def test_the_kernel_source_compiles_for_arm64(tmp_path):
     """ARM (Graviton, Apple silicon under Linux) at least compiles: the kernel built with
     Debian's aarch64 cross compiler (installed by scripts/test.sh) and the build's own flags,

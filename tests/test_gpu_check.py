@@ -24,6 +24,7 @@ def _gpu_check(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_device_independent_checks_on_cpu(tmp_path):
     output = tmp_path / "gpu_check.json"
     run = _gpu_check("--device", "cpu", "--output", str(output))
@@ -39,6 +40,7 @@ def test_gpu_check_runs_its_device_independent_checks_on_cpu(tmp_path):
         assert report[name] == {"skipped": "needs CUDA"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the whole check would run")
 def test_gpu_check_without_a_gpu_says_so():
     run = _gpu_check()

@@ -92,6 +92,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer_cls", [Ano, Anolog])
 def test_configure_optimizers_trains_and_ckpt_path_resumes_exactly(tmp_path, optimizer_cls):
     result = subprocess.run(
@@ -165,6 +166,7 @@ def _report(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_lightning_cli_takes_the_class_path(tmp_path):
     class_path = ["--optimizer", "ano_optimizer.Ano", "--optimizer.lr", "0.01"]
     report = _report(
@@ -178,6 +180,7 @@ def test_lightning_cli_takes_the_class_path(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_lightning_cli_short_name_through_ano_optimizer_run(tmp_path):
     """jsonargparse resolves a short class name among the imported Optimizer subclasses, so the
     name works once ano_optimizer is imported: 'ano-optimizer run' does that for the script."""

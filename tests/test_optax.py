@@ -316,6 +316,7 @@ def test_the_docstring_example_runs():
     assert results.attempted >= 1 and results.failed == 0
 
 
+@pytest.mark.slow
 def test_a_plugin_publishes_its_own_optax_factory(tmp_path):
     """The fixture plugin's SignSGD, found by name through its entry point, against its float64
     reference (in a subprocess: the registry reads entry points once per process)."""

@@ -100,6 +100,7 @@ def test_wheel_contents(wheel):
     assert "ano-optimizer = ano_optimizer.cli:main" in entry_text
 
 
+@pytest.mark.slow
 def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
     assert (installed / "ano_optimizer" / "integrations" / "__init__.py").is_file()
     assert not (installed / "integrations").exists()
@@ -174,6 +175,7 @@ def test_installed_wheel_imports_registers_and_optimizes(installed, tmp_path):
     assert report["fused_error"] < 1e-6
 
 
+@pytest.mark.slow
 def test_editable_install_and_import_stays_light(tmp_path):
     code = """
         import importlib.util, json, sys

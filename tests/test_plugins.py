@@ -95,6 +95,7 @@ def probe(*paths, python_flags=(), cwd=None, **env) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_plugin_optimizer_is_available_by_name(tmp_path):
     report = probe(write_plugin(tmp_path))
     assert report["warnings"] == []
@@ -142,6 +143,7 @@ def bad_plugins(tmp_path_factory) -> str:
     return str(directory)
 
 
+@pytest.mark.slow
 def test_bad_plugins_warn_once_each_and_the_rest_keeps_working(bad_plugins):
     report = probe(bad_plugins)
     assert report["warnings_at_import"] == 0
@@ -176,6 +178,7 @@ def test_bad_plugins_warn_once_each_and_the_rest_keeps_working(bad_plugins):
     assert report["sources"]["clash"] == "alpha-plugin"
 
 
+@pytest.mark.slow
 def test_env_var_disables_plugins(bad_plugins):
     report = probe(bad_plugins, ANO_OPTIMIZER_DISABLE_PLUGINS="1")
     assert report["warnings"] == []
@@ -183,6 +186,7 @@ def test_env_var_disables_plugins(bad_plugins):
     assert report["sources"] == dict.fromkeys(BUILTIN_NAMES, "built-in")
 
 
+@pytest.mark.slow
 def test_builtins_without_project_metadata(tmp_path):
     """A source checkout that was never installed: no entry points, still ano and anolog."""
     source = tmp_path / "checkout"
@@ -207,6 +211,7 @@ def test_disable_env_var_values(monkeypatch, value, disabled):
     assert plugins_disabled() is disabled
 
 
+@pytest.mark.slow
 def test_a_plugin_that_exits_on_import_costs_one_warning(tmp_path):
     """sys.exit() in a plugin's module once ended the program on its first lookup."""
     directory = tmp_path / "plugins"
@@ -236,6 +241,7 @@ print(json.dumps({"first": first, "second": list_optimizers()}))
 """
 
 
+@pytest.mark.slow
 def test_an_interrupted_discovery_is_retried_on_the_next_lookup(tmp_path):
     """Ctrl-C while a plugin imports: the registry once stayed marked as loaded with whatever
     it had read so far, and later plugins were silently missing."""
@@ -271,6 +277,7 @@ def test_an_interrupted_discovery_is_retried_on_the_next_lookup(tmp_path):
     assert {"ano", "anolog", "slowopt", PLUGIN_NAME} <= set(report["second"])
 
 
+@pytest.mark.slow
 def test_builtins_are_known_by_their_objects_not_by_a_distribution_name(tmp_path):
     """A distribution whose name normalises to this project's ("Ano.Optimizer") once replaced
     the built-in 'ano', reported as built-in. The built-ins are their spec objects: any other
@@ -305,6 +312,7 @@ def test_builtins_are_known_by_their_objects_not_by_a_distribution_name(tmp_path
     assert report["sources"] == dict.fromkeys(BUILTIN_NAMES, "built-in")
 
 
+@pytest.mark.slow
 def test_descriptions_with_control_characters_are_refused(tmp_path):
     directory = tmp_path / "plugins"
     write_plugin(directory)

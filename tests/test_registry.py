@@ -322,6 +322,7 @@ def test_resume_from_state_dict_is_exact():
         assert torch.equal(pa, pb)
 
 
+@pytest.mark.slow
 def test_register_optimizer_end_to_end():
     code = """
         import torch

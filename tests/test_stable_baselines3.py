@@ -42,6 +42,7 @@ def _ppo(seed: int = 0):
     )
 
 
+@pytest.mark.slow
 def test_ppo_trains_with_ano_and_its_state_survives_save_and_load_in_a_fresh_process(tmp_path):
     model = _ppo()
     model.learn(total_timesteps=256)

@@ -557,6 +557,7 @@ def fresh_process():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_train_py_command_line_with_device_modules(fresh_process):
     out = fresh_process["train"]
     assert out["known_before"] is False  # importing the --device-modules module registered it
@@ -587,6 +588,7 @@ def test_plugin_names_reach_timm_and_timm_names_are_never_replaced(fresh_process
     assert out["warnings_again"] == []  # warned once per name, registration idempotent
 
 
+@pytest.mark.slow
 def test_train_py_through_the_launcher_with_an_installed_plugin(tmp_path):
     """``ano-optimizer run train.py --opt signsgd``: no --device-modules, a momentum-only plugin."""
     from plugin_fixture import PLUGIN_NAME, env_with_path, module_name, write_plugin
@@ -706,6 +708,7 @@ def _timm_lowers_the_loss(make, non_contiguous):
     assert step().item() < initial
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ano", "anolog", "lookahead_ano"])
 def test_timm_optim_factory_contract(name):
     ano_timm.register()
