@@ -4,9 +4,8 @@
 //
 // native.py builds this file with torch.utils.cpp_extension on first use, with -march=native:
 // the loops below are plain C++ over contiguous memory that the compiler vectorizes for the
-// instructions of the machine it runs on (AVX2, AVX-512, NEON, ...), one source for every CPU.
-// (at::vec::Vectorized, tried for the element arithmetic, ran slower here: its partial-vector
-// loads and stores and its bit operations took more instructions than the compiler's own code.)
+// instructions of the machine it runs on (AVX2, AVX-512, NEON, ...), one source for every CPU
+// (why not at::vec::Vectorized: benchmarks/README.md).
 //
 // Every operation is torch_step.py's, in the same order and in float32 (the build has
 // -ffp-contract=off: no fused multiply-adds), so the two implementations write the same bits;
@@ -75,8 +74,8 @@ inline float sign_times(float x, float y) {
 }
 
 // Which multiplies by 1 a call leaves out: by 1 / grad scale (no GradScaler) and by
-// 1 - lr * weight_decay (no decay). x * 1 is x, so the results are the same bits; the loops
-// are a few percent faster without them.
+// 1 - lr * weight_decay (no decay). x * 1 is x, so the results are the same bits, and the
+// common case does less work.
 template <bool kScaled, bool kDecayed>
 struct Flags {
     static constexpr bool scaled = kScaled;

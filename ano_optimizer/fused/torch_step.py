@@ -28,9 +28,9 @@ from ..tensor_checks import check_step_tensors
 __all__ = ["check_lists", "checked_scales", "fused_step_", "fused_step_checked_", "is_dense"]
 
 # Elements per piece of a contiguous tensor, and per bucket of pieces stepped by one sequence of
-# foreach calls. On the CPU a bucket's temporaries stay within the caches (larger or smaller
-# buckets measured slower); on a GPU a bucket is one launch per operation, so buckets are large
-# (their temporaries stay within a few hundred megabytes).
+# foreach calls. On the CPU a bucket's temporaries stay within the caches; on a GPU a bucket is
+# one launch per operation, so buckets are large (their temporaries stay within a few hundred
+# megabytes).
 CPU_SIZES = (1 << 17, 1 << 19)
 DEVICE_SIZES = (1 << 22, 1 << 24)
 
