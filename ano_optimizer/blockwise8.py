@@ -48,6 +48,7 @@ __all__ = [
     "MIN_COLS",
     "MIN_NUMEL",
     "block_absmax",
+    "codes_problem",
     "dequantize",
     "float_state_dtype",
     "matrix_shape",
@@ -85,6 +86,35 @@ def scale_shape(shape) -> tuple[int, int]:
     """The shape of the scales of codes of ``shape``: one per row and block of the row."""
     rows, cols = matrix_shape(shape)
     return rows, -(-cols // BLOCK)
+
+
+def codes_problem(codes, scale, param: Tensor, role: str) -> str | None:
+    """Why ``codes`` and ``scale`` are not the 8-bit state ``role`` of ``param`` in this
+    format (uint8 codes of the parameter's shape, a trailing 2 for complex ones; float32 scales
+    of :func:`scale_shape`), or None."""
+    expected = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.shape != expected:
+        shown = (
+            f"a {codes.dtype} tensor of shape {tuple(codes.shape)}"
+            if isinstance(codes, Tensor)
+            else type(codes).__name__
+        )
+        return (
+            f"state[{role!r}] must be 8-bit codes (torch.uint8 of shape {expected}) beside "
+            f"state['{role}_scale'], got {shown}"
+        )
+    blocks = scale_shape(expected)
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != blocks:
+        shown = (
+            f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            if isinstance(scale, Tensor)
+            else type(scale).__name__
+        )
+        return (
+            f"state['{role}_scale'] must be a float32 tensor of shape {blocks} beside its "
+            f"8-bit codes, got {shown}"
+        )
+    return None
 
 
 def takes_codes(param: Tensor) -> bool:

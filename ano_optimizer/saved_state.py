@@ -144,28 +144,9 @@ def _checked_entry(entry, param: Tensor, where: str, owner: str) -> dict:
 
 def _check_codes(codes, scale, key: str, param: Tensor, fail) -> None:
     """8-bit codes and their block scales (:mod:`.blockwise8`)."""
-    expected = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
-    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.shape != expected:
-        shown = (
-            f"a {codes.dtype} tensor of shape {tuple(codes.shape)}"
-            if isinstance(codes, Tensor)
-            else type(codes).__name__
-        )
-        fail(
-            f"state[{key!r}] must be 8-bit codes (torch.uint8 of shape {expected}) beside "
-            f"state['{key}_scale'], got {shown}"
-        )
-    blocks = blockwise8.scale_shape(codes.shape)
-    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != blocks:
-        shown = (
-            f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
-            if isinstance(scale, Tensor)
-            else repr(scale)
-        )
-        fail(
-            f"state['{key}_scale'] must be a float32 tensor of shape {blocks} beside its "
-            f"8-bit codes, got {shown}"
-        )
+    problem = blockwise8.codes_problem(codes, scale, param, key)
+    if problem is not None:
+        fail(problem)
     for what, t in ((f"state[{key!r}]", codes), (f"state['{key}_scale']", scale)):
         if t.layout != torch.strided or (_readable(t) and not storage_holds(t)):
             fail(f"{what} must be a dense tensor with storage holding its elements")

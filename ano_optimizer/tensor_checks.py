@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._torch_internals import has_internal_overlap, is_zero_tensor
+from .blockwise8 import codes_problem
 
 __all__ = ["STATE_DTYPES", "check_step_tensors", "storage_holds", "written_problem"]
 
@@ -261,21 +262,9 @@ def _check_moment(param: Tensor, state, role: str, fail, scale=None) -> None:
 
 def _check_codes(param: Tensor, codes: Tensor, role: str, scale, fail) -> None:
     """8-bit moment codes and their block scales (:mod:`.blockwise8`)."""
-    expected = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
-    if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:
-        fail(
-            f"state[{role!r}] must hold 8-bit codes (torch.uint8 of shape {expected}) beside "
-            f"state['{role}_scale'], got a {codes.dtype} tensor of shape {tuple(codes.shape)}"
-        )
-    rows = expected[0]
-    blocks = (rows, -(-(codes.numel() // rows) // 256)) if rows else (0, 0)
-    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != blocks:
-        shown = (
-            f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
-            if isinstance(scale, Tensor)
-            else type(scale).__name__
-        )
-        fail(f"state['{role}_scale'] must be a float32 tensor of shape {blocks}, got {shown}")
+    problem = codes_problem(codes, scale, param, role)
+    if problem is not None:
+        fail(problem)
     for what, t in ((f"state[{role!r}]", codes), (f"state['{role}_scale']", scale)):
         if t.device != param.device:
             fail(f"{what} is on {t.device}, the parameter on {param.device}")
