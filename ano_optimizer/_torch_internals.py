@@ -21,6 +21,8 @@ __all__ = [
     "TESTED_TORCH",
     "capture_health_check",
     "default_foreach",
+    "dtensor_class",
+    "local_shard_offset",
     "foreach_lerp_",
     "functionalizes_mutable_lists",
     "group_by_device_and_dtype",
@@ -131,13 +133,27 @@ def has_internal_overlap(t: Tensor) -> bool:
     return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
+def dtensor_class() -> type | None:
+    """DTensor's class once a DTensor can exist (its module was imported), else None, without
+    importing torch.distributed. Its home is torch.distributed.tensor from torch 2.5 on; torch
+    2.4 has that module without it, and the class in torch.distributed._tensor."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        found = getattr(sys.modules.get(name), "DTensor", None)
+        if found is not None:
+            return found
+    return None
+
+
 def local_shard_offset(t: Tensor) -> int:
     """The index, in the whole tensor's row-major order, of the first element of a DTensor's
     local shard (sharded on dimension 0 or replicated); 0 for a plain tensor."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is None or not isinstance(t, dtensor.DTensor) or t.dim() == 0:
+    dtensor = dtensor_class()
+    if dtensor is None or not isinstance(t, dtensor) or t.dim() == 0:
         return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return offset[0] * (t.numel() // t.shape[0] if t.shape[0] else 0)

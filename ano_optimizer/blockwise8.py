@@ -38,10 +38,11 @@ optimizer) round to nearest.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import Tensor
+
+from ._torch_internals import dtensor_class
 
 __all__ = [
     "BLOCK",
@@ -149,8 +150,8 @@ def quantized_moments(param: Tensor) -> dict[str, Tensor]:
     For a DTensor parameter they are DTensors placed like it (sharded on dimension 0 or
     replicated)."""
     like = torch.view_as_real(param) if param.is_complex() else param
-    dtensor = _dtensor_module(param)
-    if dtensor is not None:
+    dtensor = dtensor_class()
+    if dtensor is not None and isinstance(param, dtensor):
         return _sharded_moments(param, dtensor)
     scales = scale_shape(like.shape)
     return {
@@ -159,11 +160,6 @@ def quantized_moments(param: Tensor) -> dict[str, Tensor]:
         "exp_avg_scale": torch.zeros(scales, dtype=torch.float32, device=param.device),
         "exp_avg_sq_scale": torch.zeros(scales, dtype=torch.float32, device=param.device),
     }
-
-
-def _dtensor_module(t: Tensor):
-    module = sys.modules.get("torch.distributed.tensor")
-    return module if module is not None and isinstance(t, module.DTensor) else None
 
 
 def _sharded_moments(param: Tensor, dtensor) -> dict[str, Tensor]:
@@ -185,7 +181,7 @@ def _sharded_moments(param: Tensor, dtensor) -> dict[str, Tensor]:
         ("exp_avg_scale", (local.shape[0], blocks), torch.float32, (rows, blocks)),
         ("exp_avg_sq_scale", (local.shape[0], blocks), torch.float32, (rows, blocks)),
     ):
-        moments[key] = dtensor.DTensor.from_local(
+        moments[key] = dtensor.from_local(
             torch.zeros(shape, dtype=dtype, device=local.device), param.device_mesh,
             placements, run_check=False, shape=torch.Size(global_shape),
             stride=torch.empty(global_shape, device="meta").stride(),
@@ -198,16 +194,16 @@ def on_shards(function, *tensors, **options):
     local shards, its results placed back like the first: rows never share a block, so the
     shards of a tensor sharded on dimension 0 are quantized as they are."""
     first = tensors[0]
-    dtensor = _dtensor_module(first)
-    if dtensor is None:
+    dtensor = dtensor_class()
+    if dtensor is None or not isinstance(first, dtensor):
         return function(*tensors, **options)
-    local = [t.to_local() if isinstance(t, dtensor.DTensor) else t for t in tensors]
+    local = [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
     results = function(*local, **options)
     rows = first.shape[0]
 
     def placed(result: Tensor) -> Tensor:
         shape = (rows, *result.shape[1:])
-        return dtensor.DTensor.from_local(
+        return dtensor.from_local(
             result, first.device_mesh, first.placements, run_check=False,
             shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride(),
         )  # fmt: skip

@@ -18,7 +18,6 @@ kept as its real view (shape ``(*param.shape, 2)``): there is no complex bfloat1
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,6 +29,7 @@ from . import hyperparameters as hp
 from ._torch_internals import (
     capture_health_check,
     default_foreach,
+    dtensor_class,
     foreach_lerp_,
     group_by_device_and_dtype,
     local_shard_offset,
@@ -936,13 +936,12 @@ def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
     when a dimension does not divide evenly over the ranks, as with FSDP2's uneven shards.)
     Partial placements hold unreduced values, so those stay DTensors and DTensor reduces them.
     """
-    dtensor_module = sys.modules.get("torch.distributed.tensor")  # no DTensor without it
-    if dtensor_module is None or not isinstance(tensors[0], dtensor_module.DTensor):
+    dtensor = dtensor_class()
+    if dtensor is None or not isinstance(tensors[0], dtensor):
         return tensors
     layout = (tensors[0].device_mesh, tensors[0].placements)
     if any(p.is_partial() for p in layout[1]) or not all(
-        isinstance(t, dtensor_module.DTensor) and (t.device_mesh, t.placements) == layout
-        for t in tensors
+        isinstance(t, dtensor) and (t.device_mesh, t.placements) == layout for t in tensors
     ):
         return tensors
     return tuple(t.to_local() for t in tensors)
@@ -950,10 +949,8 @@ def _local_shards(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 def _local_shard_lists(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
     """:func:`_local_shards` applied to each parameter's tensors across parallel lists."""
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    if dtensor_module is None or not any(
-        issubclass(kind, dtensor_module.DTensor) for kind in set(map(type, lists[0]))
-    ):
+    dtensor = dtensor_class()
+    if dtensor is None or not any(issubclass(kind, dtensor) for kind in set(map(type, lists[0]))):
         return lists  # the common case costs one pass over the types
     columns = [_local_shards(*tensors) for tensors in zip(*lists, strict=True)]
     return tuple(list(column) for column in zip(*columns, strict=True))

@@ -14,13 +14,12 @@ import functools
 import inspect
 import math
 import numbers
-import sys
 
 import torch
 from torch import Tensor
 
 from . import blockwise8
-from ._torch_internals import scalar_dtype
+from ._torch_internals import dtensor_class, scalar_dtype
 from .group_options import GROUP_OPTIONS, check_group_options
 from .tensor_checks import STATE_DTYPES, storage_holds
 
@@ -201,8 +200,8 @@ def _check_moment(t, key: str, param: Tensor, fail) -> None:
 
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (its values are checked where they are), else ``t``."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(t, dtensor.DTensor):
+    dtensor = dtensor_class()
+    if dtensor is not None and isinstance(t, dtensor):
         return t.to_local()
     return t
 

@@ -13,13 +13,12 @@ same checks in C++ for the tensors it takes.
 from __future__ import annotations
 
 import operator
-import sys
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._torch_internals import has_internal_overlap, is_zero_tensor
+from ._torch_internals import dtensor_class, has_internal_overlap, is_zero_tensor
 from .blockwise8 import codes_problem
 
 __all__ = ["STATE_DTYPES", "check_step_tensors", "storage_holds", "written_problem"]
@@ -99,8 +98,8 @@ def _in_place_problem(t: Tensor) -> str | None:
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(t, dtensor.DTensor)
+    dtensor = dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def _freed(t: Tensor) -> str:

@@ -29,7 +29,7 @@ ROWS=(
     "python-3.13|3.13|torch==2.14.1 numpy|$FUSED_TESTS tests/test_optimizer_api.py"
     # The oldest Hugging Face stack supported, on the torch of its time (USE_TF=0 keeps
     # transformers 4.x from importing TensorFlow), and the last 4.x release.
-    "transformers-4.40.2|3.11|torch==2.4.1 numpy<2 transformers==4.40.2 accelerate==0.26.1|tests/test_transformers.py tests/test_registry.py"
+    "transformers-4.40.2|3.11|torch==2.4.1 numpy<2 transformers==4.40.2 accelerate==0.26.1|tests/test_transformers.py tests/test_optimizer_api.py"
     "transformers-4.57.6|3.11|torch==2.14.1 numpy transformers==4.57.6 accelerate|tests/test_transformers.py"
     "timm-1.0.12|3.11|torch==2.14.1 torchvision numpy timm==1.0.12|tests/test_timm.py"
     # The oldest Keras 3 on the oldest TensorFlow supported, with JAX and torch for Keras's

@@ -164,3 +164,22 @@ def test_capture_check_raises_while_capturing_and_is_skipped_where_torch_lacks_i
     monkeypatch.delattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check")
     monkeypatch.delattr(torch.optim.Optimizer, "_cuda_graph_capture_health_check")
     internals.capture_health_check(optimizer)  # the fallback: no check, no error
+
+
+def test_dtensor_class_is_found_where_each_torch_keeps_it(monkeypatch):
+    """torch 2.5+ keeps DTensor in torch.distributed.tensor; torch 2.4 has that module too,
+    without it, and the class in torch.distributed._tensor (transformers imports both)."""
+    import types
+
+    import torch.distributed.tensor
+
+    assert internals.dtensor_class() is torch.distributed.tensor.DTensor
+
+    class OldDTensor(torch.Tensor):
+        pass
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", types.ModuleType("t"))
+    monkeypatch.setitem(sys.modules, "torch.distributed._tensor", types.ModuleType("_t"))
+    assert internals.dtensor_class() is None
+    sys.modules["torch.distributed._tensor"].DTensor = OldDTensor
+    assert internals.dtensor_class() is OldDTensor
