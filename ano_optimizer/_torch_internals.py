@@ -22,12 +22,13 @@ __all__ = [
     "capture_health_check",
     "default_foreach",
     "dtensor_class",
-    "local_shard_offset",
     "foreach_lerp_",
     "functionalizes_mutable_lists",
     "group_by_device_and_dtype",
     "has_internal_overlap",
     "is_zero_tensor",
+    "lerp_",
+    "local_shard_offset",
     "scalar_dtype",
 ]
 
@@ -61,14 +62,23 @@ def functionalizes_mutable_lists() -> bool:
     return _TORCH >= (2, 5)
 
 
-def foreach_lerp_(tensors: list[Tensor], ends: list[Tensor], weights: list[float]) -> None:
-    """``torch._foreach_lerp_`` with one weight per tensor (a ScalarList, torch >= 2.5); a loop
-    of ``lerp_`` (the same kernel per tensor) before that."""
+def lerp_(tensor: Tensor, end: Tensor, weight) -> Tensor:
+    """``tensor.lerp_(end, weight)`` where ``weight`` may be a 0-d tensor of another floating
+    dtype (capturable steps compute their scalars in float64 on the device): cast to
+    ``tensor``'s dtype first, as torch 2.4 requires and later releases do inside the kernel."""
+    if isinstance(weight, Tensor) and weight.dtype != tensor.dtype:
+        weight = weight.to(tensor.dtype)
+    return tensor.lerp_(end, weight)
+
+
+def foreach_lerp_(tensors: list[Tensor], ends: list[Tensor], weights: list) -> None:
+    """``torch._foreach_lerp_`` with one weight (a number or a 0-d tensor) per tensor
+    (torch >= 2.5); a loop of :func:`lerp_` (the same kernel per tensor) before that."""
     if _TORCH >= (2, 5):
         torch._foreach_lerp_(tensors, ends, weights)
         return
     for tensor, end, weight in zip(tensors, ends, weights, strict=True):
-        tensor.lerp_(end, weight)
+        lerp_(tensor, end, weight)
 
 
 def default_foreach(params: list[Tensor]) -> bool:

@@ -32,6 +32,7 @@ from ._torch_internals import (
     dtensor_class,
     foreach_lerp_,
     group_by_device_and_dtype,
+    lerp_,
     local_shard_offset,
     scalar_dtype,
 )
@@ -850,7 +851,7 @@ def _ano_update_(
     torch.mul(grad, grad, out=a)
     torch.sub(a, exp_avg_sq, out=b).sign_()  # sign(g² - v) from the previous v
     exp_avg_sq.lerp_(b.mul_(a), 1.0 - beta2)
-    exp_avg.lerp_(grad, momentum_weight)
+    lerp_(exp_avg, grad, momentum_weight)
     torch.sqrt(exp_avg_sq, out=a).add_(eps * bias_correction2_sqrt)
     torch.div(grad, a, out=a).abs_()  # c·|g| / (sqrt(v̂) + ε): the denominator is positive
     torch.sign(exp_avg, out=b)
