@@ -32,9 +32,10 @@ ROWS=(
     "transformers-4.40.2|3.11|torch==2.4.1 numpy<2 transformers==4.40.2 accelerate==0.26.1|tests/test_transformers.py tests/test_optimizer_api.py"
     "transformers-4.57.6|3.11|torch==2.14.1 numpy transformers==4.57.6 accelerate|tests/test_transformers.py"
     "timm-1.0.12|3.11|torch==2.14.1 torchvision numpy timm==1.0.12|tests/test_timm.py"
-    # The oldest Keras 3 on the oldest TensorFlow supported, with JAX and torch for Keras's
-    # other backends (tests_keras runs each backend in its own process).
-    "keras-3.0.5|3.11|tensorflow-cpu==2.16.2 keras==3.0.5 jax[cpu]==0.4.30 torch==2.14.1 numpy<2 pyyaml|tests_keras"
+    # The oldest Keras supported (3.10: Optimizer.add_optimizer_variables) on the oldest
+    # TensorFlow, with JAX and torch for Keras's other backends (tests_keras runs each backend in
+    # its own process).
+    "keras-3.10.0|3.11|tensorflow-cpu==2.16.2 keras==3.10.0 jax[cpu]==0.4.30 torch==2.14.1 numpy<2 pyyaml|tests_keras"
 )
 
 # The interpreter of a Python version: pyenv's newest install of it, else pythonX.Y on PATH.

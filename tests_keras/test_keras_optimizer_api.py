@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -372,3 +374,20 @@ def test_mixed_precision_wraps_ano_in_loss_scaling():
     assert type(model.optimizer.inner_optimizer) is Anolog
     assert int(model.optimizer.inner_optimizer.iterations) == 9
     assert losses[-1] < losses[0]
+
+
+def test_a_keras_older_than_3_10_is_refused_on_import_naming_the_version_needed():
+    """Keras 3.0-3.9 lack Optimizer.add_optimizer_variables, which build() uses: the import
+    fails at once with the version needed, not at the first step."""
+    code = (
+        "import keras\n"
+        "from keras.src.optimizers.base_optimizer import BaseOptimizer\n"
+        "del BaseOptimizer.add_optimizer_variables\n"
+        "import ano_optimizer.keras\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "ano_optimizer.keras needs Keras 3.10 or later" in result.stderr
+    assert f"this is Keras {keras.__version__}" in result.stderr

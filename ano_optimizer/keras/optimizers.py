@@ -20,6 +20,12 @@ from keras import ops
 
 from .. import hyperparameters as hp
 
+if not hasattr(keras.optimizers.Optimizer, "add_optimizer_variables"):
+    raise ImportError(
+        f"ano_optimizer.keras needs Keras 3.10 or later (Optimizer.add_optimizer_variables); "
+        f"this is Keras {keras.__version__}: pip install -U 'keras>=3.10'"
+    )
+
 __all__ = ["Ano", "AnoTF", "Anolog"]
 
 _PACKAGE = "ano_optimizer"
