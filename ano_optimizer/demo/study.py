@@ -944,6 +944,7 @@ def run(args: argparse.Namespace) -> int:
         return 128 + stopped  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
     print(
         f"\nruntime {runtime:.0f} s; results in {os.fspath(folder)}/ (results.json, "
-        "results.csv, runs.csv, one PNG per task)"
+        "results.csv, runs.csv, one PNG per task"
+        + ("; sac_curves.csv, one PNG per environment)" if settings["sac"] else ")")
     )
     return 0
