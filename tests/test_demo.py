@@ -211,11 +211,18 @@ def _without_timing(results: dict) -> dict:
     return results["tasks"]
 
 
+def _default_sigint() -> None:
+    """Ctrl-C's default action in the child: a pytest-xdist worker ignores SIGINT, and an
+    ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _study_with_finished_runs(output: Path, runs: int) -> subprocess.Popen:
     """A SMALL study started in a subprocess, once ``runs`` of its runs have finished."""
     process = subprocess.Popen(
         [sys.executable, "-m", "ano_optimizer.cli", "demo", *SMALL, "--output", str(output)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     log = output / "runs.jsonl"
     deadline = time.monotonic() + 120

@@ -149,6 +149,12 @@ def test_paper_sac_updates_as_the_paper_s_runs_did():
 # ------------------------------------------------------------------------ the study
 
 
+def _default_sigint() -> None:
+    """Ctrl-C's default action in the child: a pytest-xdist worker ignores SIGINT, and an
+    ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _demo(*args, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "ano_optimizer.cli", "demo", *args],
@@ -217,6 +223,7 @@ def test_a_sac_study_interrupted_resumes_to_the_same_runs(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "ano_optimizer.cli", "demo", *flags],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     log = output / "runs.jsonl"
     deadline = time.monotonic() + 300
