@@ -8,7 +8,8 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # tensorflow-cpu stands in for the [tensorflow] extra's full tensorflow build on this CPU-only
 # machine; jax gives Keras its third backend, so tests_keras runs the optimizers on all three.
-.venv/bin/python -m pip install --quiet tensorflow-cpu jax -e ".[keras,transformers,timm,demo,mujoco,test,docs,distributed,optax,frameworks]"
+# --no-compile: modules are byte-compiled when first imported, not all of every package here.
+.venv/bin/python -m pip install --quiet --no-compile tensorflow-cpu jax -e ".[keras,transformers,timm,demo,mujoco,test,docs,distributed,optax,frameworks]"
 
 # Debian's aarch64 cross compiler: tests/test_fused.py builds the fused kernel's source for ARM.
 command -v aarch64-linux-gnu-g++ >/dev/null ||
@@ -22,8 +23,18 @@ site_dir=$(mktemp -d)
 TF_CPP_MIN_LOG_LEVEL=2 NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict --quiet --site-dir "$site_dir"
 rm -rf "$site_dir"
 # PyTorch-side tests (torch, transformers, timm, distributed) and the TensorFlow/Keras tests run
-# in separate processes: importing triton after tensorflow in one process crashes.
-# -m "slow or not slow": every test (a bare `pytest` leaves the slow ones out); -n: one worker
-# per core, each test file on one worker (module fixtures run once).
-.venv/bin/python -m pytest tests -q -m "slow or not slow" -n auto --maxprocesses 4 --dist loadfile
-.venv/bin/python -m pytest tests_keras -q -m "slow or not slow"
+# in separate processes (importing triton after tensorflow in one process crashes), side by side.
+# -m "slow or not slow": every test (a bare `pytest` leaves the slow ones out); -n: workers, each
+# test file on one (module fixtures run once); one more than the cores, since many tests wait on
+# the processes they start.
+keras_log=$(mktemp)
+.venv/bin/python -m pytest tests_keras -q -m "slow or not slow" >"$keras_log" 2>&1 &
+keras=$!
+status=0
+workers=$(( $(nproc) < 4 ? $(nproc) + 1 : 5 ))
+.venv/bin/python -m pytest tests -q -m "slow or not slow" -n "$workers" --dist loadfile || status=1
+wait "$keras" || status=1
+echo "== tests_keras"
+cat "$keras_log"
+rm -f "$keras_log"
+exit "$status"

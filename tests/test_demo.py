@@ -204,7 +204,9 @@ def test_tuning_and_test_seeds_must_differ(tmp_path, capsys):
 # ------------------------------------------------------------------- interruption, resumption
 
 SMALL = ["--tasks", "noise", "--optimizers", "ano,adam", "--sigmas", "0,0.1", "--epochs", "3",
-         "--tuning-seeds", "0,1", "--test-seeds", "2,3", "--workers", "2"]  # fmt: skip
+         "--tuning-seeds", "0,1", "--test-seeds", "2,3", "--lr-grid", "0.1,1,10",
+         "--workers", "2"]  # fmt: skip
+SMALL_RUNS = 4 * (3 * 2 + 2)  # cells x (rates x tuning seeds + test seeds)
 
 
 def _without_timing(results: dict) -> dict:
@@ -242,7 +244,7 @@ def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
     saved = log.read_text().splitlines()
-    assert 4 <= len(saved) < 4 * 16, "interrupted too late to test anything"
+    assert 4 <= len(saved) < SMALL_RUNS, "interrupted too late to test anything"
     assert f"{len(saved)} runs saved in {output}" in stderr
     assert f"ano-optimizer demo --resume --output {output}" in stderr
     assert _read_json(output)["runs"] == [json.loads(line) for line in saved]
@@ -253,7 +255,7 @@ def test_ctrl_c_keeps_every_finished_run_and_resume_completes_the_same_study(tmp
     lines = log.read_text().splitlines()
     assert lines[: len(saved)] == saved  # kept, not rerun
     keys = [protocol.run_key(json.loads(line)) for line in lines]
-    assert len(keys) == len(set(keys)) == 4 * (7 * 2 + 2)
+    assert len(keys) == len(set(keys)) == SMALL_RUNS
 
     whole = demo(*SMALL, "--output", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -298,7 +300,7 @@ def test_sigterm_keeps_every_finished_run_and_leaves_no_process_behind(tmp_path)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
     saved = log.read_text().splitlines()
-    assert 2 <= len(saved) < 4 * 16, "interrupted too late to test anything"
+    assert 2 <= len(saved) < SMALL_RUNS, "interrupted too late to test anything"
     assert f"{len(saved)} runs saved in {output}" in stderr
     assert _read_json(output)["runs"] == [json.loads(line) for line in saved]
     deadline = time.monotonic() + 10
