@@ -23,18 +23,12 @@ site_dir=$(mktemp -d)
 TF_CPP_MIN_LOG_LEVEL=2 NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict --quiet --site-dir "$site_dir"
 rm -rf "$site_dir"
 # PyTorch-side tests (torch, transformers, timm, distributed) and the TensorFlow/Keras tests run
-# in separate processes (importing triton after tensorflow in one process crashes), side by side.
-# -m "slow or not slow": every test (a bare `pytest` leaves the slow ones out); -n: workers, each
-# test file on one (module fixtures run once); one more than the cores, since many tests wait on
-# the processes they start.
-keras_log=$(mktemp)
-.venv/bin/python -m pytest tests_keras -q -m "slow or not slow" >"$keras_log" 2>&1 &
-keras=$!
-status=0
-workers=$(( $(nproc) < 4 ? $(nproc) + 1 : 5 ))
-.venv/bin/python -m pytest tests -q -m "slow or not slow" -n "$workers" --dist loadfile || status=1
-wait "$keras" || status=1
-echo "== tests_keras"
-cat "$keras_log"
-rm -f "$keras_log"
-exit "$status"
+# in separate processes: importing triton after tensorflow in one process crashes.
+# -m "slow or not slow": every test (a bare `pytest` leaves the slow ones out). -n: one worker
+# per core, each test file on one worker (module fixtures run once); the longest files are
+# named first so that no worker starts one of them last.
+LONGEST="tests/test_distributed.py tests/test_demo.py tests/test_sac.py tests/test_docs_examples.py
+         tests/test_cli.py tests/test_lightning.py tests/test_plugins.py tests/test_transformers.py"
+# shellcheck disable=SC2086
+.venv/bin/python -m pytest $LONGEST tests -q -m "slow or not slow" -n auto --maxprocesses 4 --dist loadfile
+.venv/bin/python -m pytest tests_keras -q -m "slow or not slow"
