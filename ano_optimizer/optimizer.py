@@ -18,6 +18,7 @@ kept as its real view (shape ``(*param.shape, 2)``): there is no complex bfloat1
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -92,6 +93,15 @@ class Ano(Optimizer):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or "
                 f"dicts, but got {torch.typename(params)}"
+            )
+        if isinstance(params, set):
+            # The base class's warning, which it cannot give once the set is a list.
+            warnings.warn(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs. Please use a list "
+                "instead. This will be an error in a future release.",
+                FutureWarning,
+                stacklevel=2,
             )
         params = list(params)
         given_groups = params if params and isinstance(params[0], dict) else []
