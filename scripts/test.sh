@@ -5,15 +5,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+# Debian's aarch64 cross compiler (tests/test_fused.py builds the fused kernel's source for
+# ARM), installed while pip works.
+cross_compiler=
+if ! command -v aarch64-linux-gnu-g++ >/dev/null; then
+    { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; } &
+    cross_compiler=$!
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # tensorflow-cpu stands in for the [tensorflow] extra's full tensorflow build on this CPU-only
 # machine; jax gives Keras its third backend, so tests_keras runs the optimizers on all three.
 # --no-compile: modules are byte-compiled when first imported, not all of every package here.
 .venv/bin/python -m pip install --quiet --no-compile tensorflow-cpu jax -e ".[keras,transformers,timm,demo,mujoco,test,docs,distributed,optax,frameworks]"
-
-# Debian's aarch64 cross compiler: tests/test_fused.py builds the fused kernel's source for ARM.
-command -v aarch64-linux-gnu-g++ >/dev/null ||
-    { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
+[ -z "$cross_compiler" ] || wait "$cross_compiler"
+echo "set-up: ${SECONDS} s"
 
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
@@ -31,4 +36,6 @@ LONGEST="tests/test_distributed.py tests/test_demo.py tests/test_sac.py tests/te
          tests/test_cli.py tests/test_lightning.py tests/test_plugins.py tests/test_transformers.py"
 # shellcheck disable=SC2086
 .venv/bin/python -m pytest $LONGEST tests -q -m "slow or not slow" -n auto --maxprocesses 4 --dist loadfile
-.venv/bin/python -m pytest tests_keras -q -m "slow or not slow"
+echo "ruff, docs and the PyTorch-side tests: ${SECONDS} s"
+.venv/bin/python -m pytest tests_keras -q -m "slow or not slow" -n auto --maxprocesses 4
+echo "all tests: ${SECONDS} s"

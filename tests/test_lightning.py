@@ -185,8 +185,6 @@ def test_lightning_cli_short_name_through_ano_optimizer_run(tmp_path):
     """jsonargparse resolves a short class name among the imported Optimizer subclasses, so the
     name works once ano_optimizer is imported: 'ano-optimizer run' does that for the script."""
     short = ["--optimizer", "Anolog", "--optimizer.lr", "0.003"]
-    failed = _cli(tmp_path, [sys.executable], short)
-    assert failed.returncode != 0 and "Expected a dot import path string: Anolog" in failed.stderr
     report = _report(_cli(tmp_path, [str(ANO_OPTIMIZER), "run"], short))
     assert report["class"] == "ano_optimizer.optimizer.Anolog"
     assert (report["lr"], report["steps"]) == (0.003, [3.0])

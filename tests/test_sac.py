@@ -162,36 +162,8 @@ def _demo(*args, timeout=600):
     )  # fmt: skip
 
 
-TINY = ["--tasks", "sac", "--sac-steps", "2048", "--sac-seeds", "0", "--workers", "2",
+TINY = ["--tasks", "sac", "--sac-steps", "2048", "--sac-seeds", "0", "--workers", "1",
         "--sac-configs", "anobaseline,adambaseline"]  # fmt: skip
-
-
-@needs_mujoco
-@pytest.mark.slow
-def test_a_tiny_sac_study_writes_curves_table_and_plot(tmp_path):
-    output = tmp_path / "sac"
-    result = _demo(*TINY, "--output", str(output))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sac (the paper's setting) on HalfCheetah-v5" in result.stdout
-    results = json.loads((output / "results.json").read_text())
-    entry = results["sac"]["HalfCheetah-v5"]
-    assert entry["configs"] == ["AnoBaseline", "AdamBaseline"]
-    for config in entry["configs"]:
-        (point,) = entry["curves"][config]
-        assert point[:2] == [2048, 1] and math.isfinite(point[2])
-        assert math.isfinite(entry["evaluation"][config]["mean"])
-    (row,) = entry["matched"]
-    assert row["steps"] == 2048 and row["paper AnoBaseline"]["n"] == 10
-    assert "| HalfCheetah-v5 | 2,048 |" in result.stdout
-    runs = [r for r in results["runs"] if r["task"] == "sac"]
-    assert len(runs) == 2 and {r["lr"] for r in runs} == {sac.PAPER_LR}
-    with (output / "sac_curves.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert {(r["config"], r["source"]) for r in rows} == {
-        (c, s) for c in ("AnoBaseline", "AdamBaseline") for s in ("ours", "paper")
-    }
-    assert max(int(r["steps"]) for r in rows) == 2048
-    assert (output / "sac-HalfCheetah-v5.png").stat().st_size > 10_000
 
 
 def test_the_sac_task_refuses_bad_values_before_training(tmp_path, capsys):
@@ -213,14 +185,13 @@ def test_the_sac_task_refuses_bad_values_before_training(tmp_path, capsys):
 
 @needs_mujoco
 @pytest.mark.slow
-def test_a_sac_study_interrupted_resumes_to_the_same_runs(tmp_path):
-    """SIGINT once a run has finished: that run is kept, the resumed study runs the rest and
-    writes the comparison of both seeds."""
+def test_a_tiny_sac_study_interrupted_resumes_and_writes_curves_table_and_plot(tmp_path):
+    """A SAC study at a tiny budget (one seed, two configs, one run at a time) through the
+    command: SIGINT once a run has finished keeps that run; the resumed study runs the other
+    and writes the curves, the matched-step table and the plot."""
     output = tmp_path / "sac"
-    flags = ["--tasks", "sac", "--sac-steps", "2048", "--sac-seeds", "0,1", "--workers", "1",
-             "--sac-configs", "anobaseline", "--output", str(output)]  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, "-m", "ano_optimizer.cli", "demo", *flags],
+        [sys.executable, "-m", "ano_optimizer.cli", "demo", *TINY, "--output", str(output)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_default_sigint,
     )  # fmt: skip
@@ -232,12 +203,33 @@ def test_a_sac_study_interrupted_resumes_to_the_same_runs(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
     (saved,) = log.read_text().splitlines()
-    resumed = _demo("--resume", "--output", str(output))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "1 runs already done" in resumed.stdout
+
+    result = _demo("--resume", "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 runs already done" in result.stdout
     lines = log.read_text().splitlines()
     assert lines[0] == saved and len(lines) == 2
-    assert {json.loads(line)["seed"] for line in lines} == {0, 1}
-    entry = json.loads((output / "results.json").read_text())["sac"]["HalfCheetah-v5"]
-    assert entry["evaluation"]["AnoBaseline"]["n"] == 2
-    assert entry["curves"]["AnoBaseline"][0][:2] == [2048, 2]
+    runs = [json.loads(line) for line in lines]
+    assert {r["optimizer"] for r in runs} == {"AnoBaseline", "AdamBaseline"}
+    assert {r["lr"] for r in runs} == {sac.PAPER_LR} and {r["seed"] for r in runs} == {0}
+
+    assert "sac (the paper's setting) on HalfCheetah-v5" in result.stdout
+    results = json.loads((output / "results.json").read_text())
+    entry = results["sac"]["HalfCheetah-v5"]
+    assert entry["configs"] == ["AnoBaseline", "AdamBaseline"]
+    for config in entry["configs"]:
+        (point,) = entry["curves"][config]
+        assert point[:2] == [2048, 1] and math.isfinite(point[2])
+        assert entry["evaluation"][config]["n"] == 1
+        assert math.isfinite(entry["evaluation"][config]["mean"])
+    (row,) = entry["matched"]
+    assert row["steps"] == 2048 and row["paper AnoBaseline"]["n"] == 10
+    assert "| HalfCheetah-v5 | 2,048 |" in result.stdout
+    assert [r for r in results["runs"] if r["task"] == "sac"] == runs
+    with (output / "sac_curves.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["config"], r["source"]) for r in rows} == {
+        (c, s) for c in ("AnoBaseline", "AdamBaseline") for s in ("ours", "paper")
+    }
+    assert max(int(r["steps"]) for r in rows) == 2048
+    assert (output / "sac-HalfCheetah-v5.png").stat().st_size > 10_000
