@@ -110,18 +110,24 @@ from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 params = make_params(PARAMETER_SETS[{name!r}]())
 start = time.perf_counter()
-from ano_optimizer import Ano
-opt = Ano(params, lr=1e-4, fused=True)
+{construct}
 opt.step()
 print(time.perf_counter() - start)
 """
 
 
-def first_step_seconds(name: str, threads: int, cache_dir: str) -> float:
+ANO_FIRST_STEP = "from ano_optimizer import Ano\nopt = Ano(params, lr=1e-4, fused=True)"
+ADAMW_FIRST_STEP = "opt = torch.optim.AdamW(params, lr=1e-4, fused=True)"
+
+
+def first_step_seconds(name: str, threads: int, cache_dir: str, construct=ANO_FIRST_STEP) -> float:
     """Import, construction (which builds or loads the kernel) and the first fused step, in a
-    fresh process whose kernel cache is ``cache_dir``."""
+    fresh process whose kernel cache is ``cache_dir``. ``construct=ADAMW_FIRST_STEP``: the same
+    for ``AdamW(fused=True)``, whose first step pays what any torch optimizer's does (torch's
+    lazy imports, the state's first touch)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": cache_dir}
-    return _printed_number(_FIRST_STEP.format(name=name, threads=threads), env)
+    code = _FIRST_STEP.format(name=name, threads=threads, construct=construct)
+    return _printed_number(code, env)
 
 
 def time_rows(
@@ -180,6 +186,8 @@ def bench_set(name: str, rounds: int, threads: int) -> dict:
         print(f"  first fused step, empty kernel cache (build included): {cold:.1f} s", flush=True)
         warm = first_step_seconds(name, threads, cache)
         print(f"  first fused step, kernel cached: {warm:.1f} s", flush=True)
+        adamw_first = first_step_seconds(name, threads, cache, ADAMW_FIRST_STEP)
+        print(f"  first step of AdamW(fused=True): {adamw_first:.1f} s", flush=True)
     times = time_rows(shapes, rounds, rows(), tag=f"[{name}]")
     adamw = times[ADAMW]
     return {
@@ -189,6 +197,7 @@ def bench_set(name: str, rounds: int, threads: int) -> dict:
         "rounds": rounds,
         "first_step_cold_s": cold,
         "first_step_warm_cache_s": warm,
+        "first_step_adamw_fused_s": adamw_first,
         "median_ms": {label: statistics.median(t) for label, t in times.items()},
         "times_ms": times,
         "x_adamw_fused": {label: paired_ratio(t, adamw) for label, t in times.items()},
@@ -213,7 +222,8 @@ def markdown(results: list[dict], threads: int, machine: dict) -> str:
         lines += [
             f"**{res['set']}**: {res['tensors']} tensors, {res['parameters'] / 1e6:.1f} M "
             f"parameters. First fused step: {res['first_step_cold_s']:.1f} s with an empty "
-            f"kernel cache (the build), {res['first_step_warm_cache_s']:.1f} s with it cached. "
+            f"kernel cache (the build), {res['first_step_warm_cache_s']:.1f} s with it cached "
+            f"(AdamW fused: {res['first_step_adamw_fused_s']:.1f} s). "
             f"{res['rounds']} rounds; ratios are medians over rounds of the ratio within a round.",
             "",
             "| row | median ms/step | × AdamW fused | × its bandwidth floor |",

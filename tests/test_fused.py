@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -892,6 +893,21 @@ def test_without_a_compiler_a_warning_names_the_torch_implementation(tmp_path):
     assert "ano_optimizer.fused.torch_step" in run.stderr
 
 
+@pytest.mark.skipif(
+    not ("avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False),
+    reason="an x86 CPU with AVX2",
+)
+def test_the_reported_instruction_set_leaves_out_what_the_build_flags_turn_off(monkeypatch):
+    """``ANO_OPTIMIZER_KERNEL_CFLAGS=-mno-avx512f`` builds what an AVX2 machine runs; the
+    benchmarks' header must then not say AVX-512."""
+    monkeypatch.setenv(native.EXTRA_CFLAGS_ENV, "")
+    assert native.cpu_vector_isa().startswith(("AVX-512", "AVX2"))
+    monkeypatch.setenv(native.EXTRA_CFLAGS_ENV, "-mno-avx512f")
+    assert native.cpu_vector_isa().startswith("AVX2")
+    monkeypatch.setenv(native.EXTRA_CFLAGS_ENV, "-mno-avx512f -mno-avx2")
+    assert native.cpu_vector_isa() == "SSE (no AVX2)"
+
+
 @pytest.mark.slow
 def test_the_kernel_source_compiles_for_arm64(tmp_path):
     """ARM (Graviton, Apple silicon under Linux) at least compiles: the kernel built with
@@ -903,8 +919,9 @@ def test_the_kernel_source_compiles_for_arm64(tmp_path):
 
     source = tmp_path / "kernel.cpp"
     source.write_text(native.kernel_source())
-    # The build's flags for another machine, unoptimized: what is checked is that it compiles.
-    flags = [f for f in native.build_flags() if f not in ("-march=native", "-O3")]
+    # The build's flags for another machine (not $ANO_OPTIMIZER_KERNEL_CFLAGS, which are for
+    # this one), unoptimized: what is checked is that it compiles.
+    flags = [f for f in native.BUILD_FLAGS if f not in ("-march=native", "-O3")]
     run = subprocess.run(
         [compiler, "-std=c++20", "-fPIC", *flags, "-march=armv8-a",
          *(f"-I{p}" for p in include_paths()), "-c", str(source), "-o", str(tmp_path / "k.o")],

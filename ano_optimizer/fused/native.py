@@ -218,7 +218,8 @@ def _ninja_module() -> str | None:
 
 
 def cpu_vector_isa() -> str:
-    """The widest vector instruction sets of this CPU that the kernel's build can use."""
+    """The widest vector instruction sets of this CPU that the kernel's build uses (less what
+    ``$ANO_OPTIMIZER_KERNEL_CFLAGS`` turns off with ``-mno-...``)."""
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return "NEON"
@@ -226,6 +227,8 @@ def cpu_vector_isa() -> str:
         flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
     except (OSError, IndexError):
         return f"unknown ({machine})"
+    # What the build leaves out (-mno-avx512f: the code an AVX2 machine runs).
+    flags -= {flag.removeprefix("-mno-") for flag in build_flags() if flag.startswith("-mno-")}
     avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
     if avx512 <= flags:
         return "AVX-512 (F, BW, DQ, VL)"
