@@ -211,16 +211,19 @@ template <bool kMFolded, bool kVFolded, int64_t kN>
 void encode_block(const float* __restrict__ m, const float* __restrict__ v, float m_by,
                   float v_by, uint8_t* __restrict__ m_codes, uint8_t* __restrict__ v_codes,
                   int64_t n, uint32_t noise_first, uint32_t multiplier) {
-    // A 32-bit index: the noise below is 32-bit arithmetic, and a 64-bit index would have the
-    // vectorized loop narrow a vector of 64-bit indices every iteration.
+    // A 32-bit index, and the noise as a counter stepped by the multiplier (only its low 16
+    // bits count): a 64-bit index would have the vectorized loop narrow a vector of 64-bit
+    // indices every iteration, and j * multiplier costs a vector multiply.
     const uint32_t count = static_cast<uint32_t>(kN > 0 ? kN : n);
+    uint32_t noise_next = noise_first;
     for (uint32_t j = 0; j < count; ++j) {
         const uint32_t m_bits = bits_of(kMFolded ? m[j] * m_by : m[j] * m_by * kUnscale);
         m_codes[j] = static_cast<uint8_t>(
             std::min(((m_bits & 0x7FFFFFFFu) + (0x8000u << 5)) >> 21, 127u) |
             ((m_bits >> 24) & 0x80u));
         const uint32_t v_bits = bits_of(kVFolded ? v[j] * v_by : v[j] * v_by * kUnscale);
-        const uint32_t noise = (noise_first + j * multiplier) & 0xFFFFu;
+        const uint32_t noise = noise_next & 0xFFFFu;
+        noise_next += multiplier;
         v_codes[j] = static_cast<uint8_t>(
             std::min(((v_bits & 0x7FFFFFFFu) + (noise << 4)) >> 20, 255u));
     }
