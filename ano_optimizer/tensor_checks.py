@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._torch_internals import dtensor_class, has_internal_overlap, is_zero_tensor
 from .blockwise8 import codes_problem
@@ -30,6 +31,8 @@ _STEP_DTYPES = (torch.float32, torch.float64)
 # Subclasses that override it (FakeTensor, DTensor, wrapper subclasses) serve their data
 # through their own dispatch.
 _PLAIN = Tensor.__torch_dispatch__
+# Traceable wrapper tensors whose dispatch was found to take an in-place update.
+_TAKES_IN_PLACE = WeakIdKeyDictionary()
 
 
 def storage_holds(t: Tensor) -> bool:
@@ -85,16 +88,46 @@ def written_problem(t: Tensor) -> str | None:
 def _in_place_problem(t: Tensor) -> str | None:
     """Whether a subclass with its own dispatch (a wrapper) takes an in-place update.
 
-    Its data is hidden from the checks above, so its own dispatch is asked, with an in-place
-    multiply by 1 (exact for every value) on ``t.data``: the same data, with a version counter
-    of its own, so ``t``'s does not move and autograd sees no change.
+    A traceable wrapper (``__tensor_flatten__``, as torchao's quantized tensors and float8
+    weights implement it) shows its inner tensors: they take the checks above, and its dispatch
+    is asked once, with an in-place multiply by 1 on a copy, so nothing of ``t`` is written (a
+    write could requantize it). Other wrappers hide their data: their dispatch is asked on
+    ``t.data`` (the same data, with a version counter of its own, so ``t``'s does not move),
+    where a copy would hide what only the data shows (elements that share memory).
     """
+    inner = _inner_tensors(t)
+    if inner is not None:
+        for tensor in inner:
+            problem = written_problem(tensor)
+            if problem is not None:
+                return f"holds an inner tensor that {problem}"
+        if t in _TAKES_IN_PLACE:
+            return None
+        try:
+            with torch.no_grad():
+                t.detach().clone().mul_(1)
+        except Exception as error:
+            return f"cannot be updated in place ({type(error).__name__}: {error})"
+        _TAKES_IN_PLACE[t] = True
+        return None
     try:
         with torch.no_grad():
             t.data.mul_(1)
     except Exception as error:
         return f"cannot be updated in place ({type(error).__name__}: {error})"
     return None
+
+
+def _inner_tensors(t: Tensor) -> list[Tensor] | None:
+    """The tensors a traceable wrapper subclass holds, or None for another tensor."""
+    if not hasattr(type(t), "__tensor_flatten__"):
+        return None
+    try:
+        names, _ = t.__tensor_flatten__()
+        inner = [getattr(t, name) for name in names]
+    except Exception:
+        return None
+    return inner if all(isinstance(x, Tensor) for x in inner) else None
 
 
 def _is_dtensor(t: Tensor) -> bool:

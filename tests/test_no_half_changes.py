@@ -301,6 +301,7 @@ class _Recorded(torch.Tensor):
     records the tensors in-place ops write to."""
 
     written: typing.ClassVar[list[int]] = []  # ids of the tensors in-place ops wrote to
+    written_storages: typing.ClassVar[list[int]] = []  # and the addresses of their data
 
     @staticmethod
     def __new__(cls, inner):
@@ -321,8 +322,9 @@ class _Recorded(torch.Tensor):
         result = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
         if func._schema.is_mutable and isinstance(args[0], _Recorded):
             cls.written.append(id(args[0]))
+            cls.written_storages.append(args[0].inner.untyped_storage().data_ptr())
             return args[0]
-        wrap = lambda t: _Recorded(t) if type(t) is torch.Tensor else t  # noqa: E731
+        wrap = lambda t: cls(t) if type(t) is torch.Tensor else t  # noqa: E731
         return tree_map(wrap, result)
 
 
@@ -347,6 +349,50 @@ def test_a_wrapper_parameter_is_checked_without_writing_to_it(path):
     plain.grad = torch.randn(4, generator=gen)
     optimizer.step()
     assert not torch.equal(wrapped.inner, values)
+
+
+class _Traceable(_Recorded):
+    """_Recorded with the traceable-wrapper protocol (``__tensor_flatten__``), as torchao's
+    quantized tensors have: its inner tensor can be checked directly."""
+
+    def __tensor_flatten__(self):
+        return ["inner"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
+        return _Traceable(inner_tensors["inner"])
+
+
+@pytest.mark.parametrize("path", ["single", "foreach", "fused"])
+def test_a_traceable_wrapper_is_checked_through_its_inner_tensors_without_a_write(path):
+    """The check reads a traceable wrapper's inner tensors and asks its dispatch on a copy: a
+    refused step writes nothing to the wrapper's data (a write through a quantized wrapper
+    could requantize it), and an inner tensor that cannot be updated in place is refused before
+    anything changes."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(6, generator=gen)
+    wrapped = torch.nn.Parameter(_Traceable(values.clone()))
+    plain = torch.nn.Parameter(torch.randn(4, generator=gen))
+    optimizer = Ano([{"params": [wrapped]}, {"params": [plain]}], lr=1e-2, **PATHS[path])
+    wrapped.grad, plain.grad = _Traceable(torch.randn(6, generator=gen)), torch.randn(4)
+    plain.grad.untyped_storage().resize_(0)
+    _Recorded.written_storages.clear()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="parameter 0 of parameter group 1"):
+            optimizer.step()
+    assert wrapped.inner.untyped_storage().data_ptr() not in _Recorded.written_storages
+    assert torch.equal(wrapped.inner, values)
+    plain.grad = torch.randn(4, generator=gen)
+    optimizer.step()
+    assert not torch.equal(wrapped.inner, values)
+
+    shared = torch.nn.Parameter(_Traceable(torch.randn(1, generator=gen).expand(6)))
+    shared.grad = _Traceable(torch.randn(6, generator=gen))
+    before = shared.inner.clone()
+    optimizer = Ano([shared, plain], lr=1e-2, **PATHS[path])
+    with pytest.raises(RuntimeError, match="holds an inner tensor that has elements that share"):
+        optimizer.step()
+    assert torch.equal(shared.inner, before) and optimizer.state[plain] == {}
 
 
 class _FailsOnSign(torch.Tensor):
