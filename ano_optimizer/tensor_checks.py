@@ -96,23 +96,26 @@ def _in_place_problem(t: Tensor) -> str | None:
     where a copy would hide what only the data shows (elements that share memory).
     """
     inner = _inner_tensors(t)
-    if inner is not None:
-        for tensor in inner:
-            problem = written_problem(tensor)
-            if problem is not None:
-                return f"holds an inner tensor that {problem}"
-        if t in _TAKES_IN_PLACE:
-            return None
-        try:
-            with torch.no_grad():
-                t.detach().clone().mul_(1)
-        except Exception as error:
-            return f"cannot be updated in place ({type(error).__name__}: {error})"
+    if inner is None:
+        return _multiply_problem(lambda: t.data)
+    for tensor in inner:
+        problem = written_problem(tensor)
+        if problem is not None:
+            return f"holds an inner tensor that {problem}"
+    if t not in _TAKES_IN_PLACE:
+        problem = _multiply_problem(lambda: t.detach().clone())
+        if problem is not None:
+            return problem
         _TAKES_IN_PLACE[t] = True
-        return None
+    return None
+
+
+def _multiply_problem(target: Callable[[], Tensor]) -> str | None:
+    """Why an in-place multiply by 1 of ``target()`` (made inside the check: making it may
+    raise too) fails, or None."""
     try:
         with torch.no_grad():
-            t.data.mul_(1)
+            target().mul_(1)
     except Exception as error:
         return f"cannot be updated in place ({type(error).__name__}: {error})"
     return None

@@ -894,7 +894,7 @@ def test_without_a_compiler_a_warning_names_the_torch_implementation(tmp_path):
 
 
 @pytest.mark.skipif(
-    not ("avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False),
+    not (Path("/proc/cpuinfo").exists() and "avx2" in Path("/proc/cpuinfo").read_text()),
     reason="an x86 CPU with AVX2",
 )
 def test_the_reported_instruction_set_leaves_out_what_the_build_flags_turn_off(monkeypatch):

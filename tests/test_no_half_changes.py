@@ -328,18 +328,26 @@ class _Recorded(torch.Tensor):
         return tree_map(wrap, result)
 
 
+def _wrapper_beside_a_freed_gradient(wrapper: type, path: str):
+    """A wrapper parameter in group 0 and, in group 1, a plain one whose gradient's storage was
+    freed, so that a step is refused for group 1 after the wrapper has been checked. Returns
+    the generator, the wrapper's first values, both parameters and the optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(6, generator=gen)
+    wrapped = torch.nn.Parameter(wrapper(values.clone()))
+    plain = torch.nn.Parameter(torch.randn(4, generator=gen))
+    optimizer = Ano([{"params": [wrapped]}, {"params": [plain]}], lr=1e-2, **PATHS[path])
+    wrapped.grad, plain.grad = wrapper(torch.randn(6, generator=gen)), torch.randn(4)
+    plain.grad.untyped_storage().resize_(0)
+    return gen, values, wrapped, plain, optimizer
+
+
 @pytest.mark.parametrize("path", ["single", "foreach", "fused"])
 def test_a_wrapper_parameter_is_checked_without_writing_to_it(path):
     """A wrapper's data is hidden from the checks, so its dispatch is asked whether it takes
     an in-place update, through an alias with a version counter of its own: a step refused
     for another tensor leaves the wrapper's values and version counter as they were."""
-    gen = torch.Generator().manual_seed(0)
-    values = torch.randn(6, generator=gen)
-    wrapped = torch.nn.Parameter(_Recorded(values.clone()))
-    plain = torch.nn.Parameter(torch.randn(4, generator=gen))
-    optimizer = Ano([{"params": [wrapped]}, {"params": [plain]}], lr=1e-2, **PATHS[path])
-    wrapped.grad, plain.grad = _Recorded(torch.randn(6, generator=gen)), torch.randn(4)
-    plain.grad.untyped_storage().resize_(0)
+    gen, values, wrapped, plain, optimizer = _wrapper_beside_a_freed_gradient(_Recorded, path)
     version = wrapped._version
     _Recorded.written.clear()
     with pytest.raises(RuntimeError, match="parameter 0 of parameter group 1"):
@@ -369,13 +377,7 @@ def test_a_traceable_wrapper_is_checked_through_its_inner_tensors_without_a_writ
     refused step writes nothing to the wrapper's data (a write through a quantized wrapper
     could requantize it), and an inner tensor that cannot be updated in place is refused before
     anything changes."""
-    gen = torch.Generator().manual_seed(0)
-    values = torch.randn(6, generator=gen)
-    wrapped = torch.nn.Parameter(_Traceable(values.clone()))
-    plain = torch.nn.Parameter(torch.randn(4, generator=gen))
-    optimizer = Ano([{"params": [wrapped]}, {"params": [plain]}], lr=1e-2, **PATHS[path])
-    wrapped.grad, plain.grad = _Traceable(torch.randn(6, generator=gen)), torch.randn(4)
-    plain.grad.untyped_storage().resize_(0)
+    gen, values, wrapped, plain, optimizer = _wrapper_beside_a_freed_gradient(_Traceable, path)
     _Recorded.written_storages.clear()
     for _ in range(2):
         with pytest.raises(RuntimeError, match="parameter 0 of parameter group 1"):
