@@ -980,3 +980,66 @@ def test_every_path_treats_zero_and_non_finite_values_alike(state_dtype):
                 torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=2.0**-5, atol=2.0**-5)
             else:
                 torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+def test_8bit_blocks_of_huge_zero_and_non_finite_values_write_the_same_bits():
+    """8-bit state through whole and partial blocks whose scales are zero, huge (at least 2**32,
+    where a code is decoded with two multiplies, and above 2**30, where it is encoded with two)
+    or not finite (a moment that overflowed): the kernel and the torch implementation give the
+    same codes, scales and parameters, bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30])
+    shapes = [(6, 1024 + 40), (16, 300)]
+    row_factors = torch.tensor([1.0, 0.0, 1e15, 1e-20, 1e21, 1.0])
+    grads = []
+    for step in range(4):
+        step_grads = []
+        for shape in shapes:
+            g = torch.randn(shape, generator=gen) * row_factors.repeat(3)[: shape[0], None]
+            if step == 2:  # one step with scattered zeros and non-finite values
+                pick = torch.rand(shape, generator=gen) < 0.01
+                g[pick] = specials[torch.randint(len(specials), (int(pick.sum()),), generator=gen)]
+            step_grads.append(g)
+        grads.append(step_grads)
+    runs = []
+    for choice in ("kernel", "torch"):
+        torch.manual_seed(1)  # the same parameters for both
+        params, exp_avgs, exp_avg_sqs, m_scales, v_scales = _coded_group(shapes, torch.float32)
+        assert all(m.dtype == torch.uint8 for m in exp_avgs)
+        steps = [torch.tensor(0.0) for _ in shapes]
+        for step_grads in grads:
+            with implementation(choice):
+                ano(params, step_grads, exp_avgs, exp_avg_sqs, steps, fused=True,
+                    exp_avg_scales=m_scales, exp_avg_sq_scales=v_scales, **HYPER)  # fmt: skip
+        runs.append([*params, *exp_avgs, *exp_avg_sqs, *m_scales, *v_scales])
+    scales = torch.cat([s.flatten() for s in runs[0][-4:]])
+    assert (scales >= 2.0**32).any() and (scales == 0).any() and (~scales.isfinite()).any()
+    for ours, theirs in zip(*runs, strict=True):
+        assert _same_bits(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()),
+    reason="an x86 CPU with AVX-512 (an AVX2 machine's own build runs the tests above)",
+)
+def test_the_avx2_build_writes_the_same_bits():
+    """What an AVX2 machine builds (``-mno-avx512f``: whole 8-bit blocks in AVX2 intrinsics,
+    kernel.cpp) against the torch implementation: this file's and test_blockwise8.py's
+    bit-for-bit comparisons, in a process that builds and loads that kernel."""
+    env = {**os.environ, native.EXTRA_CFLAGS_ENV: "-mno-avx512f"}
+    tests = Path(__file__).parent
+    isa = "from ano_optimizer.fused import native; print(native.cpu_vector_isa())"
+    built_for = subprocess.run(
+        [sys.executable, "-c", isa], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert built_for.startswith("AVX2"), built_for
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(tests / "test_fused.py"), str(tests / "test_blockwise8.py"),
+         "-k", "(same_bits or fold_limit) and not avx2_build"],
+        env=env, cwd=tests.parent, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= 12, run.stdout[-2000:]

@@ -5,7 +5,8 @@
 // native.py builds this file with torch.utils.cpp_extension on first use, with -march=native:
 // the loops below are plain C++ over contiguous memory that the compiler vectorizes for the
 // instructions of the machine it runs on (AVX2, AVX-512, NEON, ...), one source for every CPU
-// (why not at::vec::Vectorized: benchmarks/README.md).
+// (why not at::vec::Vectorized: benchmarks/README.md). One exception: on AVX2 without AVX-512,
+// whole blocks of 8-bit codes run an intrinsics form of the same loops (see "AVX2" below).
 //
 // Every operation is torch_step.py's, in the same order and in float32 (the build has
 // -ffp-contract=off: no fused multiply-adds), so the two implementations write the same bits;
@@ -31,6 +32,12 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+// x86 CPUs with AVX2 but not AVX-512 (see "AVX2" below).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define ANO_AVX2_LOOPS 1
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -171,6 +178,142 @@ inline float decode_signed(uint8_t code) {
 
 inline float decode_unsigned(uint8_t code) { return float_of(static_cast<uint32_t>(code) << 20); }
 
+// ---------------------------------------------------------------------------------------------
+// AVX2 (x86 without AVX-512): whole blocks of codes in 8-lane vectors. GCC vectorizes the
+// portable loops below 32 elements an iteration (the width of a byte vector), which spills
+// AVX2's 16 vector registers; these take 8 at a time (benchmarks/README.md has the figures).
+// The same operations in the same order as the scalar code, so the same bits: an AVX2 build's
+// results are compared with the torch implementation's by tests/test_fused.py as every build's
+// are. AVX-512 and NEON builds vectorize the portable loops well and run them.
+#ifdef ANO_AVX2_LOOPS
+// A tensor's Scalars in every lane.
+struct Scalars8 {
+    __m256 weight, one_minus_beta2, eps_c, step_size, decay, inv_scale, negate;
+    explicit Scalars8(const Scalars& c)
+        : weight(_mm256_set1_ps(c.weight)), one_minus_beta2(_mm256_set1_ps(c.one_minus_beta2)),
+          eps_c(_mm256_set1_ps(c.eps_c)), step_size(_mm256_set1_ps(c.step_size)),
+          decay(_mm256_set1_ps(c.decay)), inv_scale(_mm256_set1_ps(c.inv_scale)),
+          negate(_mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(c.negate)))) {}
+};
+
+inline __m256i splat(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+
+// sign_times of 8 lanes.
+inline __m256 sign_times8(__m256 x, __m256 y) {
+    const __m256 nonzero = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+    const __m256 sign = _mm256_and_ps(x, _mm256_castsi256_ps(splat(0x80000000u)));
+    return _mm256_mul_ps(_mm256_and_ps(_mm256_or_ps(_mm256_set1_ps(1.0f), sign), nonzero), y);
+}
+
+// update of 8 lanes.
+template <class F>
+inline __m256 update8(__m256 p, __m256 grad, __m256 m, __m256 v, const Scalars8& c,
+                      __m256& m_new, __m256& v_new) {
+    const __m256 g =
+        _mm256_xor_ps(F::scaled ? _mm256_mul_ps(grad, c.inv_scale) : grad, c.negate);
+    const __m256 g2 = _mm256_mul_ps(g, g);
+    v_new = _mm256_add_ps(
+        v, _mm256_mul_ps(c.one_minus_beta2,
+                         _mm256_sub_ps(sign_times8(_mm256_sub_ps(g2, v), g2), v)));
+    m_new = _mm256_add_ps(m, _mm256_mul_ps(c.weight, _mm256_sub_ps(g, m)));
+    const __m256 magnitude = _mm256_and_ps(g, _mm256_castsi256_ps(splat(0x7FFFFFFFu)));
+    const __m256 ratio =
+        _mm256_div_ps(magnitude, _mm256_add_ps(_mm256_sqrt_ps(v_new), c.eps_c));
+    return _mm256_sub_ps(F::decayed ? _mm256_mul_ps(p, c.decay) : p,
+                         sign_times8(m_new, _mm256_mul_ps(c.step_size, ratio)));
+}
+
+// update_block over a whole block.
+template <class F, bool kFolded>
+void update_block_avx2(float* __restrict__ param, const float* __restrict__ grad,
+                       const uint8_t* __restrict__ m_codes, const uint8_t* __restrict__ v_codes,
+                       float m_scale, float v_scale, const Scalars& scalars,
+                       float* __restrict__ m_out, float* __restrict__ v_out, uint32_t& m_largest,
+                       uint32_t& v_largest) {
+    const Scalars8 c(scalars);
+    const __m256 m_by = _mm256_set1_ps(kFolded ? m_scale * kRescale : m_scale);
+    const __m256 v_by = _mm256_set1_ps(kFolded ? v_scale * kRescale : v_scale);
+    const __m256 rescale = _mm256_set1_ps(kRescale);
+    const __m256i magnitude = splat(0x7FFFFFFFu);
+    __m256i m_max = _mm256_setzero_si256(), v_max = _mm256_setzero_si256();
+    for (int64_t j = 0; j < kCodeBlock; j += 8) {
+        // decode_signed: a sign-extended code shifted left by 21 has the code's low 7 bits at
+        // 21-27 and its bit 7 from 28 up, of which bit 31 is kept.
+        const __m256i m_code = _mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m_codes + j)));
+        const __m256i v_code = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v_codes + j)));
+        const __m256 m_tiny = _mm256_castsi256_ps(
+            _mm256_and_si256(_mm256_slli_epi32(m_code, 21), splat(0x8FE00000u)));
+        const __m256 v_tiny = _mm256_castsi256_ps(_mm256_slli_epi32(v_code, 20));
+        const __m256 m = kFolded ? _mm256_mul_ps(m_tiny, m_by)
+                                 : _mm256_mul_ps(_mm256_mul_ps(m_tiny, rescale), m_by);
+        const __m256 v = kFolded ? _mm256_mul_ps(v_tiny, v_by)
+                                 : _mm256_mul_ps(_mm256_mul_ps(v_tiny, rescale), v_by);
+        __m256 m_new, v_new;
+        _mm256_storeu_ps(param + j, update8<F>(_mm256_loadu_ps(param + j),
+                                               _mm256_loadu_ps(grad + j), m, v, c, m_new,
+                                               v_new));
+        _mm256_store_ps(m_out + j, m_new);
+        _mm256_store_ps(v_out + j, v_new);
+        m_max = _mm256_max_epu32(m_max, _mm256_and_si256(_mm256_castps_si256(m_new), magnitude));
+        v_max = _mm256_max_epu32(v_max, _mm256_and_si256(_mm256_castps_si256(v_new), magnitude));
+    }
+    alignas(32) uint32_t lanes[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), m_max);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 8), v_max);
+    m_largest = *std::max_element(lanes, lanes + 8);
+    v_largest = *std::max_element(lanes + 8, lanes + 16);
+}
+
+// Four vectors of 8 values in 0-255, stored as 32 bytes in order: the packs interleave the
+// vectors' 128-bit halves, the permutation puts them back.
+inline void store_bytes(uint8_t* out, __m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i bytes =
+        _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_permutevar8x32_epi32(bytes, order));
+}
+
+// encode_block over a whole block, 32 elements an iteration (for store_bytes).
+template <bool kMFolded, bool kVFolded>
+void encode_block_avx2(const float* __restrict__ m, const float* __restrict__ v, float m_factor,
+                       float v_factor, uint8_t* __restrict__ m_codes,
+                       uint8_t* __restrict__ v_codes, uint32_t noise_first,
+                       uint32_t multiplier) {
+    const __m256 m_by = _mm256_set1_ps(m_factor), v_by = _mm256_set1_ps(v_factor);
+    const __m256 unscale = _mm256_set1_ps(kUnscale);
+    const __m256i magnitude = splat(0x7FFFFFFFu);
+    // Lane j's noise counter starts at noise_first + j * multiplier.
+    __m256i noise_next = _mm256_add_epi32(
+        splat(noise_first), _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               splat(multiplier)));
+    const __m256i noise_step = splat(8 * multiplier);
+    for (int64_t j = 0; j < kCodeBlock; j += 32) {
+        __m256i m_code[4], v_code[4];
+        for (int q = 0; q < 4; ++q) {
+            const __m256 mq = _mm256_mul_ps(_mm256_load_ps(m + j + 8 * q), m_by);
+            const __m256i m_bits = _mm256_castps_si256(kMFolded ? mq : _mm256_mul_ps(mq, unscale));
+            const __m256i m_rounded =
+                _mm256_add_epi32(_mm256_and_si256(m_bits, magnitude), splat(0x8000u << 5));
+            m_code[q] = _mm256_or_si256(
+                _mm256_min_epu32(_mm256_srli_epi32(m_rounded, 21), splat(127u)),
+                _mm256_and_si256(_mm256_srli_epi32(m_bits, 24), splat(0x80u)));
+            const __m256 vq = _mm256_mul_ps(_mm256_load_ps(v + j + 8 * q), v_by);
+            const __m256i v_bits = _mm256_castps_si256(kVFolded ? vq : _mm256_mul_ps(vq, unscale));
+            const __m256i noise =
+                _mm256_slli_epi32(_mm256_and_si256(noise_next, splat(0xFFFFu)), 4);
+            noise_next = _mm256_add_epi32(noise_next, noise_step);
+            const __m256i v_rounded = _mm256_add_epi32(_mm256_and_si256(v_bits, magnitude), noise);
+            v_code[q] = _mm256_min_epu32(_mm256_srli_epi32(v_rounded, 20), splat(255u));
+        }
+        store_bytes(m_codes + j, m_code[0], m_code[1], m_code[2], m_code[3]);
+        store_bytes(v_codes + j, v_code[0], v_code[1], v_code[2], v_code[3]);
+    }
+}
+#endif
+
 // Decodes, updates and keeps the new moments of n elements; returns the largest magnitudes of
 // the new moments as the integer maximum of their bits: the order of non-negative floats, with
 // NaN above infinity, as torch's amax propagates NaN. A decoded value is (tiny * 2**96) * scale;
@@ -182,6 +325,13 @@ void update_block(float* __restrict__ param, const float* __restrict__ grad,
                   float m_scale, float v_scale, int64_t n, const Scalars& scalars,
                   float* __restrict__ m_out, float* __restrict__ v_out, uint32_t& m_largest,
                   uint32_t& v_largest) {
+#ifdef ANO_AVX2_LOOPS
+    if constexpr (kN == kCodeBlock) {
+        update_block_avx2<F, kFolded>(param, grad, m_codes, v_codes, m_scale, v_scale, scalars,
+                                      m_out, v_out, m_largest, v_largest);
+        return;
+    }
+#endif
     const Scalars c = scalars;
     const float m_by = kFolded ? m_scale * kRescale : m_scale;
     const float v_by = kFolded ? v_scale * kRescale : v_scale;
@@ -211,6 +361,13 @@ template <bool kMFolded, bool kVFolded, int64_t kN>
 void encode_block(const float* __restrict__ m, const float* __restrict__ v, float m_by,
                   float v_by, uint8_t* __restrict__ m_codes, uint8_t* __restrict__ v_codes,
                   int64_t n, uint32_t noise_first, uint32_t multiplier) {
+#ifdef ANO_AVX2_LOOPS
+    if constexpr (kN == kCodeBlock) {
+        encode_block_avx2<kMFolded, kVFolded>(m, v, m_by, v_by, m_codes, v_codes, noise_first,
+                                              multiplier);
+        return;
+    }
+#endif
     // A 32-bit index, and the noise as a counter stepped by the multiplier (only its low 16
     // bits count): a 64-bit index would have the vectorized loop narrow a vector of 64-bit
     // indices every iteration, and j * multiplier costs a vector multiply.
