@@ -37,7 +37,7 @@ from ._torch_internals import (
     local_shard_offset,
     scalar_dtype,
 )
-from .fused import FusedLists, fused_ano, kernels_accept, native
+from .fused import FusedLists, fused_ano, kernel_step, kernels_accept, native
 from .fused.torch_step import fused_step_checked_
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
@@ -237,18 +237,21 @@ class Ano(Optimizer):
         for group, pair in zip(self.param_groups, betas, strict=True):
             if group["betas"] != pair:
                 group["betas"] = pair
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         # _init_group notes the parameters whose state it creates (a first step).
         self._new_state = []
         try:
-            batches = self._checked_batches(owner)
+            batches = self._gathered_batches()
+            if self._stepped_by_the_kernel(batches, grad_scale, found_inf):
+                return loss
+            self._check_batches(batches, owner)
         except BaseException:
             for p in self._new_state:  # the state this call created: nothing else has changed
                 self.state.pop(p, None)
             raise
         finally:
             self._new_state = None
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
         for done, (index, group, lists, has_complex, scales) in enumerate(batches):
             try:
                 self._update_group(index, group, lists, scales, has_complex, grad_scale, found_inf)
@@ -265,12 +268,10 @@ class Ano(Optimizer):
                 raise
         return loss
 
-    def _checked_batches(self, owner: str) -> list:
-        """Each group's tensors (local shards of DTensors), checked: ``[group index, group,
-        (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex, scales]`` for each
-        group with a gradient. Fused CPU groups are checked by the kernel itself (in C++, a
-        fraction of the Python checks' time) where it takes them all: one check call per group
-        (``ano::fused_step_check``) before any group changes."""
+    def _gathered_batches(self) -> list:
+        """Each group's tensors (local shards of DTensors), unchecked: ``[group index, group,
+        (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex, scales]`` for each group
+        with a gradient."""
         batches = []
         for index, group in enumerate(self.param_groups):
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -279,8 +280,37 @@ class Ano(Optimizer):
                 scales = self._scales(group, params)
                 lists = (*_local_shard_lists(params, grads, exp_avgs, exp_avg_sqs), steps)
                 batches.append([index, group, lists, has_complex, scales])
+        return batches
+
+    def _stepped_by_the_kernel(self, batches: list, grad_scale, found_inf) -> bool:
+        """Step a lone fused CPU group with one call of the C++ kernel, which checks every
+        tensor before it changes any (so no separate check call): True; or False, with nothing
+        changed, where there are other groups or the kernel refuses a tensor (the careful route
+        then checks in Python, and splits the group)."""
+        if len(batches) != 1 or not _kernel_may_take(batches):
+            return False
+        _, group, lists, has_complex, scales = batches[0]
+        beta1, beta2 = group["betas"]
+        options = {
+            "lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "logarithmic_schedule": group["logarithmic_schedule"],
+            "maximize": group["maximize"], "grad_scale": grad_scale, "found_inf": found_inf,
+        }  # fmt: skip
+        # Once the kernel has run, the state this step created is in use: nothing to undo.
+        new_state, self._new_state = self._new_state, []
+        if kernel_step(FusedLists(*lists, scales, has_complex), options):
+            return True
+        self._new_state = new_state
+        return False
+
+    def _check_batches(self, batches: list, owner: str) -> None:
+        """Check every batch's tensors (see :meth:`_gathered_batches`) before any changes.
+        Fused CPU groups are checked by the kernel itself (in C++, a fraction of the Python
+        checks' time) where it takes them all: one check call per group
+        (``ano::fused_step_check``)."""
         if _kernel_checks(batches):
-            return batches
+            return
         for batch in batches:
             index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales = batch
             grads = check_step_tensors(
@@ -294,7 +324,6 @@ class Ano(Optimizer):
                         p, group["lr"], step, owner, lambda k=position, d=describe: d(k)
                     )
             batch[2] = (params, grads, exp_avgs, exp_avg_sqs, steps)
-        return batches
 
     def _scales(
         self, group: dict, params: list[Tensor]
@@ -304,18 +333,20 @@ class Ano(Optimizer):
         whose ``state_dtype`` is not ``torch.uint8`` (its moments are floats)."""
         if group["state_dtype"] is not torch.uint8:
             return None
-        states = [self.state.get(p, {}) for p in params]
-        return [
-            (
-                *_local_shards(state["exp_avg_scale"], state["exp_avg_sq_scale"]),
+        dtensor = dtensor_class()
+        scales = []
+        for p in params:
+            state = self.state.get(p, {})
+            if "exp_avg_scale" not in state and "exp_avg_sq_scale" not in state:
+                scales.append(None)
+            elif dtensor is None or not isinstance(p, dtensor):
+                scales.append((state["exp_avg_scale"], state["exp_avg_sq_scale"], 0))
+            else:
                 # Rounding noise follows the whole tensor's element index, so a shard rounds
                 # as the same rows of the unsharded tensor do.
-                local_shard_offset(p),
-            )
-            if "exp_avg_scale" in state or "exp_avg_sq_scale" in state
-            else None
-            for p, state in zip(params, states, strict=True)
-        ]
+                shards = _local_shards(state["exp_avg_scale"], state["exp_avg_sq_scale"])
+                scales.append((*shards, local_shard_offset(p)))
+        return scales
 
     def _update_group(self, index, group, lists, scales, has_complex, grad_scale, found_inf):
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
@@ -365,15 +396,22 @@ def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
     return torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
 
 
+def _kernel_may_take(batches: list) -> bool:
+    """Whether every group is a fused CPU group, which the C++ kernel (built here) may take."""
+    return (
+        bool(batches)
+        and all(
+            group["fused"] and not group["capturable"] and lists[0][0].is_cpu
+            for _, group, lists, _, _ in batches
+        )
+        and native.load().loaded
+    )
+
+
 def _kernel_checks(batches: list) -> bool:
     """Whether the fused CPU kernel takes every group's tensors as they are, by its own checks
-    (see :meth:`Ano._checked_batches`)."""
-    if not batches or not all(
-        group["fused"] and not group["capturable"] and lists[0][0].is_cpu
-        for _, group, lists, _, _ in batches
-    ):
-        return False
-    if not native.load().loaded:
+    (see :meth:`Ano._check_batches`)."""
+    if not _kernel_may_take(batches):
         return False
     return all(
         kernels_accept(FusedLists(*lists, scales, has_complex))

@@ -29,7 +29,14 @@ from ..tensor_checks import check_step_tensors
 from . import native, op
 from .torch_step import checked_scales, fused_step_checked_, is_dense
 
-__all__ = ["FusedLists", "fused_ano", "kernel_takes", "kernels_accept", "real_views"]
+__all__ = [
+    "FusedLists",
+    "fused_ano",
+    "kernel_step",
+    "kernel_takes",
+    "kernels_accept",
+    "real_views",
+]
 
 # Tensor types whose memory the kernel may address (their dispatch is torch's own).
 _PLAIN_DISPATCH = Tensor.__torch_dispatch__
@@ -71,8 +78,9 @@ class FusedLists:
         self.exp_avg_sq_scales: list[Tensor] = []
         self.noise_offsets: list[int] = []
         if scales is not None and any(s is not None for s in scales):
+            compiling = torch.compiler.is_compiling()
             for p, s in zip(self.params, scales, strict=True):
-                m_scale, v_scale, offset = s if s is not None else (*_no_scales(p), 0)
+                m_scale, v_scale, offset = s if s is not None else (*_no_scales(p, compiling), 0)
                 self.exp_avg_scales.append(m_scale)
                 self.exp_avg_sq_scales.append(v_scale)
                 self.noise_offsets.append(offset)
@@ -91,10 +99,10 @@ class FusedLists:
         return picked
 
 
-def _no_scales(param: Tensor) -> tuple[Tensor, Tensor]:
+def _no_scales(param: Tensor, compiling: bool) -> tuple[Tensor, Tensor]:
     """The empty scales of a tensor whose moments are floats: one pair per device, reused
     (under torch.compile, made in the graph)."""
-    if torch.compiler.is_compiling():
+    if compiling:
         return torch.empty(0, device=param.device), torch.empty(0, device=param.device)
     return _empty_pair(param.device)
 
@@ -168,6 +176,17 @@ def _call(lists: FusedLists, options: dict) -> None:
     step(*lists.arguments(), **options)
 
 
+def kernel_step(lists: FusedLists, options: dict) -> bool:
+    """Step a CPU group with one call of the C++ kernel (:func:`fused_ano`'s keyword options):
+    True; or False where the kernel, or torch's dispatcher, refused an argument, which it does
+    before anything changes."""
+    try:
+        _call(lists, options)
+    except (NotImplementedError, ValueError, RuntimeError):
+        return False
+    return True
+
+
 def kernels_accept(lists: FusedLists) -> bool:
     """Whether the CPU kernel takes every tensor of a group as it is (its own checks, through
     ``ano::fused_step_check``; nothing changes): a step over several groups asks this of every
@@ -222,15 +241,10 @@ def fused_ano(
         _traced(lists, options)
         return
     on_cpu = lists.params[0].is_cpu
-    if on_cpu and native.load().loaded:
-        try:
-            # The usual CPU group: one call, which checks every tensor before it changes any.
-            _call(lists, options)
-            return
-        except (NotImplementedError, ValueError, RuntimeError):
-            # The operator raises before it changes anything (its checks, or torch's
-            # dispatcher refusing an argument): check in Python, and split the group.
-            pass
+    # The usual CPU group: one call, which checks every tensor before it changes any. Where it
+    # refuses one, nothing has changed: check in Python, and split the group.
+    if on_cpu and native.load().loaded and kernel_step(lists, options):
+        return
     if not checked:
         grads = check_step_tensors(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner,
