@@ -275,6 +275,30 @@ def test_a_refused_step_changes_nothing(path):
     assert late not in optimizer.state
 
 
+@pytest.mark.parametrize(
+    "state_dtype", [None, torch.bfloat16, torch.uint8], ids=["fp32", "bf16", "8bit"]
+)
+def test_a_refused_step_of_a_lone_fused_group_changes_nothing(state_dtype):
+    """A lone fused CPU group goes to the kernel in one call, with no separate check: a tensor
+    the kernel refuses (here a moment of the wrong size) leaves everything as it was, the state
+    of a parameter on its first step included, and the Python checks name the tensor."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((64, 80), (5,), (3,))]
+    optimizer = Ano(params, lr=1e-2, fused=True, state_dtype=state_dtype)
+    _set_grads(params[:2], gen)
+    optimizer.step()
+    _set_grads(params, gen)  # params[2]'s first step
+    optimizer.state[params[1]]["exp_avg"] = torch.zeros(7)
+    snapshot = _snapshot(params, optimizer)
+    with pytest.raises(RuntimeError, match=r"parameter 1 of parameter group 0 .*exp_avg"):
+        optimizer.step()
+    _assert_unchanged(params, optimizer, snapshot)
+    assert params[2] not in optimizer.state
+    optimizer.state[params[1]]["exp_avg"] = torch.zeros(5)
+    optimizer.step()
+    assert [optimizer.state[p]["step"].item() for p in params] == [2.0, 2.0, 1.0]
+
+
 @each_path
 def test_a_group_changed_after_construction_is_checked_at_the_next_step(path):
     params, optimizer, gen = _trained(path)
