@@ -4,11 +4,13 @@
                                     [--plot docs/assets/fused_step_time.png]
 
 For each parameter set: the first fused step in a fresh process with an empty kernel cache
-(the one-time build of the C++ kernel included) and with the cache that process left; then, in
-one process, fused Ano with float32, bfloat16 and 8-bit state, fused Ano on the operator's torch
+(the one-time build of the C++ kernel included), with the cache that process left, and
+``AdamW(fused=True)``'s, each timed after the process has imported ``torch._dynamo`` (which
+constructing any torch optimizer does, and which is timed on its own); then, in one process,
+fused Ano with float32, bfloat16 and 8-bit state, fused Ano on the operator's torch
 implementation (what runs where no C++ compiler is found), Ano's default path,
-``AdamW(fused=True)`` and the
-bandwidth floors, each stepped once per round with the rounds interleaved across rows. A floor
+``AdamW(fused=True)`` and the bandwidth floors, each stepped once per round with the rounds
+interleaved across rows. A floor
 is the time of ``copy_floor.cpp``, which reads four and writes three flat buffers of the same
 total size with one add per value (the bytes a fused step must move: 28 per parameter with
 float32 state, 20 with bfloat16, 16 with 8-bit codes), built with the kernel's flags and cut
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,14 +98,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _printed_number(code: str, env: dict | None = None) -> float:
-    """Run ``code`` in a fresh interpreter; return the number it prints last."""
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    return float(out.stdout.split()[-1])
-
-
 _FIRST_STEP = """
 import time, torch
 torch.set_num_threads({threads})
@@ -110,9 +105,11 @@ from benchmarks.shapes import PARAMETER_SETS
 from benchmarks.step_time import make_params
 params = make_params(PARAMETER_SETS[{name!r}]())
 start = time.perf_counter()
+import torch._dynamo
+imported = time.perf_counter()
 {construct}
 opt.step()
-print(time.perf_counter() - start)
+print(imported - start, time.perf_counter() - imported)
 """
 
 
@@ -120,14 +117,31 @@ ANO_FIRST_STEP = "from ano_optimizer import Ano\nopt = Ano(params, lr=1e-4, fuse
 ADAMW_FIRST_STEP = "opt = torch.optim.AdamW(params, lr=1e-4, fused=True)"
 
 
-def first_step_seconds(name: str, threads: int, cache_dir: str, construct=ANO_FIRST_STEP) -> float:
-    """Import, construction (which builds or loads the kernel) and the first fused step, in a
-    fresh process whose kernel cache is ``cache_dir``. ``construct=ADAMW_FIRST_STEP``: the same
-    for ``AdamW(fused=True)``, whose first step pays what any torch optimizer's does (torch's
-    lazy imports, the state's first touch)."""
+@dataclass(frozen=True)
+class FirstStep:
+    """A fresh process's first step: ``torch_import_s``, its import of ``torch._dynamo``, which
+    constructing any torch optimizer does (``torch.optim.Optimizer.add_param_group`` is
+    wrapped by it) unless the program has imported it already (building a model with timm or
+    torchvision does); ``step_s``, the rest: import, construction (which builds or loads the
+    kernel) and the first step."""
+
+    torch_import_s: float
+    step_s: float
+
+
+def first_step_seconds(
+    name: str, threads: int, cache_dir: str, construct=ANO_FIRST_STEP
+) -> FirstStep:
+    """The first fused step in a fresh process whose kernel cache is ``cache_dir``.
+    ``construct=ADAMW_FIRST_STEP``: the same for ``AdamW(fused=True)``, whose first step pays
+    what any torch optimizer's does (the state's first touch, torch's own lazy imports)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": cache_dir}
     code = _FIRST_STEP.format(name=name, threads=threads, construct=construct)
-    return _printed_number(code, env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    torch_import, step = (float(x) for x in out.stdout.split()[-2:])
+    return FirstStep(torch_import, step)
 
 
 def time_rows(
@@ -183,11 +197,12 @@ def bench_set(name: str, rounds: int, threads: int) -> dict:
     print(f"{name}: {len(shapes)} tensors, {numel / 1e6:.1f} M parameters", flush=True)
     with tempfile.TemporaryDirectory() as cache:
         cold = first_step_seconds(name, threads, cache)
-        print(f"  first fused step, empty kernel cache (build included): {cold:.1f} s", flush=True)
+        print(f"  first fused step, empty kernel cache (build included): {cold.step_s:.1f} s")
         warm = first_step_seconds(name, threads, cache)
-        print(f"  first fused step, kernel cached: {warm:.1f} s", flush=True)
+        print(f"  first fused step, kernel cached: {warm.step_s:.1f} s", flush=True)
         adamw_first = first_step_seconds(name, threads, cache, ADAMW_FIRST_STEP)
-        print(f"  first step of AdamW(fused=True): {adamw_first:.1f} s", flush=True)
+        print(f"  first step of AdamW(fused=True): {adamw_first.step_s:.1f} s", flush=True)
+        print(f"  torch's import of torch._dynamo before them: {warm.torch_import_s:.1f} s")
     times = time_rows(shapes, rounds, rows(), tag=f"[{name}]")
     adamw = times[ADAMW]
     return {
@@ -195,9 +210,10 @@ def bench_set(name: str, rounds: int, threads: int) -> dict:
         "tensors": len(shapes),
         "parameters": numel,
         "rounds": rounds,
-        "first_step_cold_s": cold,
-        "first_step_warm_cache_s": warm,
-        "first_step_adamw_fused_s": adamw_first,
+        "first_step_cold_s": cold.step_s,
+        "first_step_warm_cache_s": warm.step_s,
+        "first_step_adamw_fused_s": adamw_first.step_s,
+        "torch_dynamo_import_s": warm.torch_import_s,
         "median_ms": {label: statistics.median(t) for label, t in times.items()},
         "times_ms": times,
         "x_adamw_fused": {label: paired_ratio(t, adamw) for label, t in times.items()},
@@ -223,7 +239,9 @@ def markdown(results: list[dict], threads: int, machine: dict) -> str:
             f"**{res['set']}**: {res['tensors']} tensors, {res['parameters'] / 1e6:.1f} M "
             f"parameters. First fused step: {res['first_step_cold_s']:.1f} s with an empty "
             f"kernel cache (the build), {res['first_step_warm_cache_s']:.1f} s with it cached "
-            f"(AdamW fused: {res['first_step_adamw_fused_s']:.1f} s). "
+            f"(AdamW fused: {res['first_step_adamw_fused_s']:.1f} s), each after the "
+            f"{res['torch_dynamo_import_s']:.1f} s import of torch._dynamo that constructing "
+            "any torch optimizer does first. "
             f"{res['rounds']} rounds; ratios are medians over rounds of the ratio within a round.",
             "",
             "| row | median ms/step | × AdamW fused | × its bandwidth floor |",
