@@ -228,6 +228,12 @@ def bench_set(name: str, rounds: int, threads: int) -> dict:
     }
 
 
+def _dynamo_import_words(seconds: float) -> str:
+    if seconds < 0.05:
+        return "already imported by building the model's parameter shapes"
+    return f"{seconds:.1f} s"
+
+
 def markdown(results: list[dict], threads: int, machine: dict) -> str:
     lines = [
         f"CPU: {machine['cpu']}, kernel built for {machine['isa']}; torch {machine['torch']}; "
@@ -240,8 +246,8 @@ def markdown(results: list[dict], threads: int, machine: dict) -> str:
             f"parameters. First fused step: {res['first_step_cold_s']:.1f} s with an empty "
             f"kernel cache (the build), {res['first_step_warm_cache_s']:.1f} s with it cached "
             f"(AdamW fused: {res['first_step_adamw_fused_s']:.1f} s), each after the "
-            f"{res['torch_dynamo_import_s']:.1f} s import of torch._dynamo that constructing "
-            "any torch optimizer does first. "
+            "import of torch._dynamo that constructing any torch optimizer does first "
+            f"({_dynamo_import_words(res['torch_dynamo_import_s'])}). "
             f"{res['rounds']} rounds; ratios are medians over rounds of the ratio within a round.",
             "",
             "| row | median ms/step | × AdamW fused | × its bandwidth floor |",
