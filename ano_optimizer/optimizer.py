@@ -290,13 +290,7 @@ class Ano(Optimizer):
         if len(batches) != 1 or not _kernel_may_take(batches):
             return False
         _, group, lists, has_complex, scales = batches[0]
-        beta1, beta2 = group["betas"]
-        options = {
-            "lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "logarithmic_schedule": group["logarithmic_schedule"],
-            "maximize": group["maximize"], "grad_scale": grad_scale, "found_inf": found_inf,
-        }  # fmt: skip
+        options = {**_step_scalars(group), "grad_scale": grad_scale, "found_inf": found_inf}
         # Once the kernel has run, the state this step created is in use: nothing to undo.
         new_state, self._new_state = self._new_state, []
         if kernel_step(FusedLists(*lists, scales, has_complex), options):
@@ -308,8 +302,10 @@ class Ano(Optimizer):
         """Check every batch's tensors (see :meth:`_gathered_batches`) before any changes.
         Fused CPU groups are checked by the kernel itself (in C++, a fraction of the Python
         checks' time) where it takes them all: one check call per group
-        (``ano::fused_step_check``)."""
-        if _kernel_checks(batches):
+        (``ano::fused_step_check``). A lone group was offered to the kernel already
+        (:meth:`_stepped_by_the_kernel`): it is here because the kernel refused it, or cannot
+        take it."""
+        if len(batches) > 1 and _kernel_checks(batches):
             return
         for batch in batches:
             index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales = batch
@@ -352,17 +348,14 @@ class Ano(Optimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
         if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
             return
-        beta1, beta2 = group["betas"]
         _ano_group(
             params, grads, exp_avgs, exp_avg_sqs, steps, scales=scales,
             foreach=group["foreach"], fused=group["fused"],
             grad_scale=grad_scale if group["fused"] else None,
             found_inf=found_inf if group["fused"] else None,
-            has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"],
-            logarithmic_schedule=group["logarithmic_schedule"], maximize=group["maximize"],
-            capturable=group["capturable"], checked=True, owner=type(self).__name__,
-            where=_describer(index, group, params),
+            has_complex=has_complex, capturable=group["capturable"], checked=True,
+            owner=type(self).__name__, where=_describer(index, group, params),
+            **_step_scalars(group),
         )  # fmt: skip
 
     def _traced_step(self) -> None:
@@ -394,6 +387,16 @@ def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
     if param.is_complex() and state_dtype is not None:
         param = torch.view_as_real(param)
     return torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
+
+def _step_scalars(group: dict) -> dict:
+    """A group's options as the update takes them (:func:`ano`'s scalar keywords)."""
+    beta1, beta2 = group["betas"]
+    return {
+        "beta1": beta1, "beta2": beta2, "lr": group["lr"], "weight_decay": group["weight_decay"],
+        "eps": group["eps"], "logarithmic_schedule": group["logarithmic_schedule"],
+        "maximize": group["maximize"],
+    }  # fmt: skip
 
 
 def _kernel_may_take(batches: list) -> bool:
