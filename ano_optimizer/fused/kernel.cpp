@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
@@ -504,6 +505,45 @@ bool same_order(const at::Tensor& a, const at::Tensor& b) {
     return (a.is_contiguous() && b.is_contiguous()) || a.strides().equals(b.strides());
 }
 
+// ---------------------------------------------------------------------------------------------
+// Prefetches. The objects around the tensors' data (each tensor's TensorImpl, StorageImpl and
+// Python object) reach a step out of cache: the forward and backward passes evicted them, and
+// the step's own streaming evicts them again before the caller releases its references. Torch
+// touches them one after another with atomic reference counts, which wait for each miss in turn
+// (about 0.2-0.3 ms for ResNet-50's 161 tensors); a pass that only prefetches them first lets
+// the misses overlap. Nothing is read through a prefetched address, so a wrong one costs nothing.
+
+// A tensor's Python object where this torch's PyObjectSlot gives it (an address to prefetch);
+// nullptr where it does not. Torch releases it as it releases the tensor where the slot holds a
+// reference (torch 2.10 on); before, the prefetch costs only itself.
+template <class Slot>
+auto python_object(const Slot* slot, int) -> decltype(slot->load_pyobj()) {
+    return slot->load_pyobj();
+}
+template <class Slot>
+const void* python_object(const Slot*, long) {
+    return nullptr;
+}
+
+// Before the checks: each tensor's storage, which they read.
+void prefetch_storages(std::initializer_list<at::TensorList> lists) {
+    for (const at::TensorList& tensors : lists)
+        for (const at::Tensor& x : tensors)
+            if (x.defined() && x.has_storage())
+                __builtin_prefetch(x.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+}
+
+// After the step: what the caller's release of every argument touches.
+void prefetch_releases(std::initializer_list<at::TensorList> lists) {
+    for (const at::TensorList& tensors : lists)
+        for (const at::Tensor& x : tensors) {
+            const c10::TensorImpl* impl = x.unsafeGetTensorImpl();
+            __builtin_prefetch(impl, 1);
+            const void* object = python_object(impl->pyobj_slot(), 0);
+            if (object != nullptr) __builtin_prefetch(object, 1);
+        }
+}
+
 struct Group {
     int64_t tensors;
     std::vector<Moments> moments;
@@ -530,6 +570,8 @@ Group check_group(at::TensorList params, at::TensorList grads, at::TensorList ex
         "ano::fused_step_: exp_avg_scales, exp_avg_sq_scales and noise_offsets are empty or "
         "hold one entry per parameter, got ", exp_avg_scales.size(), ", ",
         exp_avg_sq_scales.size(), " and ", noise_offsets.size(), " for ", n, " parameters");
+    prefetch_storages(
+        {params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales});
     Group group{n, std::vector<Moments>(n, Moments::Float32), false};
     for (int64_t t = 0; t < n; ++t) {
         const at::Tensor& p = params[t];
@@ -759,6 +801,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
             }
         }
     });
+    prefetch_releases(
+        {params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales});
 }
 
 void fused_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
