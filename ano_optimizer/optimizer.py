@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
+from operator import attrgetter, is_, itemgetter
 
 import torch
 from torch import Tensor
@@ -56,6 +58,11 @@ _FOREACH_BUCKET_NUMEL = 1 << 22
 # The float32-math path widens state in blocks this small, so that its float32 scratch stays
 # in cache and costs no memory to speak of.
 _BLOCK_NUMEL = 1 << 16
+
+
+_GRAD = attrgetter("grad")
+_IS_NONE = partial(is_, None)
+_EXP_AVG, _EXP_AVG_SQ, _STEP = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
 
 
 class Ano(Optimizer):
@@ -183,30 +190,44 @@ class Ano(Optimizer):
         """Append the parameters of ``group`` that have a gradient, and their gradients and
         state, to the lists; create the state on a parameter's first step. Return whether any
         parameter is complex. (The name and signature are torch's: ``torch.compile`` runs this
-        method eagerly instead of tracing it.)
+        method eagerly instead of tracing it.)"""
+        stepped, stepped_grads, states = self._stepped_states(group)
+        params += stepped
+        grads += stepped_grads
+        exp_avgs += map(_EXP_AVG, states)
+        exp_avg_sqs += map(_EXP_AVG_SQ, states)
+        state_steps += map(_STEP, states)
+        return any(map(Tensor.is_complex, stepped))
 
-        Each list is built by one comprehension, which costs less per tensor than one loop
-        appending to five lists."""
-        grads_or_none = [p.grad for p in group["params"]]
-        stepped = [p for p, g in zip(group["params"], grads_or_none, strict=True) if g is not None]
-        states = [self.state[p] for p in stepped]
+    def _stepped_states(self, group: dict) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+        """The parameters of ``group`` that have a gradient, their gradients and their state
+        dicts; the state is created on a parameter's first step.
+
+        Each pass is one C-level ``map`` where it can be: the step begins with every object
+        out of cache (the last step and the backward pass evicted them), and a map meets the
+        tensors' cache misses with less interpreter work between them."""
+        grads = list(map(_GRAD, group["params"]))
+        if any(map(_IS_NONE, grads)):
+            stepped = [p for p, g in zip(group["params"], grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
+        else:
+            stepped = list(group["params"])
+        states = list(map(self.state.__getitem__, stepped))
+        if all(states):
+            return stepped, grads, states
         for p, state in zip(stepped, states, strict=True):
             if not state:
                 if self._new_state is not None:
                     self._new_state.append(p)
-                # Lazy creation, keyed by the parameter: an engine may swap or reshard parameters
-                # before the first step, and a zero-gradient lr=0 step stays a no-op.
-                # The fused kernel and capturable steps read the step on the parameter's device
-                # (no host sync); torch's loader puts a saved step there for such groups too.
+                # Lazy creation, keyed by the parameter: an engine may swap or reshard
+                # parameters before the first step, and a zero-gradient lr=0 step stays a
+                # no-op. The fused kernel and capturable steps read the step on the
+                # parameter's device (no host sync); torch's loader puts a saved step there for
+                # such groups too.
                 step_device = p.device if group["fused"] or group["capturable"] else None
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype(), device=step_device)
                 state.update(_new_moments(p, group["state_dtype"]))
-        params += stepped
-        grads += [grad for grad in grads_or_none if grad is not None]
-        exp_avgs += [state["exp_avg"] for state in states]
-        exp_avg_sqs += [state["exp_avg_sq"] for state in states]
-        state_steps += [state["step"] for state in states]
-        return any(p.is_complex() for p in stepped)
+        return stepped, grads, states
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -271,15 +292,20 @@ class Ano(Optimizer):
     def _gathered_batches(self) -> list:
         """Each group's tensors (local shards of DTensors), unchecked: ``[group index, group,
         (params, grads, exp_avgs, exp_avg_sqs, steps), has_complex, scales]`` for each group
-        with a gradient."""
+        with a gradient. ``has_complex`` is None (not known yet): the kernel refuses complex
+        tensors, and :meth:`_check_batches` finds it where the kernel does not take a step."""
         batches = []
         for index, group in enumerate(self.param_groups):
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            params, grads, states = self._stepped_states(group)
             if params:
-                scales = self._scales(group, params)
-                lists = (*_local_shard_lists(params, grads, exp_avgs, exp_avg_sqs), steps)
-                batches.append([index, group, lists, has_complex, scales])
+                exp_avgs = list(map(_EXP_AVG, states))
+                exp_avg_sqs = list(map(_EXP_AVG_SQ, states))
+                scales = _scales(group, params, states)
+                lists = (
+                    *_local_shard_lists(params, grads, exp_avgs, exp_avg_sqs),
+                    list(map(_STEP, states)),
+                )
+                batches.append([index, group, lists, None, scales])
         return batches
 
     def _stepped_by_the_kernel(self, batches: list, grad_scale, found_inf) -> bool:
@@ -289,11 +315,12 @@ class Ano(Optimizer):
         then checks in Python, and splits the group)."""
         if len(batches) != 1 or not _kernel_may_take(batches):
             return False
-        _, group, lists, has_complex, scales = batches[0]
+        _, group, lists, _, scales = batches[0]
         options = {**_step_scalars(group), "grad_scale": grad_scale, "found_inf": found_inf}
         # Once the kernel has run, the state this step created is in use: nothing to undo.
         new_state, self._new_state = self._new_state, []
-        if kernel_step(FusedLists(*lists, scales, has_complex), options):
+        # No real views: the kernel refuses a complex tensor, and nothing has changed then.
+        if kernel_step(FusedLists(*lists, scales, has_complex=False), options):
             return True
         self._new_state = new_state
         return False
@@ -304,8 +331,11 @@ class Ano(Optimizer):
         checks' time) where it takes them all: one check call per group
         (``ano::fused_step_check``). A lone group was offered to the kernel already
         (:meth:`_stepped_by_the_kernel`): it is here because the kernel refused it, or cannot
-        take it."""
-        if len(batches) > 1 and _kernel_checks(batches):
+        take it. Every batch's ``has_complex`` is known afterwards."""
+        kernel_takes_all = len(batches) > 1 and _kernel_checks(batches)
+        for batch in batches:
+            batch[3] = not kernel_takes_all and any(map(Tensor.is_complex, batch[2][0]))
+        if kernel_takes_all:
             return
         for batch in batches:
             index, group, (params, grads, exp_avgs, exp_avg_sqs, steps), _, scales = batch
@@ -320,29 +350,6 @@ class Ano(Optimizer):
                         p, group["lr"], step, owner, lambda k=position, d=describe: d(k)
                     )
             batch[2] = (params, grads, exp_avgs, exp_avg_sqs, steps)
-
-    def _scales(
-        self, group: dict, params: list[Tensor]
-    ) -> list[tuple[Tensor, Tensor] | None] | None:
-        """Each parameter's 8-bit moment scales and the index of its first element in the whole
-        tensor (not 0 for a shard), or None where its moments are not codes; None for a group
-        whose ``state_dtype`` is not ``torch.uint8`` (its moments are floats)."""
-        if group["state_dtype"] is not torch.uint8:
-            return None
-        dtensor = dtensor_class()
-        scales = []
-        for p in params:
-            state = self.state.get(p, {})
-            if "exp_avg_scale" not in state and "exp_avg_sq_scale" not in state:
-                scales.append(None)
-            elif dtensor is None or not isinstance(p, dtensor):
-                scales.append((state["exp_avg_scale"], state["exp_avg_sq_scale"], 0))
-            else:
-                # Rounding noise follows the whole tensor's element index, so a shard rounds
-                # as the same rows of the unsharded tensor do.
-                shards = _local_shards(state["exp_avg_scale"], state["exp_avg_sq_scale"])
-                scales.append((*shards, local_shard_offset(p)))
-        return scales
 
     def _update_group(self, index, group, lists, scales, has_complex, grad_scale, found_inf):
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
@@ -368,7 +375,7 @@ class Ano(Optimizer):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             if params:
                 lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
-                scales = self._scales(group, params)
+                scales = _scales(group, params, [self.state[p] for p in params])
                 self._update_group(index, group, lists, scales, has_complex, grad_scale, found_inf)
 
 
@@ -387,6 +394,27 @@ def _new_moment(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
     if param.is_complex() and state_dtype is not None:
         param = torch.view_as_real(param)
     return torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
+
+def _scales(group: dict, params: list[Tensor], states: list[dict]) -> list[tuple] | None:
+    """Each parameter's 8-bit moment scales and the index of its first element in the whole
+    tensor (not 0 for a shard), or None where its moments are not codes; None for a group
+    whose ``state_dtype`` is not ``torch.uint8`` (its moments are floats)."""
+    if group["state_dtype"] is not torch.uint8:
+        return None
+    dtensor = dtensor_class()
+    scales = []
+    for p, state in zip(params, states, strict=True):
+        if "exp_avg_scale" not in state and "exp_avg_sq_scale" not in state:
+            scales.append(None)
+        elif dtensor is None or not isinstance(p, dtensor):
+            scales.append((state["exp_avg_scale"], state["exp_avg_sq_scale"], 0))
+        else:
+            # Rounding noise follows the whole tensor's element index, so a shard rounds
+            # as the same rows of the unsharded tensor do.
+            shards = _local_shards(state["exp_avg_scale"], state["exp_avg_sq_scale"])
+            scales.append((*shards, local_shard_offset(p)))
+    return scales
 
 
 def _step_scalars(group: dict) -> dict:
