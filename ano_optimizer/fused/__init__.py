@@ -120,6 +120,8 @@ def kernel_takes(lists: FusedLists, i: int) -> str | None:
         lists.state_steps[i],
     )  # fmt: skip
     tensors = (p, g, m, v)
+    if not all(isinstance(t, Tensor) for t in (*tensors, step)):
+        return "a value that is not a tensor"
     if not all(t.device.type == "cpu" for t in (*tensors, step)):
         return "not on the CPU"
     if any(type(t).__torch_dispatch__ is not _PLAIN_DISPATCH for t in (*tensors, step)):
@@ -194,6 +196,11 @@ def kernels_accept(lists: FusedLists) -> bool:
     if not lists.params:
         return True
     if not lists.params[0].is_cpu or not native.load().loaded:
+        return False
+    # A tensor the CPU kernel cannot take (sparse, a subclass with its own dispatch, ...) would
+    # send the call to the check's torch implementation, which takes any tensor: such a group
+    # is not the kernel's.
+    if any(kernel_takes(lists, i) is not None for i in range(len(lists.params))):
         return False
     try:
         torch.ops.ano.fused_step_check(*lists.arguments())
