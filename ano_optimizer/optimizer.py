@@ -39,7 +39,7 @@ from ._torch_internals import (
     local_shard_offset,
     scalar_dtype,
 )
-from .fused import FusedLists, fused_ano, kernel_step, kernels_accept, native
+from .fused import FusedLists, fused_ano, kernel_step, kernel_step_groups, kernels_accept, native
 from .fused.torch_step import fused_step_checked_
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
@@ -309,29 +309,35 @@ class Ano(Optimizer):
         return batches
 
     def _stepped_by_the_kernel(self, batches: list, grad_scale, found_inf) -> bool:
-        """Step a lone fused CPU group with one call of the C++ kernel, which checks every
-        tensor before it changes any (so no separate check call): True; or False, with nothing
-        changed, where there are other groups or the kernel refuses a tensor (the careful route
-        then checks in Python, and splits the group)."""
-        if len(batches) != 1 or not _kernel_may_take(batches):
+        """Step every group with one call of the C++ kernel where every group is a fused CPU
+        group, which the kernel checks whole before it changes any tensor (so no separate check
+        call): True; or False, with nothing changed, where a group is not such a group or the
+        kernel refuses a tensor (the careful route then checks in Python, and splits groups)."""
+        if not _kernel_may_take(batches):
             return False
-        _, group, lists, _, scales = batches[0]
-        options = {**_step_scalars(group), "grad_scale": grad_scale, "found_inf": found_inf}
+        # No real views: the kernel refuses a complex tensor, and nothing has changed then.
+        parts = [
+            FusedLists(*lists, scales, has_complex=False) for _, _, lists, _, scales in batches
+        ]
+        options = [_step_scalars(group) for _, group, _, _, _ in batches]
         # Once the kernel has run, the state this step created is in use: nothing to undo.
         new_state, self._new_state = self._new_state, []
-        # No real views: the kernel refuses a complex tensor, and nothing has changed then.
-        if kernel_step(FusedLists(*lists, scales, has_complex=False), options):
-            return True
-        self._new_state = new_state
-        return False
+        if len(parts) == 1:
+            amp = {"grad_scale": grad_scale, "found_inf": found_inf}
+            stepped = kernel_step(parts[0], {**options[0], **amp})
+        else:
+            stepped = kernel_step_groups(parts, options, grad_scale, found_inf)
+        if not stepped:
+            self._new_state = new_state
+        return stepped
 
     def _check_batches(self, batches: list, owner: str) -> None:
         """Check every batch's tensors (see :meth:`_gathered_batches`) before any changes.
         Fused CPU groups are checked by the kernel itself (in C++, a fraction of the Python
         checks' time) where it takes them all: one check call per group
-        (``ano::fused_step_check``). A lone group was offered to the kernel already
-        (:meth:`_stepped_by_the_kernel`): it is here because the kernel refused it, or cannot
-        take it. Every batch's ``has_complex`` is known afterwards."""
+        (``ano::fused_step_check``). The groups were offered to the kernel already
+        (:meth:`_stepped_by_the_kernel`): they are here because the kernel refused them, or
+        cannot take them in one call. Every batch's ``has_complex`` is known afterwards."""
         kernel_takes_all = len(batches) > 1 and _kernel_checks(batches)
         for batch in batches:
             batch[3] = not kernel_takes_all and any(map(Tensor.is_complex, batch[2][0]))

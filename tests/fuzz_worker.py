@@ -40,6 +40,9 @@ PATHS = {
     "bf16-state-fused": {"state_dtype": torch.bfloat16, "fused": True},
     "8bit-state": {"state_dtype": torch.uint8},
     "8bit-state-fused": {"state_dtype": torch.uint8, "fused": True},
+    # Two parameter groups with the same options: one call of ano::fused_step_.groups.
+    "fused-2groups": {"fused": True},
+    "8bit-state-fused-2groups": {"state_dtype": torch.uint8, "fused": True},
 }
 # (64, 65) is large enough for 8-bit codes (blockwise8.MIN_NUMEL); the others keep float state.
 SHAPES = [(5,), (4, 3), (2, 3, 2, 2), (17,), (64, 65)]
@@ -197,7 +200,8 @@ def _readable(t) -> bool:
 def run(spec: dict, path: str) -> dict:
     torch.manual_seed(spec["index"])
     params = [torch.nn.Parameter(torch.randn(s)) for s in spec["shapes"]]
-    optimizer = Ano(params, lr=1e-2, weight_decay=0.1, **PATHS[path])
+    groups = [{"params": params[:1]}, {"params": params[1:]}] if "2groups" in path else params
+    optimizer = Ano(groups, lr=1e-2, weight_decay=0.1, **PATHS[path])
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()

@@ -720,8 +720,14 @@ def _opcheck_cases():
     return {"float32": floats(torch.float32), "bfloat16": floats(torch.bfloat16), "8bit": coded}
 
 
+def _group_options(*groups: dict) -> dict:
+    """``fused_step_.groups``'s option lists: one entry per group, each group's options over
+    :data:`_OP_OPTIONS`."""
+    return {name: [{**_OP_OPTIONS, **g}[name] for g in groups] for name in _OP_OPTIONS}
+
+
 @pytest.mark.parametrize("state", ["float32", "bfloat16", "8bit"])
-@pytest.mark.parametrize("overload", ["default", "tensor_lr"])
+@pytest.mark.parametrize("overload", ["default", "tensor_lr", "groups"])
 def test_opcheck(state, overload):
     """torch.library.opcheck: the schema matches what the operator mutates, the fake
     implementation matches the real one's metadata, and it runs under functionalization
@@ -730,6 +736,10 @@ def test_opcheck(state, overload):
     options = {**_OP_OPTIONS, "grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(0.0)}
     if overload == "tensor_lr":
         options["lr"] = torch.tensor(options["lr"])
+    if overload == "groups":
+        amp = {"grad_scale": options["grad_scale"], "found_inf": options["found_inf"]}
+        groups = _group_options({}, {"lr": 3e-3, "weight_decay": 0.0, "maximize": True})
+        options = {"group_sizes": [1, 1], **groups, **amp}
     op = getattr(torch.ops.ano.fused_step_, overload)
     tests = None
     if not functionalizes_mutable_lists():
@@ -738,6 +748,114 @@ def test_opcheck(state, overload):
         # AOTAutograd test does not apply.
         tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(op, args, options, **({"test_utils": tests} if tests else {}))
+
+
+def _split_groups(params):
+    """A decay / no-decay split, as Hugging Face's Trainer and timm make, with other options in
+    the second group too."""
+    return [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": 0.05, "lr": 1e-2},
+        {
+            "params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, "lr": 3e-3,
+            "betas": (0.8, 0.95), "eps": 1e-6, "maximize": True,
+        },
+    ]  # fmt: skip
+
+
+class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operators a region calls, by name (torch's profiler marks and the first step's
+    state creation included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@_EACH_STATE_DTYPE
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "grad-scaler"])
+def test_several_groups_step_in_one_kernel_call_as_each_group_alone(state_dtype, amp):
+    """Fused CPU groups are stepped by one call of ``ano::fused_step_.groups`` (one check pass,
+    one parallel pass), each tensor with its own group's options: the same bits as each group
+    stepped by an optimizer of its own."""
+    shapes = [(64, 300), (300,), (33, 7), (5,), (70, 300), (1,)]
+    gen = torch.Generator().manual_seed(4)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    together = [torch.nn.Parameter(p.clone()) for p in start]
+    alone = [torch.nn.Parameter(p.clone()) for p in start]
+    one = Ano(_split_groups(together), fused=True, state_dtype=state_dtype)
+    each = [Ano([g], fused=True, state_dtype=state_dtype) for g in _split_groups(alone)]
+    for k in range(5):
+        grads = [torch.randn(s, generator=gen) * 10.0 ** (k - 2) for s in shapes]
+        for p, q, g in zip(together, alone, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        if amp:
+            for optimizer in (one, *each):
+                optimizer.grad_scale = torch.tensor(4.0)
+                optimizer.found_inf = torch.tensor(float(k == 2))
+        with _OpCalls() as calls:
+            one.step()
+        assert [name for name in calls.names if name.startswith("ano.")] == [
+            "ano.fused_step_.groups"
+        ]
+        for optimizer in each:
+            optimizer.step()
+    for p, q in zip(together, alone, strict=True):
+        assert _same_bits(p.detach(), q.detach())
+        kept = next(o for o in each if q in o.state).state[q]
+        assert one.state[p].keys() == kept.keys()
+        for key, value in one.state[p].items():
+            assert _same_bits(value, kept[key]), key
+    assert one.state[together[0]]["step"].item() == (4.0 if amp else 5.0)
+    if state_dtype == torch.uint8:
+        assert one.state[together[0]]["exp_avg"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16", "8bit"])
+def test_the_groups_call_and_its_torch_implementation_write_the_same_bits(state):
+    """``fused_step_.groups`` on its C++ kernel and on its torch implementation: the same bits,
+    each group with its own options (weight decay, learning rate, maximize, Anolog)."""
+    results = []
+    for run in ("kernel", "torch"):
+        torch.manual_seed(0)  # the same values on each run
+        args = _opcheck_cases()[state]
+        groups = _group_options({}, {"lr": 3e-3, "weight_decay": 0.0, "maximize": True,
+                                     "logarithmic_schedule": True})  # fmt: skip
+        options = {"group_sizes": [1, 1], **groups, "grad_scale": torch.tensor(2.0)}
+        for _ in range(3):
+            if run == "kernel":
+                torch.ops.ano.fused_step_.groups(*args, **options)
+            else:
+                torch_step.fused_step_groups_(*args, **options)
+        results.append(args)
+    kernel, torch_impl = results
+    for a_list, b_list in zip(kernel[:7], torch_impl[:7], strict=True):
+        for a, b in zip(a_list, b_list, strict=True):
+            assert _same_bits(a, b)
+    assert [s.item() for s in kernel[4]] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("run", ["kernel", "torch"])
+@pytest.mark.parametrize(
+    ("sizes", "options", "message"),
+    [
+        ([1, 2], {}, r"group_sizes \[1, 2\] must be >= 0 and add up to the 2 tensors"),
+        ([3, -1], {}, r"group_sizes \[3, -1\] must be >= 0 and add up to the 2 tensors"),
+        ([1, 1], {"lr": [1e-2]}, "every option list needs one entry per group"),
+    ],
+    ids=["too-many", "negative", "short-option-list"],
+)
+def test_the_groups_call_refuses_groups_that_do_not_fit_the_lists(run, sizes, options, message):
+    args = _opcheck_cases()["float32"]
+    before = [[t.clone() for t in tensors] for tensors in args[:5]]
+    call = torch.ops.ano.fused_step_.groups if run == "kernel" else torch_step.fused_step_groups_
+    with pytest.raises(ValueError, match=message):
+        call(*args, group_sizes=sizes, **{**_group_options({}, {}), **options})
+    for tensors, kept in zip(args[:5], before, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(tensors, kept, strict=True))
 
 
 def test_a_parameter_resized_after_its_state_was_created_is_refused_before_any_change(

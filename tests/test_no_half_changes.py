@@ -275,16 +275,21 @@ def test_a_refused_step_changes_nothing(path):
     assert late not in optimizer.state
 
 
+@pytest.mark.parametrize("groups", [1, 2], ids=["one-group", "two-groups"])
 @pytest.mark.parametrize(
     "state_dtype", [None, torch.bfloat16, torch.uint8], ids=["fp32", "bf16", "8bit"]
 )
-def test_a_refused_step_of_a_lone_fused_group_changes_nothing(state_dtype):
-    """A lone fused CPU group goes to the kernel in one call, with no separate check: a tensor
-    the kernel refuses (here a moment of the wrong size) leaves everything as it was, the state
-    of a parameter on its first step included, and the Python checks name the tensor."""
+def test_a_refused_fused_cpu_step_changes_nothing(state_dtype, groups):
+    """Fused CPU groups go to the kernel in one call, with no separate check: a tensor the
+    kernel refuses (here a moment of the wrong size) leaves everything as it was, in every
+    group, the state of a parameter on its first step included, and the Python checks name the
+    tensor."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((64, 80), (5,), (3,))]
-    optimizer = Ano(params, lr=1e-2, fused=True, state_dtype=state_dtype)
+    param_groups = [{"params": params}]
+    if groups == 2:
+        param_groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.1}]
+    optimizer = Ano(param_groups, lr=1e-2, fused=True, state_dtype=state_dtype)
     _set_grads(params[:2], gen)
     optimizer.step()
     _set_grads(params, gen)  # params[2]'s first step

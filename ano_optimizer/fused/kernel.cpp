@@ -1,6 +1,7 @@
 // The CPU implementation of the operator ano::fused_step_ (schema and torch implementation:
-// op.py, torch_step.py): one call updates every tensor of a parameter group in place, reading
-// each parameter, gradient and both moments once and writing the three updated tensors once.
+// op.py, torch_step.py): one call updates every tensor of a parameter group (fused_step_.groups:
+// of several groups, each with its options) in place, reading each parameter, gradient and both
+// moments once and writing the three updated tensors once.
 //
 // native.py builds this file with torch.utils.cpp_extension on first use, with -march=native:
 // the loops below are plain C++ over contiguous memory that the compiler vectorizes for the
@@ -530,7 +531,8 @@ void prefetch_storages(std::initializer_list<at::TensorList> lists) {
     for (const at::TensorList& tensors : lists)
         for (const at::Tensor& x : tensors)
             if (x.defined() && x.has_storage())
-                __builtin_prefetch(x.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+                __builtin_prefetch(
+                    x.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
 }
 
 // After the step: what the caller's release of every argument touches.
@@ -662,13 +664,21 @@ struct Unit {
     int64_t tensor, begin, end;  // elements, or for codes rows
 };
 
-void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
-                at::IntArrayRef noise_offsets, double lr, double beta1, double beta2, double eps,
-                double weight_decay, bool logarithmic_schedule, bool maximize,
-                const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+// A parameter group's options, as the operator's keyword arguments give them.
+struct Options {
+    double lr, beta1, beta2, eps, weight_decay;
+    bool logarithmic_schedule, maximize;
+};
+
+// The step of tensors from one or more parameter groups: tensor t takes the options of
+// options[group_of[t]].
+void step_groups(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                 at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                 at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                 at::IntArrayRef noise_offsets, const std::vector<Options>& options,
+                 const std::vector<int64_t>& group_of,
+                 const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
     // Pass 1 checks; nothing changes until every tensor has passed.
     const Group group = check_group(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                     exp_avg_scales, exp_avg_sq_scales, noise_offsets);
@@ -712,11 +722,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     std::vector<void*> exp_avg(n), exp_avg_sq(n), step_data(n);
     std::vector<Scalars> scalars(n);
     std::vector<Noise> noise(n);
-    const float lr32 = static_cast<float>(lr), eps32 = static_cast<float>(eps);
-    const float one_minus_beta2 = 1.0f - static_cast<float>(beta2);
-    const float decay = 1.0f - lr32 * static_cast<float>(weight_decay);
-    const uint32_t negate = maximize ? 0x80000000u : 0u;
-    const bool scaled = static_cast<float>(inv_scale) != 1.0f, decayed = decay != 1.0f;
+    const bool scaled = static_cast<float>(inv_scale) != 1.0f;
     const auto written = [](const at::Tensor& x) -> void* {
         if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
         return x.numel() > 0 ? x.mutable_data_ptr() : nullptr;
@@ -733,6 +739,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         step_data[t] = written(state_steps[t]);
     }
     for (int64_t t = 0; t < n; ++t) {
+        const Options& o = options[group_of[t]];
+        const float lr32 = static_cast<float>(o.lr), eps32 = static_cast<float>(o.eps);
         // step += 1 in the step's own dtype, as torch._foreach_add_(steps, 1) does.
         double step;
         if (state_steps[t].scalar_type() == at::kFloat) {
@@ -744,10 +752,13 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
             *s = *s + 1.0;
             step = *s;
         }
-        const float correction = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
-        const double weight = logarithmic_schedule ? 1.0 / std::log(step + 2.0) : 1.0 - beta1;
-        scalars[t] = {static_cast<float>(weight), one_minus_beta2, eps32 * correction,
-                      lr32 * correction, decay, static_cast<float>(inv_scale), negate};
+        const float correction = static_cast<float>(std::sqrt(1.0 - std::pow(o.beta2, step)));
+        const double weight =
+            o.logarithmic_schedule ? 1.0 / std::log(step + 2.0) : 1.0 - o.beta1;
+        scalars[t] = {static_cast<float>(weight), 1.0f - static_cast<float>(o.beta2),
+                      eps32 * correction, lr32 * correction,
+                      1.0f - lr32 * static_cast<float>(o.weight_decay),
+                      static_cast<float>(inv_scale), o.maximize ? 0x80000000u : 0u};
         noise_parameters(step, 1, noise[t].m_multiplier, noise[t].m_offset);
         noise_parameters(step, 2, noise[t].v_multiplier, noise[t].v_offset);
     }
@@ -790,6 +801,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                             break;
                     }
                 };
+                const bool decayed = c.decay != 1.0f;
                 if (scaled && decayed)
                     run(Flags<true, true>{});
                 else if (scaled)
@@ -803,6 +815,59 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     });
     prefetch_releases(
         {params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales});
+}
+
+void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                at::IntArrayRef noise_offsets, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool logarithmic_schedule, bool maximize,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
+    step_groups(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales,
+                exp_avg_sq_scales, noise_offsets,
+                {{lr, beta1, beta2, eps, weight_decay, logarithmic_schedule, maximize}},
+                std::vector<int64_t>(params.size(), 0), grad_scale, found_inf);
+}
+
+// Several parameter groups in one call: group g holds the next group_sizes[g] tensors of the
+// lists and the options at index g of each option list.
+void fused_step_groups(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                       at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                       at::IntArrayRef noise_offsets, at::IntArrayRef group_sizes,
+                       at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
+                       at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                       at::ArrayRef<double> weight_decay,
+                       const c10::List<bool>& logarithmic_schedule, const c10::List<bool>& maximize,
+                       const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf) {
+    const size_t groups = group_sizes.size();
+    TORCH_CHECK_VALUE(lr.size() == groups && beta1.size() == groups && beta2.size() == groups &&
+                          eps.size() == groups && weight_decay.size() == groups &&
+                          logarithmic_schedule.size() == groups && maximize.size() == groups,
+                      "ano::fused_step_.groups: every option list needs one entry per group, got ",
+                      groups, " group sizes and ", lr.size(), ", ", beta1.size(), ", ",
+                      beta2.size(), ", ", eps.size(), ", ", weight_decay.size(), ", ",
+                      logarithmic_schedule.size(), " and ", maximize.size(), " options");
+    const int64_t n = static_cast<int64_t>(params.size());
+    std::vector<Options> options(groups);
+    std::vector<int64_t> group_of;
+    group_of.reserve(n);
+    for (size_t g = 0; g < groups; ++g) {
+        const int64_t left = n - static_cast<int64_t>(group_of.size());
+        TORCH_CHECK_VALUE(group_sizes[g] >= 0 && group_sizes[g] <= left,
+                          "ano::fused_step_.groups: group_sizes ", group_sizes,
+                          " must be >= 0 and add up to the ", n, " tensors");
+        options[g] = {lr[g], beta1[g], beta2[g], eps[g], weight_decay[g],
+                      logarithmic_schedule[g], maximize[g]};
+        group_of.insert(group_of.end(), group_sizes[g], static_cast<int64_t>(g));
+    }
+    TORCH_CHECK_VALUE(static_cast<int64_t>(group_of.size()) == n,
+                      "ano::fused_step_.groups: group_sizes ", group_sizes,
+                      " must be >= 0 and add up to the ", n, " tensors");
+    step_groups(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales,
+                exp_avg_sq_scales, noise_offsets, options, group_of, grad_scale, found_inf);
 }
 
 void fused_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -834,5 +899,6 @@ void fused_step_check(at::TensorList params, at::TensorList grads, at::TensorLis
 TORCH_LIBRARY_IMPL(ano, CPU, m) {
     m.impl("fused_step_", &fused_step);
     m.impl("fused_step_.tensor_lr", &fused_step_tensor_lr);
+    m.impl("fused_step_.groups", &fused_step_groups);
     m.impl("fused_step_check", &fused_step_check);
 }

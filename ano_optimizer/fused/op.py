@@ -7,8 +7,11 @@ through ``torch.library`` so that torch checks its arguments, ``torch.compile`` 
   registered as the ``CompositeExplicitAutograd`` kernel.
 
 ``torch.ops.ano.fused_step_`` takes float ``lr``; ``torch.ops.ano.fused_step_.tensor_lr`` a
-one-element tensor. ``torch.ops.ano.fused_step_check`` raises what the step would raise about
-its tensors and changes nothing (a step over several groups checks every group first).
+one-element tensor; ``torch.ops.ano.fused_step_.groups`` several parameter groups in one call:
+group ``g`` is the next ``group_sizes[g]`` tensors of the lists, with the options at index ``g``
+of each option list. ``torch.ops.ano.fused_step_check`` raises what the step would raise about
+its tensors and changes nothing (a step over several groups the operator cannot take in one call
+checks every group first).
 
 The lists hold one entry per parameter (complex tensors as their real views): parameters,
 gradients, both moments and the step counts (incremented by the step). For 8-bit moments
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_step import check_lists, fused_step_
+from .torch_step import check_group_sizes, check_lists, fused_step_, fused_step_groups_
 
 __all__ = ["LIBRARY", "fused_step_check"]
 
@@ -35,6 +38,11 @@ _OPTIONS = (
     "float beta1, float beta2, float eps, float weight_decay, bool logarithmic_schedule, "
     "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None"
 )
+_GROUP_OPTIONS = (
+    "int[] group_sizes, float[] lr, float[] beta1, float[] beta2, float[] eps, "
+    "float[] weight_decay, bool[] logarithmic_schedule, bool[] maximize, "
+    "Tensor? grad_scale=None, Tensor? found_inf=None"
+)
 _CHECKED = (
     "Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
     "Tensor[] state_steps, Tensor[] exp_avg_scales, Tensor[] exp_avg_sq_scales, int[] noise_offsets"
@@ -43,6 +51,7 @@ _CHECKED = (
 LIBRARY = torch.library.Library("ano", "DEF")
 LIBRARY.define(f"fused_step_({_TENSORS}, *, float lr, {_OPTIONS}) -> ()")
 LIBRARY.define(f"fused_step_.tensor_lr({_TENSORS}, *, Tensor lr, {_OPTIONS}) -> ()")
+LIBRARY.define(f"fused_step_.groups({_TENSORS}, *, {_GROUP_OPTIONS}) -> ()")
 LIBRARY.define(f"fused_step_check({_CHECKED}) -> ()")
 
 
@@ -79,8 +88,22 @@ def _fake_step(
     )  # fmt: skip
 
 
+def _fake_groups_step(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+    noise_offsets, *, group_sizes, grad_scale=None, found_inf=None, **group_options,
+) -> None:  # fmt: skip
+    """``fused_step_.groups`` under ``torch.compile`` (and on meta tensors)."""
+    fused_step_check(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets,
+    )  # fmt: skip
+    check_group_sizes(group_sizes, len(params), group_options)
+
+
 for _name in ("fused_step_", "fused_step_.tensor_lr"):
     LIBRARY.impl(_name, fused_step_, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ano::{_name}", _fake_step, lib=LIBRARY)
+LIBRARY.impl("fused_step_.groups", fused_step_groups_, "CompositeExplicitAutograd")
+torch.library.register_fake("ano::fused_step_.groups", _fake_groups_step, lib=LIBRARY)
 LIBRARY.impl("fused_step_check", fused_step_check, "CompositeExplicitAutograd")
 torch.library.register_fake("ano::fused_step_check", fused_step_check, lib=LIBRARY)

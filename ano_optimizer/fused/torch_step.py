@@ -25,7 +25,21 @@ from torch import Tensor
 from .. import blockwise8, rounding
 from ..tensor_checks import check_step_tensors
 
-__all__ = ["check_lists", "checked_scales", "fused_step_", "fused_step_checked_", "is_dense"]
+__all__ = [
+    "GROUP_OPTIONS",
+    "check_group_sizes",
+    "check_lists",
+    "checked_scales",
+    "fused_step_",
+    "fused_step_checked_",
+    "fused_step_groups_",
+    "is_dense",
+]
+
+# The options that ``ano::fused_step_.groups`` takes as one list entry per group.
+GROUP_OPTIONS = (
+    "lr", "beta1", "beta2", "eps", "weight_decay", "logarithmic_schedule", "maximize",
+)  # fmt: skip
 
 # Elements per piece of a contiguous tensor, and per bucket of pieces stepped by one sequence of
 # foreach calls. On the CPU a bucket's temporaries stay within the caches; on a GPU a bucket is
@@ -337,6 +351,22 @@ def check_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, m_scales, v_s
         )
 
 
+def check_group_sizes(group_sizes, tensors: int, options: dict) -> None:
+    """``ano::fused_step_.groups``'s group sizes (each >= 0, adding up to the ``tensors``) and
+    option lists (one entry per group)."""
+    if any(size < 0 for size in group_sizes) or sum(group_sizes) != tensors:
+        raise ValueError(
+            f"ano::fused_step_.groups: group_sizes {list(group_sizes)} must be >= 0 and add up "
+            f"to the {tensors} tensors"
+        )
+    lengths = {name: len(options[name]) for name in GROUP_OPTIONS}
+    if any(length != len(group_sizes) for length in lengths.values()):
+        raise ValueError(
+            "ano::fused_step_.groups: every option list needs one entry per group, got "
+            f"{len(group_sizes)} group sizes and {lengths}"
+        )
+
+
 def checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets) -> list | None:
     """The operator's 8-bit lists as :func:`..tensor_checks.check_step_tensors` takes them:
     each tensor's ``(exp_avg_scale, exp_avg_sq_scale, noise_offset)``, None where its moments
@@ -380,6 +410,53 @@ def fused_step_(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
         noise_offsets, **options,
     )  # fmt: skip
+
+
+def fused_step_groups_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    exp_avg_sq_scales: list[Tensor],
+    noise_offsets: list[int],
+    *,
+    group_sizes: list[int],
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    **group_options: list,
+) -> None:
+    """``ano::fused_step_.groups`` (see :mod:`.op`): :func:`fused_step_` of several parameter
+    groups, group ``g`` being the next ``group_sizes[g]`` tensors with the options at index
+    ``g`` of each list of ``group_options`` (:data:`GROUP_OPTIONS`). Every group is checked
+    before any changes."""
+    check_lists(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets,
+    )  # fmt: skip
+    unknown = set(group_options) - set(GROUP_OPTIONS)
+    if unknown or len(group_options) != len(GROUP_OPTIONS):
+        raise TypeError(
+            f"ano::fused_step_.groups takes the options {GROUP_OPTIONS}, got {sorted(group_options)}"
+        )
+    check_group_sizes(group_sizes, len(params), group_options)
+    scales = checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets)
+    grads = check_step_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, owner="ano::fused_step_.groups",
+        where=lambda i: f"tensor {i}", scales=scales,
+    )  # fmt: skip
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    coded = (exp_avg_scales, exp_avg_sq_scales, noise_offsets)
+    start = 0
+    for g, size in enumerate(group_sizes):
+        part = slice(start, start + size)
+        start += size
+        fused_step_checked_(
+            *(x[part] for x in lists), *(x[part] if x else [] for x in coded),
+            grad_scale=grad_scale, found_inf=found_inf,
+            **{name: values[g] for name, values in group_options.items()},
+        )  # fmt: skip
 
 
 def fused_step_checked_(
