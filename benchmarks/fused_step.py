@@ -7,7 +7,8 @@ For each parameter set: the first fused step in a fresh process with an empty ke
 (the one-time build of the C++ kernel included), with the cache that process left, and
 ``AdamW(fused=True)``'s, each timed after the process has imported ``torch._dynamo`` (which
 constructing any torch optimizer does, and which is timed on its own); then, in one process,
-fused Ano with float32, bfloat16 and 8-bit state, fused Ano on the operator's torch
+fused Ano with float32, bfloat16 and 8-bit state, in two parameter groups (decay / no decay,
+as Hugging Face's Trainer and timm make them; AdamW too), fused Ano on the operator's torch
 implementation (what runs where no C++ compiler is found), Ano's default path,
 ``AdamW(fused=True)`` and the bandwidth floors, each stepped once per round with the rounds
 interleaved across rows. A floor
@@ -64,15 +65,28 @@ ADAMW = "AdamW fused=True"
 # Each Ano row's state dtype, for its floor.
 _STATE = {
     "Ano fused=True": torch.float32,
+    "Ano fused=True, 2 groups (decay / no decay)": torch.float32,
     "Ano fused=True, bfloat16 state": torch.bfloat16,
     "Ano fused=True, 8-bit state": torch.uint8,
     "Ano fused=True, torch implementation": torch.float32,
 }
 
 
+def decay_groups(params: list) -> list[dict]:
+    """The two parameter groups Hugging Face's Trainer and timm make: weight decay for matrices
+    and kernels, none for biases and norms."""
+    return [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": 0.05},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+
+
 def rows() -> dict:
     return {
         "Ano fused=True": lambda ps: Ano(ps, lr=1e-4, fused=True),
+        "Ano fused=True, 2 groups (decay / no decay)": lambda ps: Ano(
+            decay_groups(ps), lr=1e-4, fused=True
+        ),
         "Ano fused=True, bfloat16 state": lambda ps: Ano(
             ps, lr=1e-4, fused=True, state_dtype=torch.bfloat16
         ),
@@ -82,6 +96,9 @@ def rows() -> dict:
         "Ano fused=True, torch implementation": AnoOnTorchImplementation,
         "Ano default (foreach=None)": lambda ps: Ano(ps, lr=1e-4),
         ADAMW: lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+        "AdamW fused=True, 2 groups (decay / no decay)": lambda ps: torch.optim.AdamW(
+            decay_groups(ps), lr=1e-4, fused=True
+        ),
         **{
             label: (lambda d: lambda ps: CopyFloor(ps, d))(dtype) for dtype, label in FLOORS.items()
         },
@@ -270,7 +287,7 @@ def plot(path: Path, rounds: int, threads: int) -> list[dict]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = {k: v for k, v in rows().items() if "bfloat16" not in k}
+    table = {k: v for k, v in rows().items() if "bfloat16" not in k and "2 groups" not in k}
     points = []
     for width in (128, 256, 512, 768):
         shapes = gpt2_small_shapes(width=width)
