@@ -335,7 +335,8 @@ class Ano(Optimizer):
         """Check every batch's tensors (see :meth:`_gathered_batches`) before any changes.
         Fused CPU groups are checked by the kernel itself (in C++, a fraction of the Python
         checks' time) where it takes them all: one check call per group
-        (``ano::fused_step_check``). The groups were offered to the kernel already
+        (``ano::fused_step_check``; a tensor learning rate keeps groups out of the one-call
+        step). The groups were offered to the kernel already
         (:meth:`_stepped_by_the_kernel`): they are here because the kernel refused them, or
         cannot take them in one call. Every batch's ``has_complex`` is known afterwards."""
         kernel_takes_all = len(batches) > 1 and _kernel_checks(batches)
@@ -542,14 +543,14 @@ Ano.__doc__ = r"""Implements Ano and, with ``logarithmic_schedule=True``, Anolog
             :math:`\beta_{1,k} = 1 - 1/\ln(k + 2)` (default: ``False``).
         maximize (bool, optional, keyword-only): maximize the objective instead of minimizing
             it (default: ``False``).
-        fused (bool or None, optional, keyword-only): ``True`` runs a fused kernel that reads
-            and writes each value once and takes ``torch.amp.GradScaler``'s scale and inf flag
-            inside the kernel. On CPU, float32 parameters (float32 or bfloat16 state) go
-            through one C++ group kernel call per group, built on first use by
-            Inductor's C++ toolchain (about 3 s, then cached on disk); everything else
-            (GPU, other dtypes) through one ``torch.compile``-generated kernel per tensor
-            (Inductor: Triton on GPU; seconds to compile, cached on disk). See
-            :mod:`ano_optimizer.fused` (default: ``None``, not fused).
+        fused (bool or None, optional, keyword-only): ``True`` runs the operator
+            ``ano::fused_step_``, which reads and writes each value once and takes
+            ``torch.amp.GradScaler``'s scale and inf flag. On CPU, float32 parameters (float32,
+            bfloat16 or 8-bit state) go through its C++ kernel, built on first use with
+            ``torch.utils.cpp_extension`` (seconds, then cached on disk), one call for all the
+            optimizer's groups; everything else (GPU, other dtypes) through its torch
+            implementation, a multi-tensor ``foreach`` step. See :mod:`ano_optimizer.fused`
+            (default: ``None``, not fused).
         capturable (bool, optional, keyword-only): keep each step count on its parameter's
             device and compute the per-step scalars there, so that ``step()`` never reads a
             device value on the host and can be captured in a CUDA graph
