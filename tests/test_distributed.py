@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,15 +49,18 @@ def _environment() -> dict[str, str]:
 
 
 def launch(command: list[str], env: dict[str, str] | None = None) -> str:
-    """Run a launcher command; on failure show the tail of what the processes printed."""
-    done = subprocess.run(
-        command,
-        env=env or _environment(),
-        cwd=RECIPES,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT_S,
-    )
+    """Run a launcher command; on failure show the tail of what the processes printed. The
+    launcher's temporary files (torchrun's log folder, which it keeps) go to a folder removed
+    afterwards."""
+    with tempfile.TemporaryDirectory(prefix="ano-launch-") as temp_dir:
+        done = subprocess.run(
+            command,
+            env={**(env or _environment()), "TMPDIR": temp_dir},
+            cwd=RECIPES,
+            capture_output=True,
+            text=True,
+            timeout=LAUNCH_TIMEOUT_S,
+        )
     output = done.stdout + done.stderr
     if done.returncode != 0:
         # The launcher's summary comes last; the workers' tracebacks are what explain it.
