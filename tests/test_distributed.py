@@ -14,8 +14,8 @@ import json
 import os
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
