@@ -54,12 +54,9 @@ def run_blocks(
     Inductor's compiled-kernel cache where it was."""
     env = None
     if temp_dir is not None:
-        env = {**os.environ, "TMPDIR": str(temp_dir)}
-        # The Keras pytest process never imports torch (triton after tensorflow crashes).
-        if "torch" in sys.modules:
-            from torch._inductor.runtime.cache_dir_utils import cache_dir
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-            env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir()
+        env = {**os.environ, "TMPDIR": str(temp_dir), "TORCHINDUCTOR_CACHE_DIR": cache_dir()}
     return subprocess.run(
         [sys.executable, "-c", _RUNNER],
         input=json.dumps(blocks),

@@ -20,11 +20,11 @@ def test_keras_pages_exist():
 
 
 @pytest.mark.parametrize("page", KERAS_PAGES)
-def test_keras_page_examples_run(page: str, tmp_path) -> None:
+def test_keras_page_examples_run(page: str) -> None:
     text = (REPO / "docs" / page).read_text(encoding="utf-8")
     blocks = _docs.python_blocks(text, f"docs/{page}")
     assert blocks, f"docs/{page} has no python example"
-    result = _docs.run_blocks(blocks, timeout=240, temp_dir=tmp_path)
+    result = _docs.run_blocks(blocks, timeout=240)
     assert result.returncode == 0, (
         f"a python example in docs/{page} failed:\n{result.stdout}\n{result.stderr[-5000:]}"
     )
