@@ -381,6 +381,23 @@ def checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets) -
     ]
 
 
+def _checked_grads(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+    noise_offsets, *, owner: str,
+) -> list[Tensor]:  # fmt: skip
+    """Check an operator call's lists and every tensor in them (nothing changes); return the
+    gradients as :func:`..tensor_checks.check_step_tensors` gives them."""
+    check_lists(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets,
+    )  # fmt: skip
+    scales = checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets)
+    return check_step_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, owner=owner,
+        where=lambda i: f"tensor {i}", scales=scales,
+    )  # fmt: skip
+
+
 def fused_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -397,14 +414,9 @@ def fused_step_(
     found inf/nan), which changes nothing. Every tensor is checked first
     (:func:`..tensor_checks.check_step_tensors`): a call that raises changes nothing. Complex
     tensors come as their real views. ``options``: the operator's keyword arguments."""
-    check_lists(
+    grads = _checked_grads(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
-        noise_offsets,
-    )  # fmt: skip
-    scales = checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets)
-    grads = check_step_tensors(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, owner="ano::fused_step_",
-        where=lambda i: f"tensor {i}", scales=scales,
+        noise_offsets, owner="ano::fused_step_",
     )  # fmt: skip
     fused_step_checked_(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
@@ -431,20 +443,14 @@ def fused_step_groups_(
     groups, group ``g`` being the next ``group_sizes[g]`` tensors with the options at index
     ``g`` of each list of ``group_options`` (:data:`GROUP_OPTIONS`). Every group is checked
     before any changes."""
-    check_lists(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
-        noise_offsets,
-    )  # fmt: skip
-    unknown = set(group_options) - set(GROUP_OPTIONS)
-    if unknown or len(group_options) != len(GROUP_OPTIONS):
+    if set(group_options) != set(GROUP_OPTIONS):
         raise TypeError(
             f"ano::fused_step_.groups takes the options {GROUP_OPTIONS}, got {sorted(group_options)}"
         )
     check_group_sizes(group_sizes, len(params), group_options)
-    scales = checked_scales(exp_avgs, exp_avg_scales, exp_avg_sq_scales, noise_offsets)
-    grads = check_step_tensors(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, owner="ano::fused_step_.groups",
-        where=lambda i: f"tensor {i}", scales=scales,
+    grads = _checked_grads(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+        noise_offsets, owner="ano::fused_step_.groups",
     )  # fmt: skip
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     coded = (exp_avg_scales, exp_avg_sq_scales, noise_offsets)
