@@ -315,18 +315,28 @@ class Ano(Optimizer):
         kernel refuses a tensor (the careful route then checks in Python, and splits groups)."""
         if not _kernel_may_take(batches):
             return False
+        amp = {"grad_scale": grad_scale, "found_inf": found_inf}
         # No real views: the kernel refuses a complex tensor, and nothing has changed then.
-        parts = [
-            FusedLists(*lists, scales, has_complex=False) for _, _, lists, _, scales in batches
-        ]
-        options = [_step_scalars(group) for _, group, _, _, _ in batches]
+        if len(batches) == 1:
+            _, group, lists, _, scales = batches[0]
+            lists = FusedLists(*lists, scales, has_complex=False)
+            call = partial(kernel_step, lists, {**_step_scalars(group), **amp})
+        else:
+            # Every group's tensors in one set of lists; beside a group with 8-bit codes, a
+            # group without them gets empty scales (FusedLists fills them in).
+            columns = [[t for batch in batches for t in batch[2][k]] for k in range(5)]
+            scales = [
+                s for _, _, lists, _, group_scales in batches
+                for s in (group_scales or [None] * len(lists[0]))
+            ]  # fmt: skip
+            call = partial(
+                kernel_step_groups, FusedLists(*columns, scales, has_complex=False),
+                [len(lists[0]) for _, _, lists, _, _ in batches],
+                [_step_scalars(group) for _, group, _, _, _ in batches], **amp,
+            )  # fmt: skip
         # Once the kernel has run, the state this step created is in use: nothing to undo.
         new_state, self._new_state = self._new_state, []
-        if len(parts) == 1:
-            amp = {"grad_scale": grad_scale, "found_inf": found_inf}
-            stepped = kernel_step(parts[0], {**options[0], **amp})
-        else:
-            stepped = kernel_step_groups(parts, options, grad_scale, found_inf)
+        stepped = call()
         if not stepped:
             self._new_state = new_state
         return stepped

@@ -93,30 +93,6 @@ class FusedLists:
             self.exp_avg_scales, self.exp_avg_sq_scales, self.noise_offsets,
         )  # fmt: skip
 
-    @staticmethod
-    def joined(parts: Sequence[FusedLists]) -> FusedLists:
-        """The tensors of several groups' lists, in order; where some part has 8-bit codes, a
-        part without them gets empty scales."""
-        whole = FusedLists.__new__(FusedLists)
-        for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"):
-            setattr(whole, name, [t for part in parts for t in getattr(part, name)])
-        whole.exp_avg_scales, whole.exp_avg_sq_scales, whole.noise_offsets = [], [], []
-        if not any(part.exp_avg_scales for part in parts):
-            return whole
-        compiling = torch.compiler.is_compiling()
-        for part in parts:
-            if part.exp_avg_scales:
-                whole.exp_avg_scales += part.exp_avg_scales
-                whole.exp_avg_sq_scales += part.exp_avg_sq_scales
-                whole.noise_offsets += part.noise_offsets
-                continue
-            for p in part.params:
-                m_scale, v_scale = _no_scales(p, compiling)
-                whole.exp_avg_scales.append(m_scale)
-                whole.exp_avg_sq_scales.append(v_scale)
-                whole.noise_offsets.append(0)
-        return whole
-
     def subset(self, indices: Sequence[int]) -> FusedLists:
         picked = FusedLists.__new__(FusedLists)
         for name in FusedLists.__slots__:
@@ -216,20 +192,24 @@ def kernel_step(lists: FusedLists, options: dict) -> bool:
 
 
 def kernel_step_groups(
-    parts: Sequence[FusedLists], options: Sequence[dict], grad_scale=None, found_inf=None
+    lists: FusedLists,
+    group_sizes: Sequence[int],
+    options: Sequence[dict],
+    grad_scale=None,
+    found_inf=None,
 ) -> bool:
     """Step several CPU groups with one call of the C++ kernel (``ano::fused_step_.groups``):
-    ``options[g]``, the scalar keywords of :func:`fused_ano` for ``parts[g]``. True; or False
-    where the kernel refused an argument, which it does before anything changes, or where a
-    group's learning rate is a tensor (the groups call takes floats)."""
+    group ``g`` is the next ``group_sizes[g]`` tensors of ``lists``, with ``options[g]``, the
+    scalar keywords of :func:`fused_ano`. True; or False where the kernel refused an argument,
+    which it does before anything changes, or where a group's learning rate is a tensor (the
+    groups call takes floats)."""
     if any(isinstance(o["lr"], Tensor) for o in options):
         return False
-    joined = FusedLists.joined(parts)
     group_options = {name: [o[name] for o in options] for name in GROUP_OPTIONS}
     try:
         torch.ops.ano.fused_step_.groups(
-            *joined.arguments(), group_sizes=[len(part.params) for part in parts],
-            grad_scale=grad_scale, found_inf=found_inf, **group_options,
+            *lists.arguments(), group_sizes=list(group_sizes), grad_scale=grad_scale,
+            found_inf=found_inf, **group_options,
         )  # fmt: skip
     except (NotImplementedError, ValueError, RuntimeError):
         return False
