@@ -15,8 +15,10 @@ interleaved across rows. A floor
 is the time of ``copy_floor.cpp``, which reads four and writes three flat buffers of the same
 total size with one add per value (the bytes a fused step must move: 28 per parameter with
 float32 state, 20 with bfloat16, 16 with 8-bit codes), built with the kernel's flags and cut
-into its units of work. The table gives each row's median time and its ratio to
-``AdamW(fused=True)`` and to its floor, as medians over rounds of the ratio within a round;
+into its units of work; an arithmetic floor is the kernel's own work over as many elements with
+every operand in cache (:class:`benchmarks.kernels.ArithmeticFloor`). A step is no faster than
+either floor. The table gives each row's median time and its ratio to ``AdamW(fused=True)``
+and to its floors, as medians over rounds of the ratio within a round;
 the header names the CPU and the vector instructions the kernel was built for. ``--plot``
 draws step time against parameter count.
 """
@@ -39,7 +41,7 @@ import torch
 
 from ano_optimizer import Ano
 from ano_optimizer.fused import native
-from benchmarks.kernels import CopyFloor, implementation
+from benchmarks.kernels import ArithmeticFloor, CopyFloor, implementation
 from benchmarks.shapes import PARAMETER_SETS, gpt2_small_shapes
 from benchmarks.step_time import make_params
 
@@ -60,6 +62,11 @@ FLOORS = {
     torch.float32: "bandwidth floor, float32 state (28 bytes per parameter)",
     torch.bfloat16: "bandwidth floor, bfloat16 state (20 bytes per parameter)",
     torch.uint8: "bandwidth floor, 8-bit state (16 bytes per parameter)",
+}
+ARITHMETIC_FLOORS = {
+    torch.float32: "arithmetic floor, float32 state (the kernel, operands in cache)",
+    torch.bfloat16: "arithmetic floor, bfloat16 state",
+    torch.uint8: "arithmetic floor, 8-bit state",
 }
 ADAMW = "AdamW fused=True"
 # Each Ano row's state dtype, for its floor.
@@ -101,6 +108,10 @@ def rows() -> dict:
         ),
         **{
             label: (lambda d: lambda ps: CopyFloor(ps, d))(dtype) for dtype, label in FLOORS.items()
+        },
+        **{
+            label: (lambda d: lambda ps: ArithmeticFloor(ps, d))(dtype)
+            for dtype, label in ARITHMETIC_FLOORS.items()
         },
     }
 
@@ -238,6 +249,10 @@ def bench_set(name: str, rounds: int, threads: int) -> dict:
             label: paired_ratio(times[label], times[FLOORS[dtype]])
             for label, dtype in _STATE.items()
         },
+        "x_arithmetic_floor": {
+            label: paired_ratio(times[label], times[ARITHMETIC_FLOORS[dtype]])
+            for label, dtype in _STATE.items()
+        },
         "floor_gb_s": {
             FLOORS[d]: floor_gb_s(numel, statistics.median(times[FLOORS[d]]), b)
             for d, b in ((torch.float32, 28), (torch.bfloat16, 20), (torch.uint8, 16))
@@ -267,15 +282,14 @@ def markdown(results: list[dict], threads: int, machine: dict) -> str:
             f"({_dynamo_import_words(res['torch_dynamo_import_s'])}). "
             f"{res['rounds']} rounds; ratios are medians over rounds of the ratio within a round.",
             "",
-            "| row | median ms/step | × AdamW fused | × its bandwidth floor |",
-            "|---|---:|---:|---:|",
+            "| row | median ms/step | × AdamW fused | × its bandwidth floor "
+            "| × its arithmetic floor |",
+            "|---|---:|---:|---:|---:|",
         ]
         for label, ms in res["median_ms"].items():
-            floor = res["x_floor"].get(label)
-            lines.append(
-                f"| {label} | {ms:.1f} | {res['x_adamw_fused'][label]:.2f} "
-                f"| {'' if floor is None else f'{floor:.2f}'} |"
-            )
+            floors = (res["x_floor"].get(label), res["x_arithmetic_floor"].get(label))
+            shown = " | ".join("" if x is None else f"{x:.2f}" for x in floors)
+            lines.append(f"| {label} | {ms:.1f} | {res['x_adamw_fused'][label]:.2f} | {shown} |")
         lines.append("")
     return "\n".join(lines)
 

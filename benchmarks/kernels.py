@@ -3,7 +3,9 @@
 - :func:`implementation`: run the enclosed ``fused=True`` CPU steps on ``"kernel"`` (the
   operator's C++ kernel, as ``fused=True`` runs them) or ``"torch"`` (the operator's torch
   implementation, as where no C++ compiler is found);
-- :class:`CopyFloor`: the bandwidth floor, ``copy_floor.cpp``, built with the kernel's flags.
+- :class:`CopyFloor`: the bandwidth floor, ``copy_floor.cpp``, built with the kernel's flags;
+- :class:`ArithmeticFloor`: the arithmetic floor, the kernel's own work over as many elements
+  with every operand in cache.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ano_optimizer import Ano
 from ano_optimizer.fused import native
 
 IMPLEMENTATIONS = ("kernel", "torch")
@@ -69,3 +72,51 @@ class CopyFloor:
 
     def step(self):
         self.kernel(*self.buffers, self.unit)
+
+
+class ArithmeticFloor:
+    """The arithmetic floor as a benchmark row: one call of the operator's C++ kernel over as
+    many elements as the parameter set (to within one chunk per thread), every operand in
+    cache: one small parameter per thread (:data:`CHUNK` elements; 512 KB of float32 operands,
+    which a core's L2 holds) listed again and again, so that the kernel's equal shares give
+    each thread its own. What the step costs with memory out of the picture; a step cannot be
+    faster than this or than its bandwidth floor."""
+
+    CHUNK = 1 << 15
+    _SHAPE = (16, 2048)  # rows long enough for 8-bit codes, one unit of work each
+
+    def __init__(
+        self, params, state_dtype: torch.dtype = torch.float32, threads: int | None = None
+    ):
+        threads = threads or torch.get_num_threads()
+        self.numel = sum(p.numel() for p in params)
+        chunks = torch.nn.ParameterList(torch.randn(self._SHAPE) for _ in range(threads))
+        options = {} if state_dtype == torch.float32 else {"state_dtype": state_dtype}
+        optimizer = Ano(chunks, lr=1e-4, fused=True, **options)
+        for chunk in chunks:
+            chunk.grad = torch.randn_like(chunk)
+        optimizer.step()  # makes the state
+        self.repeats = max(1, round(self.numel / (threads * self.CHUNK)))
+        roles = ("exp_avg", "exp_avg_sq", "step", "exp_avg_scale", "exp_avg_sq_scale")
+        lists: dict[str, list] = {name: [] for name in ("param", "grad", *roles, "offset")}
+        for chunk in chunks:
+            state = optimizer.state[chunk]
+            for _ in range(self.repeats):
+                lists["param"].append(chunk)
+                lists["grad"].append(chunk.grad)
+                for name in roles:
+                    if name in state:
+                        lists[name].append(state[name])
+                if "exp_avg_scale" in state:
+                    lists["offset"].append(0)
+        self.arguments = [lists[name] for name in ("param", "grad", *roles, "offset")]
+        self.options = {
+            name: optimizer.defaults[name]
+            for name in ("lr", "eps", "weight_decay", "logarithmic_schedule", "maximize")
+        }
+        self.options["beta1"], self.options["beta2"] = optimizer.defaults["betas"]
+        self.chunks, self.optimizer = chunks, optimizer  # what the lists hold
+
+    @torch.no_grad()
+    def step(self):
+        torch.ops.ano.fused_step_(*self.arguments, **self.options)

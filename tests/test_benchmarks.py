@@ -3,6 +3,8 @@ every row is timed once per round, and ratios pair rounds (benchmarks/fused_step
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from benchmarks.fused_step import (
     rows,
     time_rows,
 )
-from benchmarks.kernels import CopyFloor
+from benchmarks.kernels import ArithmeticFloor, CopyFloor
 from benchmarks.step_time import make_params
 
 SHAPES = [(300,), (17, 5), (1,)]
@@ -38,6 +40,31 @@ def test_copy_floor_reads_four_buffers_and_writes_three(state_dtype):
         expected = (start.float() + before[1]).to(state_dtype)  # bf16: truncated, not rounded
         assert after.dtype == state_dtype
         assert (after.float() - expected.float()).abs().max() <= 2.0**-7
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_the_arithmetic_floor_is_the_kernels_steps_of_its_chunks(state_dtype):
+    """One call over as many elements as the parameters: each thread's chunk stepped again
+    and again, as an optimizer of its own steps it."""
+    threads = torch.get_num_threads()
+    params = make_params([(3 * threads * ArithmeticFloor.CHUNK,)])
+    floor = ArithmeticFloor(params, state_dtype)
+    assert floor.repeats == 3
+    assert floor.repeats * len(floor.chunks) * ArithmeticFloor.CHUNK == params[0].numel()
+    twins = [torch.nn.Parameter(chunk.detach().clone()) for chunk in floor.chunks]
+    options = {} if state_dtype == torch.float32 else {"state_dtype": state_dtype}
+    twin_optimizer = Ano(twins, lr=1e-4, fused=True, **options)
+    twin_optimizer.load_state_dict(copy.deepcopy(floor.optimizer.state_dict()))
+    for twin, chunk in zip(twins, floor.chunks, strict=True):
+        twin.grad = chunk.grad.clone()
+    floor.step()
+    for _ in range(floor.repeats):
+        twin_optimizer.step()
+    for twin, chunk in zip(twins, floor.chunks, strict=True):
+        assert not torch.equal(twin, chunk.grad)
+        assert torch.equal(twin, chunk)
+    for twin in twins:
+        assert twin_optimizer.state[twin]["exp_avg"].dtype == state_dtype
 
 
 def test_the_torch_implementation_row_steps_as_the_kernel_does():
