@@ -345,8 +345,8 @@ class Ano(Optimizer):
         """Check every batch's tensors (see :meth:`_gathered_batches`) before any changes.
         Fused CPU groups are checked by the kernel itself (in C++, a fraction of the Python
         checks' time) where it takes them all: one check call per group
-        (``ano::fused_step_check``; a tensor learning rate keeps groups out of the one-call
-        step). The groups were offered to the kernel already
+        (``ano::fused_step_check``; a tensor learning rate off the CPU keeps groups out of
+        the one-call step). The groups were offered to the kernel already
         (:meth:`_stepped_by_the_kernel`): they are here because the kernel refused them, or
         cannot take them in one call. Every batch's ``has_complex`` is known afterwards."""
         kernel_takes_all = len(batches) > 1 and _kernel_checks(batches)

@@ -750,13 +750,13 @@ def test_opcheck(state, overload):
     torch.library.opcheck(op, args, options, **({"test_utils": tests} if tests else {}))
 
 
-def _split_groups(params):
+def _split_groups(params, lr=float):
     """A decay / no-decay split, as Hugging Face's Trainer and timm make, with other options in
-    the second group too."""
+    the second group too; ``lr=torch.tensor``: tensor learning rates."""
     return [
-        {"params": [p for p in params if p.dim() > 1], "weight_decay": 0.05, "lr": 1e-2},
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": 0.05, "lr": lr(1e-2)},
         {
-            "params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, "lr": 3e-3,
+            "params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, "lr": lr(3e-3),
             "betas": (0.8, 0.95), "eps": 1e-6, "maximize": True,
         },
     ]  # fmt: skip
@@ -776,18 +776,23 @@ class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @_EACH_STATE_DTYPE
-@pytest.mark.parametrize("amp", [False, True], ids=["plain", "grad-scaler"])
-def test_several_groups_step_in_one_kernel_call_as_each_group_alone(state_dtype, amp):
+@pytest.mark.parametrize(
+    "amp, lr",
+    [(False, float), (True, float), (False, torch.tensor)],
+    ids=["plain", "grad-scaler", "tensor-lr"],
+)
+def test_several_groups_step_in_one_kernel_call_as_each_group_alone(state_dtype, amp, lr):
     """Fused CPU groups are stepped by one call of ``ano::fused_step_.groups`` (one check pass,
-    one parallel pass), each tensor with its own group's options: the same bits as each group
-    stepped by an optimizer of its own."""
+    one parallel pass), each tensor with its own group's options (a tensor learning rate read
+    as ``fused_step_.tensor_lr`` reads it): the same bits as each group stepped by an optimizer
+    of its own."""
     shapes = [(64, 300), (300,), (33, 7), (5,), (70, 300), (1,)]
     gen = torch.Generator().manual_seed(4)
     start = [torch.randn(s, generator=gen) for s in shapes]
     together = [torch.nn.Parameter(p.clone()) for p in start]
     alone = [torch.nn.Parameter(p.clone()) for p in start]
-    one = Ano(_split_groups(together), fused=True, state_dtype=state_dtype)
-    each = [Ano([g], fused=True, state_dtype=state_dtype) for g in _split_groups(alone)]
+    one = Ano(_split_groups(together, lr), fused=True, state_dtype=state_dtype)
+    each = [Ano([g], fused=True, state_dtype=state_dtype) for g in _split_groups(alone, lr)]
     for k in range(5):
         grads = [torch.randn(s, generator=gen) * 10.0 ** (k - 2) for s in shapes]
         for p, q, g in zip(together, alone, grads, strict=True):

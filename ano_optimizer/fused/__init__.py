@@ -201,11 +201,13 @@ def kernel_step_groups(
     """Step several CPU groups with one call of the C++ kernel (``ano::fused_step_.groups``):
     group ``g`` is the next ``group_sizes[g]`` tensors of ``lists``, with ``options[g]``, the
     scalar keywords of :func:`fused_ano`. True; or False where the kernel refused an argument,
-    which it does before anything changes, or where a group's learning rate is a tensor (the
-    groups call takes floats)."""
-    if any(isinstance(o["lr"], Tensor) for o in options):
-        return False
+    which it does before anything changes, or where a group's learning rate is a tensor other
+    than one floating-point number on the CPU (the groups call takes floats; such a tensor is
+    read as ``fused_step_.tensor_lr`` reads it)."""
     group_options = {name: [o[name] for o in options] for name in GROUP_OPTIONS}
+    group_options["lr"] = [_float_lr(o["lr"]) for o in options]
+    if None in group_options["lr"]:
+        return False
     try:
         torch.ops.ano.fused_step_.groups(
             *lists.arguments(), group_sizes=list(group_sizes), grad_scale=grad_scale,
@@ -214,6 +216,21 @@ def kernel_step_groups(
     except (NotImplementedError, ValueError, RuntimeError):
         return False
     return True
+
+
+def _float_lr(lr: float | Tensor) -> float | None:
+    """A learning rate as a float: a tensor one on the CPU holding one floating-point number
+    (reading it does not wait for a device), else None."""
+    if not isinstance(lr, Tensor):
+        return lr
+    if (
+        lr.device.type != "cpu"
+        or lr.numel() != 1
+        or not lr.is_floating_point()
+        or type(lr).__torch_dispatch__ is not _PLAIN_DISPATCH
+    ):
+        return None
+    return lr.item()
 
 
 def kernels_accept(lists: FusedLists) -> bool:
