@@ -65,6 +65,8 @@ def check_group_options(group, owner: str, *, read_tensor_lr: bool = True) -> tu
     capture)."""
     lr = group["lr"]
     read = read_tensor_lr or not isinstance(lr, torch.Tensor) or lr.device.type == "cpu"
+    if isinstance(lr, torch.Tensor) and lr.device.type != "cpu" and not group["capturable"]:
+        _check_lr_device(lr, group.get("params"), owner)
     hp.check_lr(lr, owner, read_tensor=read)
     betas = hp.check_betas(group["betas"], owner)
     hp.check_eps(group["eps"], owner)
@@ -77,6 +79,24 @@ def check_group_options(group, owner: str, *, read_tensor_lr: bool = True) -> tu
         raise ValueError(f"{owner}: fused=True and foreach=True are exclusive; pass one of them")
     check_state_dtype(group["state_dtype"], owner)
     return betas
+
+
+def _check_lr_device(lr: torch.Tensor, params, owner: str) -> None:
+    """A tensor learning rate off the CPU must be on the parameters' device (where the
+    parameters are not known yet, any device but meta: a meta tensor holds no value, and a step
+    on CPU tensors that read it would do nothing). Capturable groups check this per parameter."""
+    devices = {p.device for p in params or () if isinstance(p, torch.Tensor)}
+    if devices == {lr.device} or (not devices and not lr.is_meta):
+        return
+    if not devices:
+        raise ValueError(
+            f"{owner}: a tensor lr must hold a value (on the CPU or the parameters' device), "
+            "got a meta tensor"
+        )
+    raise ValueError(
+        f"{owner}: a tensor lr must be on the CPU or on the parameters' device "
+        f"({', '.join(sorted(map(str, devices)))}), got one on {lr.device}"
+    )
 
 
 def warn_near_misses(group: dict, owner: str, stacklevel: int) -> None:

@@ -79,7 +79,8 @@ def _same(a, b) -> bool:
             and a.dtype == b.dtype
             and a.shape == b.shape
             and a.layout == b.layout
-            and _equal_with_nans(a.to_dense(), b.to_dense())
+            and a.device == b.device
+            and (a.is_meta or _equal_with_nans(a.to_dense(), b.to_dense()))  # meta: no values
         )
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
         return math.isnan(b)
@@ -311,6 +312,11 @@ def test_a_group_changed_after_construction_is_checked_at_the_next_step(path):
     for key, value, message in (
         ("betas", (0.9, 0.3), "invalid beta2=0.3"),
         ("lr", -1.0, "invalid lr=-1.0"),
+        (  # capturable groups say it per parameter
+            "lr",
+            torch.tensor(1e-2, device="meta"),
+            r"tensor lr (must be on the CPU or )?on the parameters' device \(cpu\), got one on meta",
+        ),
         ("eps", 0.0, "invalid eps=0.0"),
         ("maximize", 1, "maximize must be True or False, got 1"),
         ("foreach", "yes", "foreach must be None, True or False"),

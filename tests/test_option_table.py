@@ -36,10 +36,12 @@ OPTIONS = {
     "fp64-state": {"state_dtype": torch.float64},
     # Refused at construction, whatever the cell:
     "tensor-lr-[2]": {"lr": torch.tensor([LR, LR])},
+    "tensor-lr-meta": {"lr": torch.tensor(LR, device="meta")},
     "int8-state": {"state_dtype": torch.int8},
 }
 REFUSED = {
     "tensor-lr-[2]": "Tensor lr must be 1-element",
+    "tensor-lr-meta": "a tensor lr must hold a value",
     "int8-state": "invalid state_dtype=torch.int8",
 }
 DTYPES = {
