@@ -44,7 +44,7 @@ from .fused.torch_step import fused_step_checked_
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
 from .step_scalars import per_tensor_scalars, unscale_or_skip
-from .tensor_checks import check_step_tensors
+from .tensor_checks import check_amp_tensors, check_step_tensors
 
 __all__ = ["Ano", "Anolog", "ano"]
 
@@ -260,6 +260,7 @@ class Ano(Optimizer):
                 group["betas"] = pair
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        check_amp_tensors(grad_scale, found_inf, self.param_groups, owner)
         # _init_group notes the parameters whose state it creates (a first step).
         self._new_state = []
         try:

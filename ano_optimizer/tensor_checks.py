@@ -22,7 +22,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._torch_internals import dtensor_class, has_internal_overlap, is_zero_tensor
 from .blockwise8 import codes_problem
 
-__all__ = ["STATE_DTYPES", "check_step_tensors", "storage_holds", "written_problem"]
+__all__ = [
+    "STATE_DTYPES",
+    "check_amp_tensors",
+    "check_step_tensors",
+    "storage_holds",
+    "written_problem",
+]
 
 # The dtypes ``exp_avg`` / ``exp_avg_sq`` may have (for a complex parameter: its own dtype, or
 # one of these for state kept as the parameter's real view).
@@ -152,6 +158,30 @@ def _read_problem(t: Tensor) -> str | None:
     if not is_zero_tensor(t) and not storage_holds(t):
         return _freed(t)
     return None
+
+
+def check_amp_tensors(grad_scale, found_inf, groups: Sequence[dict], owner: str) -> None:
+    """``torch.amp.GradScaler``'s ``grad_scale`` and ``found_inf`` on an optimizer, where set:
+    each one floating-point number in a tensor that holds a value (a meta one only beside meta
+    parameters). Raise ``ValueError`` naming the problem; change nothing."""
+    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+            shown = (
+                f"{value.numel()} elements of {value.dtype}"
+                if isinstance(value, Tensor)
+                else type(value).__name__
+            )
+            raise ValueError(
+                f"{owner}: {name} must be a tensor of one floating-point number (as "
+                f"torch.amp.GradScaler sets it), got {shown}"
+            )
+        if value.is_meta and not all(p.is_meta for g in groups for p in g["params"]):
+            raise ValueError(
+                f"{owner}: {name} is a meta tensor, which holds no value; it must be on the CPU "
+                "or on the parameters' device"
+            )
 
 
 def check_step_tensors(

@@ -863,6 +863,33 @@ def test_the_groups_call_refuses_groups_that_do_not_fit_the_lists(run, sizes, op
         assert all(torch.equal(a, b) for a, b in zip(tensors, kept, strict=True))
 
 
+@pytest.mark.parametrize(
+    "overload, name",
+    [
+        *((overload, name) for overload in ("default", "tensor_lr", "groups")
+          for name in ("grad_scale", "found_inf")),
+        ("tensor_lr", "lr"),
+    ],
+)  # fmt: skip
+def test_a_meta_scalar_beside_tensors_with_values_is_refused(overload, name):
+    """A meta tensor among the operator's scalars makes torch's dispatcher run the meta
+    implementation, which changes nothing: it refuses the call instead of returning as if it
+    had stepped."""
+    args = _opcheck_cases()["float32"]
+    before = [[t.clone() for t in tensors] for tensors in args[:5]]
+    options = {**_OP_OPTIONS, "grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(0.0)}
+    if overload == "tensor_lr":
+        options["lr"] = torch.tensor(options["lr"])
+    options[name] = torch.tensor(0.0 if name == "found_inf" else 1e-2, device="meta")
+    if overload == "groups":
+        amp = {"grad_scale": options["grad_scale"], "found_inf": options["found_inf"]}
+        options = {"group_sizes": [1, 1], **_group_options({}, {}), **amp}
+    with pytest.raises(ValueError, match=f"{name} is a meta tensor beside tensors on cpu"):
+        getattr(torch.ops.ano.fused_step_, overload)(*args, **options)
+    for tensors, kept in zip(args[:5], before, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(tensors, kept, strict=True))
+
+
 def test_a_parameter_resized_after_its_state_was_created_is_refused_before_any_change(
     cpu_kernel,
 ):

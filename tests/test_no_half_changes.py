@@ -331,6 +331,41 @@ def test_a_group_changed_after_construction_is_checked_at_the_next_step(path):
     optimizer.step()
 
 
+@each_path
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("grad_scale", torch.tensor(2.0, device="meta"), "grad_scale is a meta tensor"),
+        ("found_inf", torch.tensor(0.0, device="meta"), "found_inf is a meta tensor"),
+        ("found_inf", torch.tensor(0), "found_inf must be a tensor of one floating-point number"),
+        ("grad_scale", torch.ones(2), r"grad_scale must be .* got 2 elements of torch.float32"),
+        (
+            "grad_scale",
+            2.0,
+            r"grad_scale must be a tensor of one floating-point number .*got float",
+        ),
+    ],
+    ids=["meta-grad-scale", "meta-found-inf", "int-found-inf", "two-scales", "float-scale"],
+)
+def test_a_gradscaler_value_that_cannot_be_read_is_refused(path, name, value, message):
+    """``grad_scale`` / ``found_inf`` as ``torch.amp.GradScaler`` hands them over, but odd: a
+    meta tensor (which the operator's dispatch would send to its meta implementation, a step
+    that does nothing), a wrong dtype or size. Refused, nothing changed, on a first step too."""
+    params, optimizer, gen = _trained(path)
+    late = torch.nn.Parameter(torch.randn(4, generator=gen))
+    optimizer.add_param_group({"params": [late]})
+    _set_grads([*params, late], gen)
+    setattr(optimizer, name, value)
+    snapshot = _snapshot([*params, late], optimizer)
+    with pytest.raises(ValueError, match=message):
+        optimizer.step()
+    _assert_unchanged([*params, late], optimizer, snapshot)
+    assert late not in optimizer.state
+    delattr(optimizer, name)
+    optimizer.step()
+    assert optimizer.state[late]["step"].item() == 1.0
+
+
 class _Recorded(torch.Tensor):
     """A wrapper subclass (every op runs on the inner tensor, as torchao's tensors do) that
     records the tensors in-place ops write to."""

@@ -75,6 +75,19 @@ def fused_step_check(
         )
 
 
+def _check_scalar_devices(params, **scalars) -> None:
+    """A meta scalar tensor (lr, grad_scale, found_inf) beside tensors that hold values sends
+    the call here, to the meta implementation, which would change nothing: refused."""
+    if not params or params[0].is_meta:
+        return
+    for name, value in scalars.items():
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            raise ValueError(
+                f"ano::fused_step_: {name} is a meta tensor beside tensors on "
+                f"{params[0].device}; it must hold a value (on the CPU or their device)"
+            )
+
+
 def _fake_step(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
     noise_offsets, *, lr, beta1, beta2, eps, weight_decay, logarithmic_schedule, maximize,
@@ -86,6 +99,7 @@ def _fake_step(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
         noise_offsets,
     )  # fmt: skip
+    _check_scalar_devices(params, lr=lr, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _fake_groups_step(
@@ -98,6 +112,7 @@ def _fake_groups_step(
         noise_offsets,
     )  # fmt: skip
     check_group_sizes(group_sizes, len(params), group_options)
+    _check_scalar_devices(params, grad_scale=grad_scale, found_inf=found_inf)
 
 
 for _name in ("fused_step_", "fused_step_.tensor_lr"):
