@@ -6,8 +6,8 @@ knows which case a crash happened in and can start a new worker after it.
 
 A case is three parameters with one normal step behind them, then one to three odd tensors put
 in (freed or shrunk storage, zero tensors, views, overlaps, wrong dtypes, devices or shapes,
-subclasses, inference tensors, odd step counts), then one step. Every path runs the same case
-on its own copy; each reports ``ok`` with the parameters after the step, or ``error`` with the
+subclasses, inference tensors, odd step counts, odd learning rates and GradScaler values), then
+one step. Every path runs the same case on its own copy; each reports ``ok`` with the parameters after the step, or ``error`` with the
 error's type and message, and whether anything changed in a raising call.
 """
 
@@ -178,6 +178,41 @@ ODDITIES.update(
         "step inference": (_state("step", _inference), True),
     }
 )
+
+
+# Odd values of the optimizer's scalars: a group's learning rate, GradScaler's handovers.
+def _group_lr(make):
+    def change(optimizer, p):
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        group["lr"] = make(group["lr"])
+
+    return change
+
+
+def _handed_over(name, make):
+    def change(optimizer, p):
+        setattr(optimizer, name, make())
+
+    return change
+
+
+ODDITIES.update(
+    {
+        "lr meta": (_group_lr(lambda lr: torch.tensor(lr, device="meta")), True),
+        "lr two numbers": (_group_lr(lambda lr: torch.tensor([lr, lr])), True),
+        "lr int64": (_group_lr(lambda lr: torch.tensor(1)), True),
+        "lr nan": (_group_lr(lambda lr: torch.tensor(float("nan"))), True),
+        "lr bfloat16": (_group_lr(lambda lr: torch.tensor(lr, dtype=torch.bfloat16)), True),
+        "grad_scale meta": (
+            _handed_over("grad_scale", lambda: torch.ones((), device="meta")),
+            True,
+        ),
+        "grad_scale int64": (_handed_over("grad_scale", lambda: torch.tensor(2)), True),
+        "found_inf meta": (_handed_over("found_inf", lambda: torch.zeros((), device="meta")), True),
+        "found_inf two numbers": (_handed_over("found_inf", lambda: torch.zeros(2)), True),
+    }
+)
+
 NAMES = sorted(ODDITIES)
 
 
@@ -206,16 +241,21 @@ def run(spec: dict, path: str) -> dict:
         p.grad = torch.randn_like(p)
     optimizer.step()
     unreadable = set()
+    freed = set()  # (position, role): torch's own ops crash reading a freed tensor
     for p in params:
         p.grad = torch.randn_like(p)
     for position, name in spec["odd"]:
         change, readable = ODDITIES[name]
+        role = name.split(" ")[0]
+        if (position, role) in freed:
+            return {"path": path, "outcome": "setup refused", "message": f"{name}: freed before"}
         try:
             change(optimizer, params[position])
         except Exception as error:  # torch (or a second oddity) refused to build this input
             return {"path": path, "outcome": "setup refused", "message": str(error)[:200]}
         if not readable:
             unreadable.add(position)
+            freed.add((position, role))
     before = {
         (i, key): t.detach().clone()
         for i, p in enumerate(params)

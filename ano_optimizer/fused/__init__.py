@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from itertools import chain, repeat
 
 import torch
 from torch import Tensor
@@ -92,6 +93,16 @@ class FusedLists:
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.state_steps,
             self.exp_avg_scales, self.exp_avg_sq_scales, self.noise_offsets,
         )  # fmt: skip
+
+    def hold_only_tensors(self) -> bool:
+        """Whether every entry of the tensor lists is a tensor. Torch's error for a list that
+        holds anything else prints the list, and printing a tensor whose storage was freed
+        crashes the process: such lists never reach the operator."""
+        tensors = chain(
+            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.state_steps,
+            self.exp_avg_scales, self.exp_avg_sq_scales,
+        )  # fmt: skip
+        return all(map(isinstance, tensors, repeat(Tensor)))
 
     def subset(self, indices: Sequence[int]) -> FusedLists:
         picked = FusedLists.__new__(FusedLists)
@@ -184,6 +195,8 @@ def kernel_step(lists: FusedLists, options: dict) -> bool:
     """Step a CPU group with one call of the C++ kernel (:func:`fused_ano`'s keyword options):
     True; or False where the kernel, or torch's dispatcher, refused an argument, which it does
     before anything changes."""
+    if not lists.hold_only_tensors():
+        return False
     try:
         _call(lists, options)
     except (NotImplementedError, ValueError, RuntimeError):
@@ -206,7 +219,7 @@ def kernel_step_groups(
     read as ``fused_step_.tensor_lr`` reads it)."""
     group_options = {name: [o[name] for o in options] for name in GROUP_OPTIONS}
     group_options["lr"] = [_float_lr(o["lr"]) for o in options]
-    if None in group_options["lr"]:
+    if None in group_options["lr"] or not lists.hold_only_tensors():
         return False
     try:
         torch.ops.ano.fused_step_.groups(
