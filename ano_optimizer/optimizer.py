@@ -44,7 +44,7 @@ from .fused.torch_step import fused_step_checked_
 from .group_options import check_group_options, warn_near_misses
 from .saved_state import checked_state_dict, keep_state_dtype_on_load
 from .step_scalars import per_tensor_scalars, unscale_or_skip
-from .tensor_checks import check_amp_tensors, check_step_tensors
+from .tensor_checks import check_amp_tensors, check_step_tensors, flattens
 
 __all__ = ["Ano", "Anolog", "ano"]
 
@@ -1009,7 +1009,7 @@ def _float32_math_ano(
         for t in (param, exp_avg, exp_avg_sq):
             compute = torch.promote_types(compute, t.dtype)
         tensors = (param, grad, exp_avg, exp_avg_sq)
-        if all(t.is_contiguous() for t in tensors):
+        if flattens(tensors):
             blocks = zip(*(t.view(-1).split(_BLOCK_NUMEL) for t in tensors), strict=True)
         else:
             blocks = iter([tensors])  # as laid out; noise follows the elements' logical order
@@ -1078,9 +1078,7 @@ def _single_tensor_ano(
         logarithmic_schedule=logarithmic_schedule,
     )  # fmt: skip
     for param, grad, exp_avg, exp_avg_sq, scalars, _ in stepped:
-        blocked = not compiling and all(
-            t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)
-        )
+        blocked = not compiling and flattens((param, grad, exp_avg, exp_avg_sq))
         if not blocked:
             if maximize:
                 grad = -grad

@@ -26,6 +26,7 @@ __all__ = [
     "STATE_DTYPES",
     "check_amp_tensors",
     "check_step_tensors",
+    "flattens",
     "storage_holds",
     "written_problem",
 ]
@@ -39,6 +40,13 @@ _STEP_DTYPES = (torch.float32, torch.float64)
 _PLAIN = Tensor.__torch_dispatch__
 # Traceable wrapper tensors whose dispatch was found to take an in-place update.
 _TAKES_IN_PLACE = WeakIdKeyDictionary()
+
+
+def flattens(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is a contiguous tensor of torch's own dispatch, whose ``view(-1)``
+    is its memory in order (paths cut such tensors into chunks). A subclass's views are its
+    own: a wrapper's declared strides need not be its data's."""
+    return all(type(t).__torch_dispatch__ is _PLAIN and t.is_contiguous() for t in tensors)
 
 
 def storage_holds(t: Tensor) -> bool:

@@ -90,7 +90,8 @@ def _inference(t):
         return t.clone()
 
 
-# Each oddity: (role, name, change(optimizer, param, grad) -> None, readable afterwards).
+# Each oddity: (role, name, change(optimizer, param, grad) -> None, readable afterwards). A
+# conversion always copies, so that every path gets a new tensor whatever its state's dtype.
 def _grad(make):
     def change(optimizer, p):
         p.grad = make(p.grad)
@@ -152,9 +153,9 @@ for key in ("exp_avg", "exp_avg_sq"):
             ),
             f"{key} wrong shape": (_state(key, lambda t: t.reshape(-1).clone()), True),
             f"{key} longer": (_state(key, lambda t: torch.zeros(t.numel() + 2)), True),
-            f"{key} int32": (_state(key, lambda t: t.to(torch.int32)), True),
-            f"{key} float64": (_state(key, lambda t: t.double()), True),
-            f"{key} bfloat16": (_state(key, lambda t: t.bfloat16()), True),
+            f"{key} int32": (_state(key, lambda t: t.to(torch.int32, copy=True)), True),
+            f"{key} float64": (_state(key, lambda t: t.to(torch.float64, copy=True)), True),
+            f"{key} bfloat16": (_state(key, lambda t: t.to(torch.bfloat16, copy=True)), True),
             f"{key} meta": (_state(key, lambda t: t.to("meta")), True),
             f"{key} sparse": (_state(key, lambda t: t.to_sparse()), True),
             f"{key} inference": (_state(key, _inference), True),
@@ -170,7 +171,7 @@ ODDITIES.update(
     {
         "step two numbers": (_state("step", lambda s: torch.stack([s, s])), True),
         "step int64": (_state("step", lambda s: s.to(torch.int64)), True),
-        "step float64": (_state("step", lambda s: s.double()), True),
+        "step float64": (_state("step", lambda s: s.to(torch.float64, copy=True)), True),
         "step python int": (_state("step", lambda s: int(s)), True),
         "step meta": (_state("step", lambda s: s.to("meta")), True),
         "step freed": (_state("step", lambda s: _freed(s.clone())), False),

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import blockwise8, rounding
-from ..tensor_checks import check_step_tensors
+from ..tensor_checks import check_step_tensors, flattens
 
 __all__ = [
     "GROUP_OPTIONS",
@@ -162,7 +162,7 @@ def _pieces(
     if tensors[0].numel() == 0:
         return
     size, _ = _sizes(tensors[0].device)
-    if not all(t.is_contiguous() for t in tensors) or tensors[0].numel() <= size:
+    if not flattens(tensors) or tensors[0].numel() <= size:
         yield _Piece(*tensors, 0, scalars)
         return
     for start in range(0, tensors[0].numel(), size):
