@@ -130,3 +130,23 @@ def test_a_value_that_is_not_a_tensor_beside_a_freed_tensor_is_refused_on_every_
     for run in runs:
         assert run["outcome"] == "error" and run["type"] in CLEAR_ERRORS, run
         assert "Ano" in run["message"] and run["changed"] == [], run
+
+
+def test_a_wrapper_whose_strides_are_not_its_data_s_steps_alike_on_every_path():
+    """A wrapper subclass declaring contiguous strides over transposed data: paths that cut
+    plain contiguous tensors into flattened chunks step it whole instead (its view(-1) fails),
+    and every path gives the single-tensor path's values."""
+    sys.path.insert(0, str(WORKER.parent))
+    import fuzz_worker
+
+    spec = {
+        "index": 34, "shapes": [[17], [64, 65], [17]],
+        "odd": [[1, "exp_avg_sq transposed"], [1, "exp_avg_sq wrapper"]],
+    }  # fmt: skip
+    runs = {path: fuzz_worker.run(spec, path) for path in fuzz_worker.PATHS}
+    assert {run["outcome"] for run in runs.values()} == {"ok"}, runs
+    for path, run in runs.items():
+        if "8bit" in path or "bf16" in path:
+            continue
+        for ours, theirs in zip(run["params"], runs["single"]["params"], strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=path)
