@@ -11,8 +11,11 @@ use torch's supported extension API only: ``torch.library`` and ``torch.utils.cp
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from collections.abc import Iterable
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -30,6 +33,7 @@ __all__ = [
     "lerp_",
     "local_shard_offset",
     "scalar_dtype",
+    "torch_function_subclasses_off",
 ]
 
 # The torch releases (major, minor) these helpers rely on: the oldest this package supports
@@ -167,3 +171,30 @@ def local_shard_offset(t: Tensor) -> int:
 
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return offset[0] * (t.numel() // t.shape[0] if t.shape[0] else 0)
+
+
+def torch_function_subclasses_off(
+    tensor_lists: Iterable[Iterable[Tensor]],
+) -> contextlib.AbstractContextManager:
+    """A context for an update over ``tensor_lists``: where they hold tensor subclasses whose
+    ``__torch_function__`` is torch's default (which runs each op and converts its results to
+    the subclass) and none with one of its own, with that handling off
+    (``torch._C.DisableTorchFunctionSubclass``); else nothing. The ops run the same; only the
+    conversion goes, and it fails after an in-place foreach op whose lists also hold a wrapper
+    subclass, the tensors already changed. (Under torch.compile, and outside the torch releases
+    known here, nothing.)"""
+    if torch.compiler.is_compiling() or not _KNOWN_TORCH or _DISABLE_SUBCLASSES is None:
+        return contextlib.nullcontext()
+    handlers = {
+        getattr(kind.__torch_function__, "__func__", kind.__torch_function__)
+        for kind in set(map(type, chain.from_iterable(tensor_lists)))
+        if kind not in _PLAIN_TYPES and issubclass(kind, Tensor)
+    } - {_DISABLED_TORCH_FUNCTION}
+    if handlers != {_DEFAULT_TORCH_FUNCTION}:
+        return contextlib.nullcontext()
+    return _DISABLE_SUBCLASSES()
+
+
+_DEFAULT_TORCH_FUNCTION = Tensor.__torch_function__.__func__
+_DISABLED_TORCH_FUNCTION = getattr(torch._C, "_disabled_torch_function_impl", None)
+_DISABLE_SUBCLASSES = getattr(torch._C, "DisableTorchFunctionSubclass", None)

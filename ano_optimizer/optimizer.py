@@ -38,6 +38,7 @@ from ._torch_internals import (
     lerp_,
     local_shard_offset,
     scalar_dtype,
+    torch_function_subclasses_off,
 )
 from .fused import FusedLists, fused_ano, kernel_step, kernel_step_groups, kernels_accept, native
 from .fused.torch_step import fused_step_checked_
@@ -373,15 +374,16 @@ class Ano(Optimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps = lists
         if not group["fused"] and unscale_or_skip(grads, grad_scale, found_inf):
             return
-        _ano_group(
-            params, grads, exp_avgs, exp_avg_sqs, steps, scales=scales,
-            foreach=group["foreach"], fused=group["fused"],
-            grad_scale=grad_scale if group["fused"] else None,
-            found_inf=found_inf if group["fused"] else None,
-            has_complex=has_complex, capturable=group["capturable"], checked=True,
-            owner=type(self).__name__, where=_describer(index, group, params),
-            **_step_scalars(group),
-        )  # fmt: skip
+        with torch_function_subclasses_off(lists):
+            _ano_group(
+                params, grads, exp_avgs, exp_avg_sqs, steps, scales=scales,
+                foreach=group["foreach"], fused=group["fused"],
+                grad_scale=grad_scale if group["fused"] else None,
+                found_inf=found_inf if group["fused"] else None,
+                has_complex=has_complex, capturable=group["capturable"], checked=True,
+                owner=type(self).__name__, where=_describer(index, group, params),
+                **_step_scalars(group),
+            )  # fmt: skip
 
     def _traced_step(self) -> None:
         """The step as ``torch.compile`` traces it: the same updates without the checks, which
@@ -711,13 +713,14 @@ def ano(
                     _check_capturable(p, lr, step, owner, lambda k=i: _tensor(k))
     else:
         scales = _functional_scales(params, exp_avg_scales, exp_avg_sq_scales)
-    _ano_group(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, scales=scales, foreach=foreach,
-        fused=fused, grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex,
-        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-        logarithmic_schedule=logarithmic_schedule, maximize=maximize, capturable=capturable,
-        checked=not fused, owner="ano", where=_tensor,
-    )  # fmt: skip
+    with torch_function_subclasses_off((params, grads, exp_avgs, exp_avg_sqs)):
+        _ano_group(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, scales=scales, foreach=foreach,
+            fused=fused, grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex,
+            beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+            logarithmic_schedule=logarithmic_schedule, maximize=maximize, capturable=capturable,
+            checked=not fused, owner="ano", where=_tensor,
+        )  # fmt: skip
 
 
 def _tensor(i: int) -> str:

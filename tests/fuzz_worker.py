@@ -53,8 +53,10 @@ class Wrapper(torch.Tensor):
 
     @staticmethod
     def __new__(cls, inner):
+        # Its inner tensor's shape, dtype, device and layout, but contiguous strides whatever
+        # the inner tensor's (the paths must not rely on a wrapper's strides).
         return torch.Tensor._make_wrapper_subclass(
-            cls, inner.shape, dtype=inner.dtype, device=inner.device
+            cls, inner.shape, dtype=inner.dtype, device=inner.device, layout=inner.layout
         )
 
     def __init__(self, inner):

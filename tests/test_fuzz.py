@@ -132,17 +132,29 @@ def test_a_value_that_is_not_a_tensor_beside_a_freed_tensor_is_refused_on_every_
         assert "Ano" in run["message"] and run["changed"] == [], run
 
 
-def test_a_wrapper_whose_strides_are_not_its_data_s_steps_alike_on_every_path():
-    """A wrapper subclass declaring contiguous strides over transposed data: paths that cut
-    plain contiguous tensors into flattened chunks step it whole instead (its view(-1) fails),
-    and every path gives the single-tensor path's values."""
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {
+            "index": 34, "shapes": [[17], [64, 65], [17]],
+            "odd": [[1, "exp_avg_sq transposed"], [1, "exp_avg_sq wrapper"]],
+        },
+        {
+            "index": 37, "shapes": [[64, 65], [5], [4, 3]],
+            "odd": [[2, "exp_avg wrapper"], [1, "grad subclass"]],
+        },
+    ],
+    ids=["wrapper-strides-not-its-data-s", "torch-function-subclass-beside-a-wrapper"],
+)  # fmt: skip
+def test_cases_other_seeds_found_step_alike_on_every_path(spec):
+    """Cases the fuzz found with other seeds, run in process: a wrapper declaring contiguous
+    strides over transposed data (paths that cut plain contiguous tensors into flattened
+    chunks step it whole), and a gradient of a subclass with torch's default
+    ``__torch_function__`` beside a wrapper (whose in-place foreach results that default failed
+    to convert, after the update). Every path steps, with the single-tensor path's values."""
     sys.path.insert(0, str(WORKER.parent))
     import fuzz_worker
 
-    spec = {
-        "index": 34, "shapes": [[17], [64, 65], [17]],
-        "odd": [[1, "exp_avg_sq transposed"], [1, "exp_avg_sq wrapper"]],
-    }  # fmt: skip
     runs = {path: fuzz_worker.run(spec, path) for path in fuzz_worker.PATHS}
     assert {run["outcome"] for run in runs.values()} == {"ok"}, runs
     for path, run in runs.items():

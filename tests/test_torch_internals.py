@@ -183,3 +183,31 @@ def test_dtensor_class_is_found_where_each_torch_keeps_it(monkeypatch):
     assert internals.dtensor_class() is None
     sys.modules["torch.distributed._tensor"].DTensor = OldDTensor
     assert internals.dtensor_class() is OldDTensor
+
+
+class _DefaultTorchFunction(torch.Tensor):
+    pass
+
+
+class _OwnTorchFunction(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_torch_function_subclasses_are_turned_off_only_where_all_keep_torch_s_default(monkeypatch):
+    """Off (no conversion of results) only where every subclass in the lists keeps torch's
+    default ``__torch_function__``: one with its own is respected, plain tensors need nothing,
+    and outside the known releases nothing private is used."""
+    x = torch.zeros(2)
+    default, own = x.as_subclass(_DefaultTorchFunction), x.as_subclass(_OwnTorchFunction)
+
+    def turned_off(*lists):
+        with internals.torch_function_subclasses_off(lists):
+            return type(default + 1) is torch.Tensor  # no conversion of the result
+
+    assert turned_off([x, default])
+    assert not turned_off([x, torch.nn.Parameter(x)])
+    assert not turned_off([default], [own])
+    monkeypatch.setattr(internals, "_KNOWN_TORCH", False)
+    assert not turned_off([x, default])
