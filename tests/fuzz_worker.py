@@ -44,6 +44,7 @@ PATHS = {
     "fused-2groups": {"fused": True},
     "8bit-state-fused-2groups": {"state_dtype": torch.uint8, "fused": True},
 }
+LR = 1e-2
 # (64, 65) is large enough for 8-bit codes (blockwise8.MIN_NUMEL); the others keep float state.
 SHAPES = [(5,), (4, 3), (2, 3, 2, 2), (17,), (64, 65)]
 
@@ -183,11 +184,12 @@ ODDITIES.update(
 )
 
 
-# Odd values of the optimizer's scalars: a group's learning rate, GradScaler's handovers.
-def _group_lr(make):
+# Odd values of the optimizer's scalars: the learning rate (of every group, so that paths
+# with one group and with two see the same), GradScaler's handovers.
+def _lr(make):
     def change(optimizer, p):
-        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-        group["lr"] = make(group["lr"])
+        for group in optimizer.param_groups:
+            group["lr"] = make()
 
     return change
 
@@ -201,11 +203,11 @@ def _handed_over(name, make):
 
 ODDITIES.update(
     {
-        "lr meta": (_group_lr(lambda lr: torch.tensor(lr, device="meta")), True),
-        "lr two numbers": (_group_lr(lambda lr: torch.tensor([lr, lr])), True),
-        "lr int64": (_group_lr(lambda lr: torch.tensor(1)), True),
-        "lr nan": (_group_lr(lambda lr: torch.tensor(float("nan"))), True),
-        "lr bfloat16": (_group_lr(lambda lr: torch.tensor(lr, dtype=torch.bfloat16)), True),
+        "lr meta": (_lr(lambda: torch.tensor(LR, device="meta")), True),
+        "lr two numbers": (_lr(lambda: torch.tensor([LR, LR])), True),
+        "lr int64": (_lr(lambda: torch.tensor(1)), True),
+        "lr nan": (_lr(lambda: torch.tensor(float("nan"))), True),
+        "lr bfloat16": (_lr(lambda: torch.tensor(LR, dtype=torch.bfloat16)), True),
         "grad_scale meta": (
             _handed_over("grad_scale", lambda: torch.ones((), device="meta")),
             True,
@@ -239,7 +241,7 @@ def run(spec: dict, path: str) -> dict:
     torch.manual_seed(spec["index"])
     params = [torch.nn.Parameter(torch.randn(s)) for s in spec["shapes"]]
     groups = [{"params": params[:1]}, {"params": params[1:]}] if "2groups" in path else params
-    optimizer = Ano(groups, lr=1e-2, weight_decay=0.1, **PATHS[path])
+    optimizer = Ano(groups, lr=LR, weight_decay=0.1, **PATHS[path])
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()
