@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ano_optimizer import Ano
-from ano_optimizer.fused import native
+from ano_optimizer.fused import FusedLists, native
 
 IMPLEMENTATIONS = ("kernel", "torch")
 
@@ -97,19 +97,16 @@ class ArithmeticFloor:
             chunk.grad = torch.randn_like(chunk)
         optimizer.step()  # makes the state
         self.repeats = max(1, round(self.numel / (threads * self.CHUNK)))
-        roles = ("exp_avg", "exp_avg_sq", "step", "exp_avg_scale", "exp_avg_sq_scale")
-        lists: dict[str, list] = {name: [] for name in ("param", "grad", *roles, "offset")}
-        for chunk in chunks:
-            state = optimizer.state[chunk]
-            for _ in range(self.repeats):
-                lists["param"].append(chunk)
-                lists["grad"].append(chunk.grad)
-                for name in roles:
-                    if name in state:
-                        lists[name].append(state[name])
-                if "exp_avg_scale" in state:
-                    lists["offset"].append(0)
-        self.arguments = [lists[name] for name in ("param", "grad", *roles, "offset")]
+        params = [chunk for chunk in chunks for _ in range(self.repeats)]
+        states = [optimizer.state[p] for p in params]
+        scales = None
+        if "exp_avg_scale" in states[0]:
+            scales = [(s["exp_avg_scale"], s["exp_avg_sq_scale"], 0) for s in states]
+        lists = FusedLists(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], scales,
+        )  # fmt: skip
+        self.arguments = lists.arguments()
         self.options = {
             name: optimizer.defaults[name]
             for name in ("lr", "eps", "weight_decay", "logarithmic_schedule", "maximize")
