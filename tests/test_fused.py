@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 
 from ano_optimizer import Ano, Anolog, blockwise8
 from ano_optimizer._torch_internals import functionalizes_mutable_lists
-from ano_optimizer.fused import native, torch_step
+from ano_optimizer.fused import FusedLists, kernel_step, kernel_step_groups, native, torch_step
 from ano_optimizer.optimizer import ano
 from benchmarks.kernels import implementation
 
@@ -887,6 +887,36 @@ def test_a_meta_scalar_beside_tensors_with_values_is_refused(overload, name):
     with pytest.raises(ValueError, match=f"{name} is a meta tensor beside tensors on cpu"):
         getattr(torch.ops.ano.fused_step_, overload)(*args, **options)
     for tensors, kept in zip(args[:5], before, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(tensors, kept, strict=True))
+
+
+@pytest.mark.parametrize("name", ["grad_scale", "found_inf", "lr"])
+@pytest.mark.parametrize("groups", [False, True], ids=["one-group", "groups"])
+def test_the_kernel_route_leaves_a_step_with_a_scalar_off_the_cpu_to_the_careful_one(
+    cpu_kernel, name, groups
+):
+    """A scalar tensor on another device sends the operator call to that device's (torch)
+    implementation, whose errors once it has changed tensors are not refusals: the kernel
+    route declines such a step before calling any operator, and the careful route, which
+    tells errors apart, takes it."""
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(s, generator=gen) for s in [(8, 4), (5,)]]
+    lists = FusedLists(
+        params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
+        [torch.zeros_like(p) for p in params], [torch.zeros(()) for _ in params],
+    )  # fmt: skip
+    before = [[t.clone() for t in tensors] for tensors in lists.arguments()[:5]]
+    options = {**_OP_OPTIONS, "grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(0.0)}
+    options[name] = torch.tensor(0.0 if name == "found_inf" else 1e-2, device="meta")
+    with _OpCalls() as calls:
+        if groups:
+            scalars = {k: options.pop(k) for k in ("grad_scale", "found_inf")}
+            stepped = kernel_step_groups(lists, [1, 1], [options, options], **scalars)
+        else:
+            stepped = kernel_step(lists, options)
+    assert not stepped
+    assert not [n for n in calls.names if n.startswith("ano.")]
+    for tensors, kept in zip(lists.arguments()[:5], before, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(tensors, kept, strict=True))
 
 

@@ -191,11 +191,22 @@ def _call(lists: FusedLists, options: dict) -> None:
     step(*lists.arguments(), **options)
 
 
+def _scalars_on_cpu(*scalars: object) -> bool:
+    """Whether every tensor among a step's scalars (``lr``, ``grad_scale``, ``found_inf``) is
+    on the CPU. One on another device sends the operator call to that device's
+    implementation, the torch one, whose errors after it began to change tensors (out of
+    memory, say) are not refusals: such a step is not the kernel's to try."""
+    return all(not isinstance(s, Tensor) or s.is_cpu for s in scalars)
+
+
 def kernel_step(lists: FusedLists, options: dict) -> bool:
     """Step a CPU group with one call of the C++ kernel (:func:`fused_ano`'s keyword options):
     True; or False where the kernel, or torch's dispatcher, refused an argument, which it does
-    before anything changes."""
-    if not lists.hold_only_tensors():
+    before anything changes, or where a scalar tensor is off the CPU (the call would not reach
+    the kernel)."""
+    if not lists.hold_only_tensors() or not _scalars_on_cpu(
+        options["lr"], options["grad_scale"], options["found_inf"]
+    ):
         return False
     try:
         _call(lists, options)
@@ -214,12 +225,17 @@ def kernel_step_groups(
     """Step several CPU groups with one call of the C++ kernel (``ano::fused_step_.groups``):
     group ``g`` is the next ``group_sizes[g]`` tensors of ``lists``, with ``options[g]``, the
     scalar keywords of :func:`fused_ano`. True; or False where the kernel refused an argument,
-    which it does before anything changes, or where a group's learning rate is a tensor other
-    than one floating-point number on the CPU (the groups call takes floats; such a tensor is
-    read as ``fused_step_.tensor_lr`` reads it)."""
+    which it does before anything changes, where ``grad_scale`` or ``found_inf`` is off the CPU,
+    or where a group's learning rate is a tensor other than one floating-point number on the
+    CPU (the groups call takes floats; such a tensor is read as ``fused_step_.tensor_lr`` reads
+    it)."""
     group_options = {name: [o[name] for o in options] for name in GROUP_OPTIONS}
     group_options["lr"] = [_float_lr(o["lr"]) for o in options]
-    if None in group_options["lr"] or not lists.hold_only_tensors():
+    if (
+        None in group_options["lr"]
+        or not lists.hold_only_tensors()
+        or not _scalars_on_cpu(grad_scale, found_inf)
+    ):
         return False
     try:
         torch.ops.ano.fused_step_.groups(
