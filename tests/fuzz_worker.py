@@ -7,8 +7,9 @@ knows which case a crash happened in and can start a new worker after it.
 A case is three parameters with one normal step behind them, then one to three odd tensors put
 in (freed or shrunk storage, zero tensors, views, overlaps, wrong dtypes, devices or shapes,
 subclasses, inference tensors, odd step counts, odd learning rates and GradScaler values), then
-one step. Every path runs the same case on its own copy; each reports ``ok`` with the parameters after the step, or ``error`` with the
-error's type and message, and whether anything changed in a raising call.
+one step. Every path runs the same case on its own copy; each reports ``ok`` with the
+parameters after the step, or ``error`` with the error's type and message, and whether
+anything changed in a raising call.
 """
 
 from __future__ import annotations

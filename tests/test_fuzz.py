@@ -3,9 +3,10 @@
 ``fuzz_worker.py`` runs the cases and announces each before running it; should a case crash
 the process, this test records it and starts a new worker after it, so one crash cannot hide
 the cases after it. For every case: no path crashes; every path gives the same outcome (all
-step, or all raise; 8-bit paths may refuse a float tensor put in place of their codes); a raising step names Ano, is a ValueError/RuntimeError/TypeError and
-changed nothing; and stepping paths agree on the values (float32 state paths with the
-single-tensor path, bfloat16 state paths with the eager bfloat16 one).
+step, or all raise; 8-bit paths may refuse a float tensor put in place of their codes); a
+raising step names Ano, is a ValueError/RuntimeError/TypeError and changed nothing; and
+stepping paths agree on the values (float32 state paths with the single-tensor path, bfloat16
+state paths with the eager bfloat16 one).
 """
 
 from __future__ import annotations
